@@ -1,0 +1,1 @@
+"""Tokenizers, corpus readers, preprocessing into indexed .bin/.idx files, and training samplers."""

@@ -1,0 +1,244 @@
+"""The one config system: dataclasses loaded from YAML, with `a.b=c` command-line overrides.
+
+Keys are strict: an unknown key is a one-line error naming it and the closest valid name.
+This module imports no torch, so launchers can validate a config before submitting a job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from data_pipeline.config import DataConfig
+from model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override (printed as one line, no traceback)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    # Which ranks split each PKM value table: "none" (replicated), "tp", "dp" or "all" (tp x dp).
+    memory_parallel: Literal["none", "tp", "dp", "all"] = "all"
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    train_steps: int = 300
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 30
+    lr_decay: Literal["cosine", "constant", "linear"] = "cosine"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    zero_stage: int = 0
+    eval_interval: int = 100
+    eval_steps: int = 5
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    resume: Optional[str] = None  # None, "auto", or a checkpoint directory
+    init_from: Optional[str] = None  # HF BERT/GPT-2/Llama dir or a memory-free checkpoint of ours
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    usage_window: int = 100  # steps over which "slots read" and "slots updated" are counted
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types are ConfigErrors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{_closest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str], cls: type) -> dict:
+    """Apply `a.b=c` overrides to a nested dict, checking each key path against `cls`."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node, node_cls = data, cls
+        for i, part in enumerate(path):
+            names = [f.name for f in dataclasses.fields(node_cls)]
+            dotted = ".".join(path[: i + 1])
+            if part not in names:
+                raise ConfigError(f"unknown config key '{dotted}'{_closest(part, names)}")
+            if i == len(path) - 1:
+                node[part] = value
+            else:
+                sub_cls = typing.get_type_hints(node_cls)[part]
+                if not dataclasses.is_dataclass(sub_cls):
+                    raise ConfigError(f"config key '{dotted}' is a value, not a section")
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"config key '{dotted}' is a value, not a section")
+                node_cls = sub_cls
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                cls: type = RunConfig) -> Any:
+    """Load `cls` from a YAML file (optional) and overrides; validate; return the dataclass."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of config sections")
+    data = apply_overrides(data, list(overrides or []), cls)
+    try:
+        cfg = from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    if cls is RunConfig:
+        validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    m, p, t = cfg.model, cfg.model.pkm, cfg.train
+    for i in p.layers:
+        if not 0 <= i < m.num_layers:
+            raise ConfigError(f"model.pkm.layers: layer {i} does not exist (model.num_layers={m.num_layers})")
+    if p.k_dim % 2:
+        raise ConfigError(f"model.pkm.k_dim: must be even, got {p.k_dim}")
+    if p.knn > p.n_keys:
+        raise ConfigError(f"model.pkm.knn: {p.knn} is larger than model.pkm.n_keys={p.n_keys}")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size: {m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size={t.micro_batch_size}")
+    if t.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"train.zero_stage: {t.zero_stage} is not 0, 1 or 2")

@@ -1,0 +1,34 @@
+"""The one logger: `logging.getLogger("pkm.<part>")` everywhere; this sets up console + run log file."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(log_file: str | Path | None = None, rank: int | None = None, level: int = logging.INFO) -> logging.Logger:
+    """Console on rank 0 (warnings on others), and every rank's records in `log_file` (rank-suffixed)."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    root = logging.getLogger("pkm")
+    root.setLevel(level)
+    root.propagate = False
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level if rank == 0 else logging.WARNING)
+    console.setFormatter(logging.Formatter(f"[rank{rank}] " + _FORMAT if rank else _FORMAT, "%H:%M:%S"))
+    root.addHandler(console)
+    if log_file is not None:
+        path = Path(log_file)
+        if rank:
+            path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(path)
+        fh.setFormatter(logging.Formatter(_FORMAT))
+        root.addHandler(fh)
+    return root
