@@ -1,0 +1,116 @@
+"""Build megatron-core GPT (causal LM) and BERT (masked LM) models with PKM layers from a ModelConfig."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from model import cpu_shim
+from model.config import ModelConfig
+from model.pkm.value_table import MemoryParallel
+from model.specs import MemoryContext, PaddingMaskSource, block_spec
+
+
+def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """megatron-core TransformerConfig for `cfg`; fusions that need CUDA kernels are off on CPU."""
+    on_gpu = torch.cuda.is_available()
+    swiglu = cfg.activation == "swiglu"
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size or 4 * cfg.hidden_size,
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        normalization=cfg.normalization,
+        layernorm_epsilon=cfg.layernorm_epsilon,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_bias_linear if cfg.qkv_bias is None else cfg.qkv_bias,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, parallel: MemoryParallel = MemoryParallel(),
+                seed: int = 0, stats_group=None, params_dtype: torch.dtype = torch.float32):
+    """A megatron-core GPTModel or BertModel with PKM at `cfg.pkm.layers`. Needs megatron's
+    parallel state initialised (also in one process) and the RNG seeded by the caller."""
+    cpu_shim.apply()
+    tc = transformer_config(cfg, params_dtype)
+    padding = PaddingMaskSource() if cfg.family == "bert" else None
+    ctx = MemoryContext(pkm=cfg.pkm, parallel=parallel, seed=seed, stats_group=stats_group, padding=padding)
+    spec = block_spec(cfg, ctx)
+    max_pos = cfg.max_position_embeddings or cfg.seq_length
+    if cfg.family == "gpt":
+        from megatron.core.models.gpt.gpt_model import GPTModel
+
+        model = GPTModel(
+            config=tc, transformer_layer_spec=spec, vocab_size=vocab_size, max_sequence_length=max_pos,
+            pre_process=True, post_process=True, parallel_output=True,
+            share_embeddings_and_output_weights=cfg.tie_embeddings,
+            position_embedding_type=cfg.position_embedding, rotary_base=cfg.rotary_base,
+        )
+    else:
+        from megatron.core.models.bert.bert_model import BertModel
+
+        model = BertModel(
+            config=tc, num_tokentypes=2, transformer_layer_spec=spec, vocab_size=vocab_size,
+            max_sequence_length=max_pos, pre_process=True, post_process=True, parallel_output=True,
+            share_embeddings_and_output_weights=cfg.tie_embeddings,
+            position_embedding_type=cfg.position_embedding, add_binary_head=False,
+        )
+        _route_padding_mask(model, padding)
+    return model
+
+
+def _route_padding_mask(model, padding: PaddingMaskSource) -> None:
+    """megatron's BertModel does not hand its padding mask to the MLP: give it to the PKM layers."""
+
+    def before(module, args, kwargs):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        padding.mask = None if mask is None else (mask == 0)
+
+    def after(module, args, kwargs, output):
+        padding.mask = None
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True)
+
+
+def lm_forward(model, family: str, batch: dict) -> torch.Tensor:
+    """Per-token LM loss [b, s] (next-token for GPT, masked-token for BERT) for one micro-batch."""
+    tokens = batch["tokens"]
+    if family == "gpt":
+        pad = batch.get("padding_mask")
+        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+        return model(input_ids=tokens, position_ids=positions, attention_mask=None, labels=batch["labels"],
+                     padding_mask=pad)
+    keep = (~batch["padding_mask"]).long() if "padding_mask" in batch else torch.ones_like(tokens)
+    types = batch.get("types")
+    types = torch.zeros_like(tokens) if types is None else types
+    loss, _binary_logits = model(input_ids=tokens, attention_mask=keep, tokentype_ids=types,
+                                 lm_labels=batch["labels"])
+    return loss
+
+
+def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    mask = loss_mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
