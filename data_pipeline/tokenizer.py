@@ -1,7 +1,7 @@
 """One `Tokenizer` interface over sentencepiece models and HF tokenizer directories.
 
 `load_tokenizer(None)` is the bundled demo GPT tokenizer (sentencepiece BPE, 8192 pieces, trained
-on five Austen novels); `"bert"`/`"gpt"` name the bundled recipes; a `.model` path is sentencepiece;
+on the six bundled Austen novels); `"bert"`/`"gpt"` name the bundled recipes; a `.model` path is sentencepiece;
 a directory is an HF tokenizer (e.g. the WordPiece `vocab.txt`/`tokenizer.json` that ships with a
 pretrained BERT checkpoint: a model initialised from it must train with its vocabulary).
 

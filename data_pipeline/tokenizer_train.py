@@ -94,6 +94,16 @@ def train_sentencepiece(texts: Iterable[str], output_prefix: str, recipe: str = 
         raise DataError(f"sentencepiece training for {output_prefix} failed: {e}") from None
     finally:
         lines.close()
+    # the model records its (temporary) output prefix: store the final name, so that the same
+    # corpus and options give a byte-identical model file (and the same identity sha256)
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(tmp + ".model", "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.trainer_spec.model_prefix = os.path.basename(output_prefix)
+    with open(tmp + ".model", "wb") as f:
+        f.write(proto.SerializeToString())
     for ext in (".vocab", ".model"):  # .model last: its presence means the pair is complete
         os.replace(tmp + ext, output_prefix + ext)
     os.rmdir(tmp_prefix)
