@@ -62,7 +62,8 @@ class MaskedBatchNorm(nn.Module):
         if not self.training:
             mean, var = self.running_mean, self.running_var
         else:
-            xs = (x if keep is None else x[keep]).float()
+            xs = x if keep is None else x[keep]
+            xs = xs.to(torch.promote_types(xs.dtype, torch.float32))  # fp32 at least, fp64 stays fp64
             stats = torch.cat([xs.sum(0), (xs * xs).sum(0), xs.new_tensor([xs.shape[0]])])
             if self.group is not None:
                 stats = _SumOverGroup.apply(stats, self.group)
@@ -112,7 +113,7 @@ class ProductKeyMemory(nn.Module):
             q = self.query_layernorm(q)
         q = F.dropout(q, cfg.query_dropout, self.training)
         scores, indices = product_key_topk(q, self.keys, cfg.knn)
-        weights = F.softmax(scores.float(), dim=-1).to(x.dtype)
+        weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(x.dtype)
         n = x.shape[0]
         return indices.reshape(n, -1), weights.reshape(n, -1)
 
