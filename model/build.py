@@ -10,6 +10,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from model import cpu_shim
 from model.config import ModelConfig
+from model.errors import ModelError
 from model.pkm.value_table import MemoryParallel
 from model.specs import MemoryContext, PaddingMaskSource, block_spec
 
@@ -18,6 +19,7 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
     """megatron-core TransformerConfig for `cfg`; fusions that need CUDA kernels are off on CPU."""
     on_gpu = torch.cuda.is_available()
     swiglu = cfg.activation == "swiglu"
+    activation = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "swiglu": F.silu}[cfg.activation]
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -28,7 +30,7 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         normalization=cfg.normalization,
         layernorm_epsilon=cfg.layernorm_epsilon,
         gated_linear_unit=swiglu,
-        activation_func=F.silu if swiglu else F.gelu,
+        activation_func=activation,
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_bias_linear if cfg.qkv_bias is None else cfg.qkv_bias,
         hidden_dropout=cfg.hidden_dropout,
@@ -46,7 +48,14 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        # PKM layers make the layers differ: checkpoint each layer under its own keys.
+        hetereogenous_dist_checkpoint=True,
     )
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (GPT-2's "gelu_new")."""
+    return F.gelu(x, approximate="tanh")
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, parallel: MemoryParallel = MemoryParallel(),
@@ -54,6 +63,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, parallel: MemoryParallel = Me
     """A megatron-core GPTModel or BertModel with PKM at `cfg.pkm.layers`. Needs megatron's
     parallel state initialised (also in one process) and the RNG seeded by the caller."""
     cpu_shim.apply()
+    if cfg.norm_position == "post" and cfg.family != "bert":
+        raise ModelError(f"model.norm_position=post is only supported for BERT, not {cfg.family!r}")
     tc = transformer_config(cfg, params_dtype)
     padding = PaddingMaskSource() if cfg.family == "bert" else None
     ctx = MemoryContext(pkm=cfg.pkm, parallel=parallel, seed=seed, stats_group=stats_group, padding=padding)
@@ -75,8 +86,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, parallel: MemoryParallel = Me
             config=tc, num_tokentypes=2, transformer_layer_spec=spec, vocab_size=vocab_size,
             max_sequence_length=max_pos, pre_process=True, post_process=True, parallel_output=True,
             share_embeddings_and_output_weights=cfg.tie_embeddings,
-            position_embedding_type=cfg.position_embedding, add_binary_head=False,
+            position_embedding_type=cfg.position_embedding, add_binary_head=cfg.binary_head,
         )
+        if cfg.norm_position == "post":
+            from model.post_norm import add_embedding_norm
+
+            add_embedding_norm(model.embedding, cfg.hidden_size, cfg.layernorm_epsilon)
         _route_padding_mask(model, padding)
     return model
 

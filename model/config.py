@@ -40,7 +40,7 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None  # None = seq_length
     vocab_size: Optional[int] = None  # None = the tokenizer's
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
-    activation: Literal["gelu", "swiglu"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"  # gelu_tanh: GPT-2's "gelu_new"
     position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
     rotary_base: int = 10000
     add_bias_linear: bool = True
@@ -51,3 +51,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
     pkm: PKMConfig = field(default_factory=PKMConfig)
+    # "post": a LayerNorm after each residual add and one on the embeddings, none at the end (the
+    # original BERT, needed to initialise from HF BERT checkpoints); "pre": megatron's layout. BERT only.
+    norm_position: Literal["pre", "post"] = "pre"
+    binary_head: bool = False  # BERT: megatron's pooler (dense + tanh on [CLS]) and 2-way binary head

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -68,6 +69,25 @@ class MemoryMLP(MegatronModule):
     def forward(self, hidden_states, padding_mask=None, **_):
         return self.memory(hidden_states, self._padding(padding_mask)), None
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """Children as megatron shards them; the memory's value table by its own column layout and
+        the rest of the memory (query network, keys: small) replicated across TP and DP."""
+        from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
+                                                     make_sharded_tensors_for_checkpoint,
+                                                     sharded_state_dict_default)
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        out = {}
+        for name, child in self.named_children():
+            if name != "memory":
+                out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
+                continue
+            small = {k: v for k, v in child.state_dict(keep_vars=True).items() if not k.startswith("values.")}
+            out.update(make_sharded_tensors_for_checkpoint(small, f"{prefix}memory.", {}, sharded_offsets,
+                                                           dp_cp_group=metadata["dp_cp_group"]))
+            out.update(child.values.sharded_state_dict(f"{prefix}memory.values."))
+        return out
+
 
 @dataclass
 class MLPWithMemorySubmodules:
@@ -107,6 +127,10 @@ def base_layer_spec(cfg: ModelConfig) -> ModuleSpec:
 
         return get_gpt_layer_local_spec(normalization=cfg.normalization)
     spec = copy.deepcopy(_bert_local_spec())
+    if cfg.norm_position == "post":
+        from model.post_norm import post_norm_layer_spec
+
+        spec = post_norm_layer_spec(spec, cfg.hidden_size, cfg.layernorm_epsilon)
     return spec
 
 
@@ -136,7 +160,8 @@ def block_spec(cfg: ModelConfig, ctx: MemoryContext,
     layer = (base or base_layer_spec)(cfg)
     chosen = set(cfg.pkm.layers)
     specs = [_with_memory(layer, cfg.pkm, ctx) if i in chosen else layer for i in range(cfg.num_layers)]
-    return LayerwiseBlockSpec(layer_specs=specs, layer_norm=WrappedTorchNorm)
+    final_norm = IdentityOp if cfg.norm_position == "post" else WrappedTorchNorm  # post-LN: none at the end
+    return LayerwiseBlockSpec(layer_specs=specs, layer_norm=final_norm)
 
 
 def memory_layers(model: torch.nn.Module) -> list[tuple[str, ProductKeyMemory]]:

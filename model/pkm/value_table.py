@@ -46,6 +46,8 @@ class MemoryParallel:
     replica_size: int = 1
     # 1 / data-parallel world size: the DP engine averages dense gradients, values must match.
     grad_scale: float = 1.0
+    # Position among the ranks holding this same shard (checkpoints: only replica (0, 0) writes).
+    replica_id: tuple = (0, 0)
 
     @property
     def size(self) -> int:
@@ -190,6 +192,16 @@ class ValueTable(nn.Module):
         if p.tp_size > 1:
             out = _GatherColumns.apply(out, p.tp_rank, p.tp_size, p.tp_group)
         return out
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """megatron dist_checkpointing entry: this rank's column shard of the [n_slots, dim] table, so a
+        checkpoint written under one layout loads under any other."""
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        key = f"{prefix}weight"
+        p = self.parallel
+        return {key: ShardedTensor.from_rank_offsets(key, self.weight.detach(), (1, p.shard, p.size),
+                                                     replica_id=p.replica_id)}
 
     def extra_repr(self) -> str:
         p = self.parallel

@@ -1,0 +1,307 @@
+"""Checkpoints: one format (megatron-core dist_checkpointing, torch_dist), atomic publish, verified load.
+
+Layout of `run_dir/checkpoints/`:
+  step_0000100/            dist_checkpointing shards (model, dense Adam moments, value tables and their
+                           sparse-Adam moments, each by its logical layout, so any TP/DP layout reloads it),
+                           common state (trainer, scheduler, sampler), rng/rank_K.pt, config.yaml,
+                           tokenizer/, manifest.json (sizes + sha256 of every file; written last)
+  latest                   the directory name of the newest published checkpoint
+A checkpoint is written under `.tmp-step_…`, published by a rename, and `latest` is replaced last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from pretrain.errors import PretrainError
+
+log = logging.getLogger("pkm.checkpoint")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(PretrainError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: manifest, verification, discovery
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path, info: dict) -> None:
+    files = {}
+    for p in sorted(ckpt.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[str(p.relative_to(ckpt))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    tmp = ckpt / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": "pkm-dist-ckpt-1", **info, "files": files}, indent=1))
+    os.replace(tmp, ckpt / MANIFEST)
+
+
+def verify(ckpt: Path) -> dict:
+    """The manifest of a complete, intact checkpoint; CheckpointError naming the first bad file."""
+    mf = ckpt / MANIFEST
+    if not mf.is_file():
+        raise CheckpointError(f"{ckpt}: no {MANIFEST} (incomplete checkpoint)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mf}: corrupt manifest ({e.msg})") from None
+    for rel, meta in manifest["files"].items():
+        p = ckpt / rel
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing from checkpoint")
+        if p.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"{p}: truncated ({p.stat().st_size} of {meta['bytes']} bytes)")
+        if _sha256(p) != meta["sha256"]:
+            raise CheckpointError(f"{p}: checksum mismatch (corrupt file)")
+    return manifest
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Published checkpoints, newest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted((p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_")),
+                  key=lambda p: p.name, reverse=True)
+
+
+def find_resumable(ckpt_root: Path) -> Optional[Path]:
+    """`latest` if it verifies, else the newest checkpoint that does (with a warning for each bad one)."""
+    candidates = list_checkpoints(ckpt_root)
+    latest = ckpt_root / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        candidates.sort(key=lambda p: p.name != name)
+    for c in candidates:
+        try:
+            verify(c)
+            return c
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s; falling back to the previous one", e)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded state of a Trainer
+
+
+def _dense_moments(trainer, p: torch.nn.Parameter) -> Optional[dict[str, torch.Tensor]]:
+    """Adam moments of a dense parameter, full (TP-local) shape, whatever the ZeRO stage."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if trainer.cfg.train.zero_stage > 0:
+        return {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+    st = trainer.optimizer.state.get(p) if hasattr(trainer.optimizer, "state") else None
+    if not st:
+        return {k: torch.zeros_like(p, dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq")}
+    return {k: st[k] for k in ("exp_avg", "exp_avg_sq")}
+
+
+def _set_dense_moments(trainer, p: torch.nn.Parameter, moments: dict[str, torch.Tensor], step: int) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    if trainer.cfg.train.zero_stage > 0:
+        for k, v in moments.items():
+            safe_set_full_optimizer_state(p, v, k)
+        return
+    st = trainer.optimizer.state[p]
+    st["exp_avg"] = moments["exp_avg"].to(p.device).clone()
+    st["exp_avg_sq"] = moments["exp_avg_sq"].to(p.device).clone()
+    st["step"] = torch.tensor(float(step))
+
+
+def _base_optimizer(trainer):
+    opt = trainer.optimizer
+    return getattr(opt, "optimizer", opt) if trainer.cfg.train.zero_stage > 0 else opt
+
+
+def sharded_state(trainer, for_load: bool = False) -> dict:
+    """The dist_checkpointing state dict of a trainer (shapes and layout; data when saving)."""
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    model_sd = trainer.model.sharded_state_dict(prefix="model.")
+    by_param = {}
+    for sh in model_sd.values():
+        if isinstance(sh, ShardedTensor) or hasattr(sh, "data"):
+            by_param[id(sh.data)] = sh
+    state = {"model": model_sd, "trainer": trainer.state_dict()}
+    optim = {}
+    for name, p in trainer.model.named_parameters():
+        sh = by_param.get(id(p))
+        if sh is None:
+            raise CheckpointError(f"parameter {name} has no sharded checkpoint entry")
+        moments = ({k: torch.zeros_like(p, dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq")}
+                   if for_load else _dense_moments(trainer, p))
+        for k, v in moments.items():
+            optim[f"{k}.{name}"] = make_sharded_optimizer_tensor(sh, v.float(), f"optimizer.{k}")
+    sparse = trainer.value_optimizer.optimizer
+    for name, m in trainer.memories:
+        w = m.values.weight
+        sh = model_sd[f"model.{name}.values.weight"]
+        st = sparse.state.get(w, {}) if sparse is not None else {}
+        for k in ("exp_avg", "exp_avg_sq"):
+            v = st.get(k) if (st and not for_load) else torch.zeros_like(w, dtype=torch.float32)
+            optim[f"values.{k}.{name}"] = make_sharded_optimizer_tensor(sh, v.detach(), f"value_optimizer.{k}")
+    state["optimizer"] = optim
+    value_steps = [int(sparse.state[m.values.weight]["step"]) if sparse is not None and m.values.weight in sparse.state else 0
+                   for _, m in trainer.memories]
+    state["value_optimizer_steps"] = value_steps
+    state["dense_optimizer_step"] = trainer.step
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.root = Path(trainer.cfg.run_dir) / "checkpoints"
+
+    def save(self) -> Path:
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+        tr = self.trainer
+        name = f"step_{tr.step:07d}"
+        final, tmp = self.root / name, self.root / f".tmp-{name}"
+        if tr.env.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        dist.barrier()
+        state = sharded_state(tr)
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+        if tr.env.is_main:
+            (tmp / "rng").mkdir(exist_ok=True)
+        dist.barrier()
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{tr.env.rank}.pt")
+        dist.barrier()
+        if tr.env.is_main:
+            from pretrain.config import to_dict
+
+            (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(tr.cfg), sort_keys=False))
+            _copy_tokenizer(tr.tokenizer, tmp / "tokenizer")
+            info = {"step": tr.step, "world_size": tr.env.world_size, "tp": tr.env.tp_size, "dp": tr.env.dp_size,
+                    "memory_parallel": tr.cfg.parallel.memory_parallel, "family": tr.cfg.model.family,
+                    "tokenizer": tr.tokenizer.identity, "memory_report": tr.memory_report}
+            write_manifest(tmp, info)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            latest_tmp = self.root / "latest.tmp"
+            latest_tmp.write_text(name + "\n")
+            os.replace(latest_tmp, self.root / "latest")
+            self._prune()
+            log.info("saved checkpoint %s", final)
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        keep = max(1, self.trainer.cfg.checkpoint.keep_last)
+        for old in list_checkpoints(self.root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def maybe_resume(self) -> Optional[Path]:
+        tr = self.trainer
+        resume = tr.cfg.checkpoint.resume
+        if not resume:
+            return None
+        if resume == "auto":
+            found = find_resumable(self.root) if tr.env.is_main else None
+            obj = [str(found) if found else None]
+            dist.broadcast_object_list(obj, src=0)
+            if obj[0] is None:
+                log.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", self.root)
+                return None
+            path = Path(obj[0])
+        else:
+            path = Path(resume)
+            if tr.env.is_main:
+                verify(path)
+            dist.barrier()
+        self.load(path)
+        return path
+
+    def load(self, path: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        tr = self.trainer
+        template = sharded_state(tr, for_load=True)
+        loaded = dist_checkpointing.load(template, str(path))
+        tr.model.load_state_dict({k[len("model."):]: v for k, v in _unwrap(loaded["model"]).items()}, strict=True)
+        step = int(loaded["trainer"]["step"])
+        for name, p in tr.model.named_parameters():
+            _set_dense_moments(tr, p, {k: loaded["optimizer"][f"{k}.{name}"] for k in ("exp_avg", "exp_avg_sq")}, step)
+        if tr.cfg.train.zero_stage > 0:
+            base = _base_optimizer(tr)
+            for st in base.state.values():
+                if "step" in st:
+                    st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+        sparse = tr.value_optimizer.optimizer
+        for (name, m), vstep in zip(tr.memories, loaded["value_optimizer_steps"]):
+            if vstep > 0:
+                sparse.state[m.values.weight] = {
+                    "step": torch.tensor(float(vstep)),
+                    "exp_avg": loaded["optimizer"][f"values.exp_avg.{name}"].clone(),
+                    "exp_avg_sq": loaded["optimizer"][f"values.exp_avg_sq.{name}"].clone()}
+        tr.load_state_dict(loaded["trainer"])
+        rng = path / "rng" / f"rank_{tr.env.rank}.pt"
+        manifest = json.loads((path / MANIFEST).read_text())
+        if rng.is_file() and manifest.get("world_size") == tr.env.world_size:
+            _set_rng_state(torch.load(rng, weights_only=False))
+        log.info("resumed from %s at step %d", path, tr.step)
+
+
+def _unwrap(sd: dict) -> dict:
+    return {k: (v.data if hasattr(v, "data") and not torch.is_tensor(v) else v) for k, v in sd.items()}
+
+
+def _copy_tokenizer(tok, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    src = Path(tok.path)
+    if src.is_dir():
+        for f in tok.identity.get("files", []):
+            shutil.copy2(src / f, dest / f)
+    elif src.is_file():
+        shutil.copy2(src, dest / src.name)
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])

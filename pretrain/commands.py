@@ -1,0 +1,43 @@
+"""`pkm pretrain`: the training entry point (torchrun, SLURM srun, or a single process)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a PKM GPT/BERT model",
+                       description="Pretrain a megatron-core GPT/BERT with PKM layers under DeepSpeed. "
+                                   "Run it directly, under torchrun, or under SLURM srun.")
+    p.add_argument("--config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.train_steps=100 model.pkm.layers=[2]")
+    p.set_defaults(func=run_pretrain)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors before any heavy import
+    from pretrain.distributed import shutdown
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        code = trainer.train()
+        if code == 0 and trainer.env.is_main:
+            _print_summary(trainer)
+        return code
+    finally:
+        shutdown()
+
+
+def _print_summary(trainer) -> None:
+    f = trainer.final
+    run = trainer.run_dir
+    lines = [f"pretraining finished: {f['step']} steps",
+             f"  loss: {f['first_loss']:.4f} at the first step -> {f['final_loss']:.4f} at the last"]
+    for k, v in f.get("usage", {}).items():
+        lines.append(f"  {k}: {v:.2f}")
+    lines += [f"  TensorBoard: tensorboard --logdir {run / 'tensorboard'}",
+              f"  checkpoint:  {run / 'checkpoints' / (run / 'checkpoints' / 'latest').read_text().strip()}",
+              f"  log:         {run / 'logs' / 'train.log'}"]
+    print("\n".join(lines), flush=True)

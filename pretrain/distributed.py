@@ -1,0 +1,159 @@
+"""Distributed set-up: process group from torchrun or SLURM variables, megatron parallel state,
+the PKM memory-parallel layout, and the `mpu` adapter DeepSpeed expects."""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from model import cpu_shim
+from model.pkm.value_table import MemoryParallel
+from pretrain.config import ParallelConfig
+from pretrain.errors import PretrainError
+
+log = logging.getLogger("pkm.dist")
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+    device: torch.device
+    memory: MemoryParallel
+    stats_group: Optional[object]  # DP group for PKM query BatchNorm statistics
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launcher_env() -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from torchrun, else derived from SLURM
+    (so `srun python -m pretrain.cli pretrain ...` works), else a single local process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in env}
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000),
+        }
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port())}
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> DistEnv:
+    """Start the process group (gloo on CPU, NCCL on GPU), megatron's parallel state and the
+    memory-parallel groups. Works in one process too (megatron needs its state anyway)."""
+    cpu_shim.apply()
+    for k, v in launcher_env().items():
+        os.environ.setdefault(k, v)
+    world = int(os.environ["WORLD_SIZE"])
+    tp = parallel.tensor_parallel
+    if tp < 1 or world % tp:
+        raise PretrainError(f"parallel.tensor_parallel={tp} does not divide the world size {world} "
+                            f"(TP x DP must equal the number of processes)")
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
+                                rank=int(os.environ["RANK"]), world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    tp_group, dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
+    mode = parallel.memory_parallel
+    over_tp = mode in ("tp", "all") and tp_size > 1
+    over_dp = mode in ("dp", "all") and dp_size > 1
+    memory = MemoryParallel(
+        tp_group=tp_group if over_tp else None, tp_size=tp_size if over_tp else 1, tp_rank=tp_rank if over_tp else 0,
+        dp_group=dp_group if over_dp else None, dp_size=dp_size if over_dp else 1, dp_rank=dp_rank if over_dp else 0,
+        replica_group=dp_group if (dp_size > 1 and not over_dp) else None,
+        replica_size=dp_size if not over_dp else 1,
+        grad_scale=1.0 / dp_size,
+        replica_id=(0 if over_tp else tp_rank, 0 if over_dp else dp_rank),
+    )
+    return DistEnv(rank=dist.get_rank(), world_size=world, local_rank=local_rank, tp_size=tp_size, tp_rank=tp_rank,
+                   dp_size=dp_size, dp_rank=dp_rank, device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+                   memory=memory, stats_group=dp_group if dp_size > 1 else None)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """What DeepSpeed's `mpu=` asks for, answered by megatron-core's parallel state (DeepSpeed calls
+    the tensor-parallel group the 'model parallel' group)."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_rank(self):
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()

@@ -1,0 +1,363 @@
+"""The Trainer: a megatron-core GPT/BERT with PKM layers, a DeepSpeed engine for the dense weights,
+a lazy sparse Adam beside it for the value tables, TensorBoard metrics and atomic checkpoints.
+
+Read top to bottom: set-up (distributed, tokenizer, model, data, engine), then `train()`.
+The Trainer is Stateful: `state_dict()` is what a checkpoint holds besides the tensors.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from pretrain.config import RunConfig, to_dict
+from pretrain.errors import PretrainError
+from pretrain.log import setup_logging
+
+log = logging.getLogger("pkm.train")
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved on SIGUSR1/SIGTERM; requeue and resume
+
+
+def _quiet_third_party() -> None:
+    for msg in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
+                ".*full scope is deprecated.*", ".*TypedStorage is deprecated.*"):
+        warnings.filterwarnings("ignore", message=msg)
+    logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        _quiet_third_party()
+        from pretrain.distributed import init_distributed
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.env = init_distributed(cfg.parallel)
+        env = self.env
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        setup_logging(self.run_dir / "logs" / "train.log", env.rank)
+        log.info("world %d = TP %d x DP %d, device %s, PKM memory-parallel '%s' over %d ranks",
+                 env.world_size, env.tp_size, env.dp_size, env.device, cfg.parallel.memory_parallel, env.memory.size)
+        t = cfg.train
+        per_step = t.micro_batch_size * env.dp_size
+        if t.global_batch_size % per_step:
+            raise PretrainError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                                f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {env.dp_size}")
+        self.grad_accum = t.global_batch_size // per_step
+        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
+        self._seed(t.seed)
+        self._build_tokenizer_and_model()
+        self._build_data()
+        self._build_engine()
+        self.step = 0
+        self._preempt = False
+        from pretrain.checkpoint import Checkpointer
+
+        self.checkpointer = Checkpointer(self)
+        self.checkpointer.maybe_resume()
+        if env.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _seed(self, seed: int) -> None:
+        import random
+
+        import numpy as np
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+
+    def _build_tokenizer_and_model(self) -> None:
+        from data_pipeline.tokenizer import load_tokenizer
+        from model.build import build_model
+        from model.specs import memory_layers
+
+        cfg, env = self.cfg, self.env
+        init_from = cfg.checkpoint.init_from
+        tok_spec = cfg.data.tokenizer
+        if init_from and tok_spec is None and os.path.isdir(init_from):
+            tok_spec = init_from  # a model initialised from a checkpoint trains with its vocabulary
+        self.tokenizer = load_tokenizer(tok_spec)
+        model_cfg = cfg.model
+        if init_from:
+            from model.hf.init_from import model_config_from_hf
+
+            model_cfg = model_config_from_hf(init_from, base=model_cfg)
+            self.cfg.model = model_cfg
+        vocab = model_cfg.vocab_size or self.tokenizer.vocab_size
+        if vocab < self.tokenizer.vocab_size:
+            raise PretrainError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
+                                f"({self.tokenizer.vocab_size}, {self.tokenizer.identity['name']})")
+        self.vocab_size = int(math.ceil(vocab / env.tp_size) * env.tp_size)
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.model = build_model(model_cfg, self.vocab_size, env.memory, seed=self.cfg.train.seed,
+                                 stats_group=env.stats_group, params_dtype=dtype)
+        if init_from:
+            from model.hf.init_from import load_pretrained_into
+
+            report = load_pretrained_into(self.model, model_cfg, init_from)
+            log.info("initialised from %s: %s", init_from, report)
+        self.model.to(env.device)
+        self.memories = memory_layers(self.model)
+        self._report_memory()
+
+    def _report_memory(self) -> None:
+        dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        values = sum(m.values.weight.numel() * m.values.weight.element_size() for _, m in self.memories)
+        slots = sum(m.values.n_slots for _, m in self.memories)
+        # Adam keeps two moments per weight (fp32); ZeRO splits the dense ones over DP.
+        dense_opt = 2 * sum(p.numel() for p in self.model.parameters()) * 4
+        if self.cfg.train.zero_stage >= 1:
+            dense_opt //= self.env.dp_size
+        self.memory_report = {"dense_param_bytes": dense, "value_shard_bytes": values,
+                              "dense_optimizer_bytes": dense_opt, "value_optimizer_bytes": 2 * values}
+        log.info("rank %d memory: dense params %s, value shard %s (%d PKM layers, %d slots), "
+                 "dense optimizer %s, value optimizer %s", self.env.rank, _mb(dense), _mb(values),
+                 len(self.memories), slots, _mb(dense_opt), _mb(2 * values))
+
+    def _build_data(self) -> None:
+        from data_pipeline.samplers import GlobalBatchSampler, build_datasets, check_tokenizer_matches
+
+        cfg, t = self.cfg, self.cfg.train
+        for prefix in cfg.data.paths:
+            check_tokenizer_matches(prefix, self.tokenizer)
+        evals = t.train_steps // t.eval_interval + 1 if t.eval_interval > 0 else 0
+        num_samples = {"train": t.train_steps * t.global_batch_size,
+                       "valid": max(1, evals * t.eval_steps * t.global_batch_size),
+                       "test": max(1, t.eval_steps * t.global_batch_size)}
+        cache = cfg.data.cache_dir or str(self.run_dir / "data_cache")
+        self.train_ds, self.valid_ds, self.test_ds = build_datasets(
+            cfg.data, cfg.model.family, cfg.model.seq_length, self.tokenizer, num_samples, t.seed, cache)
+        self.sampler = GlobalBatchSampler(len(self.train_ds), t.global_batch_size, t.micro_batch_size,
+                                          self.env.dp_rank, self.env.dp_size)
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        from pretrain.distributed import MegatronMPU
+        from pretrain.optim import SparseValueOptimizer, dense_param_groups, lr_lambda
+
+        t = self.cfg.train
+        groups = dense_param_groups(self.model, t.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+        ds_config = {
+            "train_batch_size": t.global_batch_size,
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accum,
+            "gradient_clipping": t.clip_grad,
+            "zero_optimization": {"stage": t.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": self.bf16},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            mpu=MegatronMPU(), dist_init_required=False)
+        for _, m in self.memories:  # DeepSpeed may re-create buffers when casting: keep them leaves
+            m.values.weight.requires_grad_(True)
+        pkm = self.cfg.model.pkm
+        self.value_optimizer = SparseValueOptimizer([m.values for _, m in self.memories], lr=pkm.value_lr,
+                                                    betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                                    memory=self.env.memory)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "sampler": self.sampler.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "config": to_dict(self.cfg),
+                "tokenizer": self.tokenizer.identity, "vocab_size": self.vocab_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("tokenizer", {}).get("sha256") not in (None, self.tokenizer.identity["sha256"]):
+            raise PretrainError(f"the checkpoint was trained with tokenizer {state['tokenizer']['name']} "
+                                f"(sha256 {state['tokenizer']['sha256'][:12]}), not {self.tokenizer.identity['name']}")
+
+    # -- training -------------------------------------------------------------------------------
+
+    def _batches(self, ds, indices: list[int]) -> dict:
+        from data_pipeline.samplers import collate
+
+        batch = collate([ds[i] for i in indices])
+        return {k: v.to(self.env.device) for k, v in batch.items()}
+
+    def _global_sum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        if self.env.dp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return float(t[0])
+
+    def train_step(self, micro_batches: list[list[int]]) -> tuple[float, int]:
+        """One optimiser step over this rank's micro-batches. The loss is normalised by the token count
+        of the whole global batch, so any TP/DP layout computes the same gradients."""
+        from model.build import lm_forward
+
+        family = self.cfg.model.family
+        batches = [self._batches(self.train_ds, mb) for mb in micro_batches]
+        tokens = self._global_sum(sum(float(b["loss_mask"].sum()) for b in batches))
+        scale = self.grad_accum * self.env.dp_size / max(tokens, 1.0)  # undone by the engine's 1/gas and DP mean
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            per_token = lm_forward(self.engine, family, batch)
+            summed = (per_token.float() * batch["loss_mask"]).sum()
+            self.engine.backward(summed * scale)
+            self.usage.observe()
+            if i == len(batches) - 1 and self.cfg.train.zero_stage == 0:
+                self.grad_norm = self._dense_grad_norm()  # ZeRO reports its own; stage 0 does not
+            self.engine.step()
+            loss_sum += float(summed.detach())
+        if self.cfg.train.zero_stage > 0:
+            self.grad_norm = _float(self.engine.get_global_grad_norm())
+        updated = self.value_optimizer.step()
+        self.usage.mark_updated(self.step, updated)
+        return self._global_sum(loss_sum) / max(tokens, 1.0), int(tokens)
+
+    @torch.no_grad()
+    def _dense_grad_norm(self) -> float:
+        """L2 norm of the (DP-averaged) dense gradient: TP-split weights summed over the TP group,
+        replicated ones counted once."""
+        split, replicated = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                sq = p.grad.detach().double().pow(2).sum().cpu()
+                if getattr(p, "tensor_model_parallel", False):
+                    split += sq
+                else:
+                    replicated += sq
+        if self.env.tp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(split, group=ps.get_tensor_model_parallel_group())
+        return float((split + replicated).sqrt())
+
+    @torch.no_grad()
+    def evaluate(self, ds, steps: int, offset: int) -> float:
+        from model.build import lm_forward
+
+        self.engine.eval()
+        for _, m in self.memories:
+            m.record_lookups = False
+        t = self.cfg.train
+        total, tokens = 0.0, 0.0
+        for s in range(steps):
+            start = ((offset + s) * t.global_batch_size) % max(1, len(ds) - t.global_batch_size + 1)
+            mine = list(range(start, start + t.global_batch_size))[self.env.dp_rank::self.env.dp_size]
+            for i in range(0, len(mine), t.micro_batch_size):
+                batch = self._batches(ds, mine[i:i + t.micro_batch_size])
+                per_token = lm_forward(self.engine, self.cfg.model.family, batch)
+                total += float((per_token.float() * batch["loss_mask"]).sum())
+                tokens += float(batch["loss_mask"].sum())
+        for _, m in self.memories:
+            m.record_lookups = True
+        self.engine.train()
+        return self._global_sum(total) / max(self._global_sum(tokens), 1.0)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            log.warning("received %s: will save a checkpoint and exit after this step", signal.Signals(signum).name)
+            self._preempt = True
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    def _preempt_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._preempt else 0.0])
+        if self.env.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag[0] > 0)
+
+    def train(self) -> int:
+        """Run to `train.train_steps`. Returns 0, or PREEMPTED_EXIT_CODE after a preemption save."""
+        from pretrain.metrics import MetricsWriter, PKMUsage
+        from megatron.core import parallel_state as ps
+
+        cfg, t, lg = self.cfg, self.cfg.train, self.cfg.logging
+        self.usage = PKMUsage(self.memories, ps.get_data_parallel_group() if self.env.dp_size > 1 else None)
+        writer = MetricsWriter(self.run_dir, self.env.is_main, lg.tensorboard)
+        self._install_signal_handlers()
+        self.engine.train()
+        tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        bar = None
+        if self.env.is_main and lg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.train_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
+        batches = iter(self.sampler)
+        window_start, window_tokens, first_loss = time.perf_counter(), 0, None
+        exit_code = 0
+        while self.step < t.train_steps:
+            micro_batches = next(batches)
+            loss, _ = self.train_step(micro_batches)
+            self.step += 1
+            window_tokens += tokens_per_step
+            first_loss = loss if first_loss is None else first_loss
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if self.step % lg.log_interval == 0 or self.step == t.train_steps:
+                elapsed = time.perf_counter() - window_start
+                steps_in_window = max(1, lg.log_interval if self.step % lg.log_interval == 0 else self.step % lg.log_interval)
+                scalars = {"lm loss": loss, "loss": loss, "learning rate": self.scheduler.get_last_lr()[0],
+                           "grad norm": self.grad_norm,
+                           "tokens per second": window_tokens / elapsed,
+                           "iteration time": 1000.0 * elapsed / steps_in_window}
+                scalars.update(self.usage.summary(self.step, lg.usage_window))
+                writer.write(self.step, scalars)
+                log.info("step %d/%d | loss %.4f | lr %.3g | grad norm %.3f | %.0f tok/s | %.0f ms/step",
+                         self.step, t.train_steps, loss, scalars["learning rate"], scalars["grad norm"] or 0.0,
+                         scalars["tokens per second"], scalars["iteration time"])
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{scalars['tokens per second']:.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if t.eval_interval > 0 and (self.step % t.eval_interval == 0 or self.step == t.train_steps):
+                vloss = self.evaluate(self.valid_ds, t.eval_steps, self.step // t.eval_interval)
+                writer.write(self.step, {"valid loss": vloss, "valid ppl": math.exp(min(vloss, 50))})
+                log.info("step %d | valid loss %.4f | valid ppl %.2f", self.step, vloss, math.exp(min(vloss, 50)))
+            save_now = self.cfg.checkpoint.save_interval > 0 and self.step % self.cfg.checkpoint.save_interval == 0
+            if self._preempt_requested():
+                self.checkpointer.save()
+                log.warning("preempted at step %d: checkpoint saved, exiting with %d", self.step, PREEMPTED_EXIT_CODE)
+                exit_code = PREEMPTED_EXIT_CODE
+                break
+            if save_now and self.step < t.train_steps:
+                self.checkpointer.save()
+        if bar is not None:
+            bar.close()
+        if exit_code == 0:
+            self.checkpointer.save()
+            self.final = {"first_loss": first_loss, "final_loss": loss, "step": self.step,
+                          "usage": self.usage.last_summary}
+        writer.close()
+        return exit_code
+
+
+def _float(x) -> Optional[float]:
+    if x is None:
+        return None
+    return float(x.item() if torch.is_tensor(x) else x)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
