@@ -1,29 +1,103 @@
 """`pkm data ...`: tokenizer training, corpus preprocessing and inspection of indexed datasets.
 
+    pkm data tokenizer train --input FILES... --output PREFIX [--recipe gpt|bert] [--vocab-size N]
+    pkm data tokenizer info [TOKENIZER]
+    pkm data preprocess --input FILES... --output PREFIX [--tokenizer T] [--workers N] [--on-error skip|fail]
+    pkm data inspect PREFIX [--show N]
+    pkm data build-helpers
+
 Heavy imports (sentencepiece, megatron, torch) happen inside the command functions.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="tokenizers, preprocessing into .bin/.idx, dataset inspection")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="<data command>")
 
+    tok = sub.add_parser("tokenizer", help="train or describe tokenizers")
+    tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="<tokenizer command>")
+    t = tsub.add_parser("train", help="train a sentencepiece model (GPT or BERT recipe)")
+    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="corpus files or globs (same formats as preprocess)")
+    t.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
+    t.add_argument("--recipe", choices=("gpt", "bert"), default="gpt",
+                   help="gpt: BPE, byte fallback, split digits, <eod>; bert: unigram with [PAD] [UNK] [CLS] [SEP] [MASK]")
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--model-type", choices=("bpe", "unigram"), default=None, help="override the recipe's model type")
+    t.add_argument("--input-sentence-size", type=int, default=2_000_000,
+                   help="lines sampled from a large corpus for training")
+    t.add_argument("--json-key", default="text")
+    t.add_argument("--text-mode", choices=("file", "blank-line"), default="file")
+    t.add_argument("--threads", type=int, default=None)
+    t.set_defaults(func=_cmd_tokenizer_train)
+
+    i = tsub.add_parser("info", help="print a tokenizer's identity and special ids")
+    i.add_argument("tokenizer", nargs="?", default=None, help="sentencepiece .model, HF directory, gpt or bert (default: bundled gpt)")
+    i.add_argument("--encode", default=None, metavar="TEXT", help="also show how TEXT is tokenized")
+    i.set_defaults(func=_cmd_tokenizer_info)
+
     p = sub.add_parser("preprocess", help="tokenize corpora into a megatron-core indexed dataset + manifest")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="input files or globs (.jsonl/.json, .txt, .parquet, a datasets dir saved to disk)")
+                   help="files or globs: .jsonl/.json(.gz), .txt(.gz), .parquet, a `datasets` dir saved to disk, "
+                        "or datasets:<builder>:<files> for datasets.load_dataset on local files")
     p.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model or HF tokenizer directory (default: bundled demo GPT tokenizer)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
-    p.add_argument("--on-error", choices=("skip", "fail"), default="fail", help="bad records: skip and report, or stop at the first one")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece .model or HF tokenizer directory (default: bundled demo GPT tokenizer)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer worker processes")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="fail",
+                   help="bad records: stop at the first one (fail), or skip them and list them in the manifest")
     p.add_argument("--json-key", default="text", help="field holding the document text in jsonl/parquet/datasets inputs")
     p.add_argument("--text-mode", choices=("file", "blank-line"), default="file",
                    help="plain text: one document per file, or one per blank-line-separated block")
     p.add_argument("--family", choices=("gpt", "bert"), default="gpt",
-                   help="gpt appends an EOD token per document; bert keeps sentence boundaries (one sequence per sentence)")
+                   help="gpt appends an EOD token per document; bert stores one sequence per sentence")
+    p.add_argument("--max-sentence-tokens", type=int, default=256, help="bert: longer sentences are cut")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_preprocess)
+
+    n = sub.add_parser("inspect", help="summarise a preprocessed dataset (manifest, and decoded documents)")
+    n.add_argument("prefix", metavar="PREFIX")
+    n.add_argument("--show", type=int, default=0, metavar="N", help="decode the first N documents")
+    n.add_argument("--tokenizer", default=None, help="tokenizer for --show (default: the manifest's)")
+    n.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    n.set_defaults(func=_cmd_inspect)
+
+    h = sub.add_parser("build-helpers", help="check megatron-core's C++ dataset helpers; compile them if missing")
+    h.set_defaults(func=_cmd_build_helpers)
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from data_pipeline.readers import expand_inputs, iter_chunks, parse_chunk
+    from data_pipeline.tokenizer_train import train_sentencepiece
+
+    sources = expand_inputs(args.input)
+
+    def texts():
+        for chunk in iter_chunks(sources, json_key=args.json_key, text_mode=args.text_mode):
+            for _, text in parse_chunk(chunk).docs:  # bad records are simply not trained on
+                yield text
+
+    path = train_sentencepiece(texts(), args.output, args.recipe, args.vocab_size, args.input_sentence_size,
+                               model_type=args.model_type, num_threads=args.threads)
+    print(path)
+    return 0
+
+
+def _cmd_tokenizer_info(args: argparse.Namespace) -> int:
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    info = dict(tok.identity, eod_id=tok.eod_id, pad_id=tok.pad_id, cls_id=tok.cls_id, sep_id=tok.sep_id,
+                mask_id=tok.mask_id, unk_id=tok.unk_id)
+    if args.encode is not None:
+        ids = tok.encode(args.encode)
+        info["encode"] = {"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}
+    print(json.dumps(info, indent=1, ensure_ascii=False))
+    return 0
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
@@ -31,8 +105,52 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
-    manifest = preprocess(args.input, args.output, tok, workers=args.workers, on_error=args.on_error,
-                          json_key=args.json_key, text_mode=args.text_mode, family=args.family)
-    print(f"{args.output}: {manifest['documents']} documents, {manifest['tokens']} tokens, "
-          f"{len(manifest['skipped'])} skipped")
+    m = preprocess(args.input, args.output, tok, workers=args.workers, on_error=args.on_error,
+                   json_key=args.json_key, text_mode=args.text_mode, family=args.family,
+                   max_sentence_tokens=args.max_sentence_tokens, progress=not args.no_progress)
+    print(f"{args.output}: {m['documents']} documents, {m['tokens']} tokens, {m['skipped_total']} skipped "
+          f"({m['tokens_per_s'] / 1e3:.0f}k tokens/s with {args.workers} workers)")
+    for s in m["skipped"][:20]:
+        print(f"  skipped {s['source']}:{s['line']}: {s['reason']}")
+    if m["skipped_total"] > 20:
+        print(f"  ... {m['skipped_total'] - 20} more in {args.output}.manifest.json")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from data_pipeline.errors import DataError
+    from data_pipeline.preprocess import is_complete, read_manifest
+
+    m = read_manifest(args.prefix)
+    if not is_complete(args.prefix):
+        raise DataError(f"{args.prefix}: .bin/.idx missing or not the size the manifest records (interrupted run?)")
+    if args.json:
+        print(json.dumps(m, indent=1))
+    else:
+        t = m["tokenizer"]
+        print(f"{args.prefix}: {m['family']} dataset, {m['documents']} documents, {m['sequences']} sequences, "
+              f"{m['tokens']} tokens ({m['dtype']})")
+        print(f"  tokenizer: {t['kind']} {t['name']} vocab {m['vocab_size']} sha256 {t['sha256'][:16]}")
+        for s in m["sources"]:
+            print(f"  source {s['path']}: {s['documents']} documents, {s['tokens']} tokens, {s['skipped']} skipped")
+        for reason, n in m["skipped_by_reason"].items():
+            print(f"  skipped {n} x {reason}")
+    if args.show:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        from data_pipeline.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer or m["tokenizer"]["path"])
+        ds = IndexedDataset(args.prefix)
+        for d in range(min(args.show, m["documents"])):
+            lo, hi = ds.document_indices[d], ds.document_indices[d + 1]
+            text = " | ".join(tok.decode(ds[i]) for i in range(lo, hi))
+            print(f"--- document {d} ({hi - lo} sequences)\n{text}")
+    return 0
+
+
+def _cmd_build_helpers(args: argparse.Namespace) -> int:
+    from data_pipeline.helpers_build import ensure_helpers
+
+    print(ensure_helpers())
     return 0

@@ -73,11 +73,15 @@ class MaskedLMDataset(MaskedWordPieceDataset):
             os.makedirs(cache, exist_ok=True)
             with open(base + "-description.txt", "w") as f:
                 f.write(self.unique_description)
-            num_epochs = numpy.iinfo(numpy.int32).max - 1 if self.num_samples is not None else 1
+            # a requested number of samples: as many epochs as needed; else exactly one epoch
+            if self.num_samples is not None:
+                num_epochs, max_samples = numpy.iinfo(numpy.int32).max - 1, self.num_samples
+            else:
+                num_epochs, max_samples = 1, numpy.iinfo(numpy.int64).max - 1
             indices = numpy.append(self.indices, self.indices[-1] + 1)
             sample_index = helpers.build_mapping(
                 self.dataset.document_indices[indices], self.dataset.sequence_lengths, num_epochs,
-                self.num_samples, sequence_length, self.config.short_sequence_probability,
+                max_samples, sequence_length, self.config.short_sequence_probability,
                 self.config.random_seed, False, min_sentences_per_sample)
             tmp = f"{base}-tmp{os.getpid()}.npy"
             numpy.save(tmp, sample_index, allow_pickle=False)

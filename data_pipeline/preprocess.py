@@ -87,7 +87,7 @@ def _process(chunk) -> ChunkResult:
         keep = doc_seqs > 0  # a document of whitespace-only sentences has no tokens
         for (line, _), ok in zip(records.docs, keep):
             if not ok:
-                records.bad.append(BadRecord(chunk.source, line, "empty document"))
+                records.bad.append(BadRecord(chunk.source, line, "empty document", "empty_document"))
         doc_seqs = doc_seqs[keep]
     total = int(seq_lengths.sum())
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=total)
@@ -177,7 +177,7 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
             if on_error == "fail":
                 raise DataError(f"{b.where()}: {b.reason} (use --on-error skip to skip and report bad records)")
             n_skipped += 1
-            skipped_by_reason[b.reason.split(" (")[0]] += 1
+            skipped_by_reason[b.kind] += 1
             per_source[b.source]["skipped"] += 1
             if len(skipped) < MAX_LISTED_SKIPS:
                 skipped.append(b.to_json())

@@ -45,12 +45,13 @@ class BadRecord:
     source: str
     line: Optional[int]
     reason: str
+    kind: str  # malformed_json | missing_field | not_a_string | non_utf8 | empty_document
 
     def where(self) -> str:
         return f"{self.source}:{self.line}" if self.line is not None else self.source
 
     def to_json(self) -> dict:
-        return {"source": self.source, "line": self.line, "reason": self.reason}
+        return {"source": self.source, "line": self.line, "kind": self.kind, "reason": self.reason}
 
 
 @dataclass
@@ -196,7 +197,7 @@ def parse_chunk(chunk: Chunk) -> Records:
     out = Records()
     src = chunk.source
     if chunk.kind == "rows" and isinstance(chunk.data, str):  # file-level problem (missing column)
-        out.bad.append(BadRecord(src, None, chunk.data))
+        out.bad.append(BadRecord(src, None, chunk.data, "missing_field"))
         return out
     if chunk.kind == "jsonl":
         key = chunk.json_key
@@ -207,19 +208,19 @@ def parse_chunk(chunk: Chunk) -> Records:
             try:
                 obj = json.loads(raw)
             except UnicodeDecodeError as e:
-                out.bad.append(BadRecord(src, line, f"non-UTF-8 bytes at byte {e.start} of the line"))
+                out.bad.append(BadRecord(src, line, f"non-UTF-8 bytes at byte {e.start} of the line", "non_utf8"))
                 continue
             except ValueError as e:
-                out.bad.append(BadRecord(src, line, f"malformed JSON ({e.args[0] if e.args else e})"))
+                out.bad.append(BadRecord(src, line, f"malformed JSON ({e.args[0] if e.args else e})", "malformed_json"))
                 continue
             if not isinstance(obj, dict) or key not in obj:
-                out.bad.append(BadRecord(src, line, f"missing field {key!r}"))
+                out.bad.append(BadRecord(src, line, f"missing field {key!r}", "missing_field"))
                 continue
             text = obj[key]
             if not isinstance(text, str):
-                out.bad.append(BadRecord(src, line, f"field {key!r} is {type(text).__name__}, not a string"))
+                out.bad.append(BadRecord(src, line, f"field {key!r} is {type(text).__name__}, not a string", "not_a_string"))
             elif not text.strip():
-                out.bad.append(BadRecord(src, line, "empty document"))
+                out.bad.append(BadRecord(src, line, "empty document", "empty_document"))
             else:
                 out.docs.append((line, text))
     elif chunk.kind == "text":
@@ -234,11 +235,11 @@ def parse_chunk(chunk: Chunk) -> Records:
     elif chunk.kind == "rows":
         for row, value in chunk.data:
             if value is None:
-                out.bad.append(BadRecord(src, row, f"missing field {chunk.json_key!r}"))
+                out.bad.append(BadRecord(src, row, f"missing field {chunk.json_key!r}", "missing_field"))
             elif not isinstance(value, str):
-                out.bad.append(BadRecord(src, row, f"field {chunk.json_key!r} is {type(value).__name__}, not a string"))
+                out.bad.append(BadRecord(src, row, f"field {chunk.json_key!r} is {type(value).__name__}, not a string", "not_a_string"))
             elif not value.strip():
-                out.bad.append(BadRecord(src, row, "empty document"))
+                out.bad.append(BadRecord(src, row, "empty document", "empty_document"))
             else:
                 out.docs.append((row, value))
     else:
@@ -257,10 +258,10 @@ def _add_text(out: Records, src: str, line: int, raw: bytes) -> None:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         bad_line = line + raw[:e.start].count(b"\n")
-        out.bad.append(BadRecord(src, bad_line, f"non-UTF-8 bytes ({raw[e.start:e.start + 4]!r})"))
+        out.bad.append(BadRecord(src, bad_line, f"non-UTF-8 bytes ({raw[e.start:e.start + 4]!r})", "non_utf8"))
         return
     text = text.strip("\r\n")
     if not text.strip():
-        out.bad.append(BadRecord(src, line, "empty document"))
+        out.bad.append(BadRecord(src, line, "empty document", "empty_document"))
     else:
         out.docs.append((line, text))

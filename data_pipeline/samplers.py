@@ -91,7 +91,13 @@ def build_datasets(cfg: DataConfig, family: str, seq_length: int, tokenizer: Tok
     if weights is None and len(paths) > 1:
         weights = [float(m["tokens"]) for m in manifests]  # proportional to size, any number of epochs
     blend = (paths, weights if len(paths) > 1 else None)
-    sizes = [num_samples.get(k) or None for k in ("train", "valid", "test")]
+    if len(paths) > 1:
+        if _dist_rank() == (0, 1) and not torch.distributed.is_initialized():
+            raise DataError("blending several data.paths needs torch.distributed initialised "
+                            "(megatron's BlendedDataset asks for the rank; the trainer initialises it)")
+        sizes = [int(num_samples.get(k) or 0) for k in ("train", "valid", "test")]
+    else:  # one corpus: an unrequested split gets one epoch
+        sizes = [num_samples.get(k) or None for k in ("train", "valid", "test")]
     adapter = MegatronTokenizerAdapter(tokenizer)
     common = dict(random_seed=seed, sequence_length=seq_length, blend=blend, split=cfg.split,
                   path_to_cache=os.path.join(cache_dir, "megatron_indices"), tokenizer=adapter)
