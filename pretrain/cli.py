@@ -23,12 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipeline import cli as data_cli
     from launch import cli as launch_cli
     from pretrain import commands
+    from pretrain.online_eval import cli as eval_cli
 
     parser = argparse.ArgumentParser(prog="pkm", description="Pretrain language models with Product Key Memory layers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     commands.register(sub)
     data_cli.register(sub)
     launch_cli.register(sub)
+    eval_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,86 @@
+"""What one online-evaluation run does: a plain dataclass (no torch import), validated up front.
+
+A *run* is one (mode, strategy, adapt, optimizer) combination over the whole corpus; `pkm eval online`
+builds one run per combination asked for and compares them side by side.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from pretrain.errors import PretrainError
+
+MODES = ("static", "dynamic")
+STRATEGIES = ("txl", "overlapping")
+RESETS = ("per-document", "never")
+ADAPTS = ("all", "mlp", "lora", "pkm-values")
+OPTIMIZERS = ("sgd", "adamw", "rms")
+
+
+@dataclass
+class OnlineEvalConfig:
+    mode: str = "static"  # static: no updates; dynamic: score a chunk, then take a gradient step on it
+    strategy: str = "txl"  # txl: chunks of `chunk` tokens + previous chunk as cached K/V; overlapping: sliding window
+    chunk: int = 256  # txl: chunk length; overlapping: stride S (new tokens scored per window)
+    window: int = 512  # overlapping: window length L (each token scored with up to L - S context)
+    reset: str = "per-document"  # dynamic: restore the initial weights at each document, or never (continual)
+    adapt: str = "all"  # which weights change: all, mlp, lora, pkm-values
+    optimizer: str = "sgd"  # sgd, adamw, rms (Krause et al.: RMS-normalised SGD with decay to the initial weights)
+    lr: float = 1e-4
+    update_every: int = 1  # take a gradient step on every k-th chunk; the others are only scored (no backward)
+    weight_decay: float = 0.0  # adamw only
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw; rms uses betas[1] for its running mean square
+    eps: float = 1e-8
+    rms_decay: float = 0.0  # rms: lambda, the pull back towards the initial weights per step
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: Optional[list[str]] = None  # None: peft's default for the architecture, else all linear layers
+    max_positions: Optional[int] = None  # txl: restart positions before this (default: the model's limit)
+    doc_start: str = "auto"  # token prepended to each document: auto (bos, else eos), none, or a token id
+    position_bin: int = 1024  # width of the loss-by-position bins, in tokens
+    seed: int = 0  # LoRA initialisation
+
+    @property
+    def name(self) -> str:
+        if self.mode == "static":
+            return f"static/{self.strategy}"
+        parts = [f"dynamic/{self.strategy}", self.adapt, self.optimizer]
+        if self.update_every != 1:
+            parts.append(f"every{self.update_every}")
+        if self.reset == "never":
+            parts.append("continual")
+        return "/".join(parts)
+
+    def replace(self, **kw) -> "OnlineEvalConfig":
+        return dataclasses.replace(self, **kw)
+
+    def validate(self) -> "OnlineEvalConfig":
+        def choice(field: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, field)
+            if value not in allowed:
+                raise PretrainError(f"online eval: {field}={value!r} is not one of {', '.join(allowed)}")
+
+        choice("mode", MODES)
+        choice("strategy", STRATEGIES)
+        choice("reset", RESETS)
+        choice("adapt", ADAPTS)
+        choice("optimizer", OPTIMIZERS)
+        if self.chunk < 1:
+            raise PretrainError(f"online eval: chunk={self.chunk} must be >= 1")
+        if self.strategy == "overlapping" and self.window < self.chunk:
+            raise PretrainError(f"online eval: window={self.window} must be >= the stride chunk={self.chunk} "
+                                "(each window scores `chunk` new tokens)")
+        if self.update_every < 1:
+            raise PretrainError(f"online eval: update_every={self.update_every} must be >= 1")
+        if self.lr < 0:
+            raise PretrainError(f"online eval: lr={self.lr} must be >= 0")
+        if not 0.0 <= self.rms_decay < 1.0:
+            raise PretrainError(f"online eval: rms_decay={self.rms_decay} must be in [0, 1)")
+        if self.lora_rank < 1:
+            raise PretrainError(f"online eval: lora_rank={self.lora_rank} must be >= 1")
+        if self.position_bin < 1:
+            raise PretrainError(f"online eval: position_bin={self.position_bin} must be >= 1")
+        if self.doc_start not in ("auto", "none") and not str(self.doc_start).isdigit():
+            raise PretrainError(f"online eval: doc_start={self.doc_start!r} must be auto, none or a token id")
+        return self
