@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipeline import cli as data_cli
     from launch import cli as launch_cli
     from pretrain import commands
+    from pretrain import export_cli
     from pretrain.online_eval import cli as eval_cli
 
     parser = argparse.ArgumentParser(prog="pkm", description="Pretrain language models with Product Key Memory layers.")
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.register(sub)
     launch_cli.register(sub)
     eval_cli.register(sub)
+    export_cli.register(sub)
     return parser
 
 

@@ -189,6 +189,8 @@ class Trainer:
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # load_state_dict restores the schedule's position, not the optimizer's lr
         if state.get("tokenizer", {}).get("sha256") not in (None, self.tokenizer.identity["sha256"]):
             raise PretrainError(f"the checkpoint was trained with tokenizer {state['tokenizer']['name']} "
                                 f"(sha256 {state['tokenizer']['sha256'][:12]}), not {self.tokenizer.identity['name']}")

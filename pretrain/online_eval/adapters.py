@@ -64,8 +64,11 @@ def _is_mlp(name: str) -> bool:
 
 
 def _matmul_weight_ids(model: nn.Module) -> set[int]:
-    return {id(m.weight) for m in model.modules()
-            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is None and hasattr(model, "get_input_embeddings"):  # head = F.linear(h, tied input embedding)
+        ids.add(id(model.get_input_embeddings().weight))
+    return ids
 
 
 class Adaptation:
@@ -86,8 +89,11 @@ class Adaptation:
         self.trainables: list[Trainable] = []
         if cfg.mode == "dynamic":
             self.trainables = self._select(model, cfg)
+            bags = {id(t.weight): t.bag for t in self._tables if t.bag is not None}
             for t in self.trainables:
                 t.tensor.requires_grad_(True)
+                if id(t.tensor) in bags:  # gradients of the rows read only, so updates touch only those
+                    bags[id(t.tensor)].sparse = True
         self.initial = [t.tensor.detach().clone() for t in self.trainables]
 
     # -- choices -------------------------------------------------------------------------------
@@ -95,13 +101,13 @@ class Adaptation:
         mm = _matmul_weight_ids(model)
         table_ids = {id(t.weight) for t in self._tables}
         if cfg.adapt == "all":
-            out = [Trainable(n, p, rows=id(p) in table_ids, matmul=id(p) in mm)
+            out = [Trainable(n, p, rows=id(p) in table_ids, matmul=id(p) in mm and id(p) not in table_ids)
                    for n, p in model.named_parameters()]
             seen = {id(t.tensor) for t in out}
             out += [self._table_trainable(t) for t in self._tables if id(t.weight) not in seen]
             return out
         if cfg.adapt == "mlp":
-            out = [Trainable(n, p, rows=id(p) in table_ids, matmul=id(p) in mm)
+            out = [Trainable(n, p, rows=id(p) in table_ids, matmul=id(p) in mm and id(p) not in table_ids)
                    for n, p in model.named_parameters() if _is_mlp(n)]
             if not out:
                 raise PretrainError(f"adapt=mlp: no parameter of {type(model).__name__} lives under a module "
@@ -115,8 +121,6 @@ class Adaptation:
         return self._lora(model, cfg)
 
     def _table_trainable(self, t: ValueTable) -> Trainable:
-        if t.bag is not None:
-            t.bag.sparse = True  # the gradient holds only the rows read, so the update touches only those
         return Trainable(t.name, t.weight, rows=True, matmul=False)
 
     def _lora(self, model: nn.Module, cfg: OnlineEvalConfig) -> list[Trainable]:

@@ -41,14 +41,17 @@ class FlopModel:
     def of(cls, model: nn.Module) -> "FlopModel":
         config = getattr(model, "config", None)
         head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        head = int(head_module.weight.numel()) if head_module is not None else 0
+        hidden = _config_get(config, "hidden_size", "n_embd", "d_model", default=0)
+        if head_module is not None:
+            head = int(head_module.weight.numel())
+        else:  # an output head computed from the tied input embedding (F.linear), as in our PKM-GPT
+            head = int(_config_get(config, "vocab_size", default=0)) * int(hidden)
         body = 0
         seen = set()
         for m in model.modules():
             if _is_matmul(m) and m is not head_module and id(m.weight) not in seen:
                 seen.add(id(m.weight))
                 body += int(m.weight.numel())
-        hidden = _config_get(config, "hidden_size", "n_embd", "d_model", default=0)
         layers = _config_get(config, "num_hidden_layers", "n_layer", "num_layers", default=0)
         heads = _config_get(config, "num_attention_heads", "n_head", default=1)
         head_dim = _config_get(config, "head_dim", default=hidden // max(heads, 1))

