@@ -38,7 +38,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def docs():
-    return paragraphs("northanger_abbey", 600)
+    return paragraphs("northanger_abbey", 300)
 
 
 def write_jsonl(path, texts, key="text"):
@@ -71,7 +71,7 @@ def test_all_input_formats_give_the_same_tokens(tmp_path, tok, docs):
     shards = tmp_path / "shards"
     shards.mkdir()
     for k in range(3):  # a glob over several files, in sorted order
-        write_jsonl(shards / f"part-{k}.jsonl", docs[k * 200:(k + 1) * 200])
+        write_jsonl(shards / f"part-{k}.jsonl", docs[k * 100:(k + 1) * 100])
     per_file = tmp_path / "per_file"
     per_file.mkdir()
     for k, d in enumerate(docs[:30]):
@@ -88,10 +88,10 @@ def test_all_input_formats_give_the_same_tokens(tmp_path, tok, docs):
     }
     for name, (inputs, kw) in cases.items():
         out = str(tmp_path / name)
-        m = preprocess(inputs, out, tok, progress=False, **{"workers": 1, **kw})
+        m = preprocess(inputs, out, tok, progress=False, **{"workers": 0, **kw})
         assert m["documents"] == len(docs), name
         assert bin_of(out) == bin_of(ref), name
-    m = preprocess([str(per_file / "*.txt")], str(tmp_path / "files"), tok, workers=1, progress=False)
+    m = preprocess([str(per_file / "*.txt")], str(tmp_path / "files"), tok, workers=0, progress=False)
     assert m["documents"] == 30 and len(m["sources"]) == 30
     assert bin_of(tmp_path / "files") == bin_of(ref)[:len(bin_of(tmp_path / "files"))]
 
@@ -162,26 +162,34 @@ def test_parquet_missing_column(tmp_path, tok, docs):
     assert m["documents"] == 5
 
 
-_KILL_AFTER_3_CHUNKS = """
-import os, signal, sys
-import data_pipeline.preprocess as pp
-real = pp.iter_chunks
-def dying(*a, **k):
-    for i, c in enumerate(real(*a, **k)):
-        if i == 3:
-            os.kill(os.getpid(), signal.SIGKILL)  # as if the node died mid-run
-        yield c
-pp.iter_chunks = dying
-pp.preprocess([sys.argv[1]], sys.argv[2], None, workers=0, chunk_bytes=8192, progress=False)
-"""
+def _die_after_3_chunks(src: str, prefix: str) -> None:
+    """Child process: preprocess, then SIGKILL itself mid-run, as if the node died."""
+    import signal
+
+    import data_pipeline.preprocess as pp
+
+    real = pp.iter_chunks
+
+    def dying(*a, **k):
+        for i, c in enumerate(real(*a, **k)):
+            if i == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield c
+
+    pp.iter_chunks = dying
+    pp.preprocess([src], prefix, None, workers=0, chunk_bytes=8192, progress=False)
 
 
 def test_interrupted_run_never_looks_complete(tmp_path, tok, docs):
     src = write_jsonl(tmp_path / "a.jsonl", docs)
     prefix = str(tmp_path / "out")
     old = preprocess([write_jsonl(tmp_path / "old.jsonl", docs[:7])], prefix, tok, progress=False)
-    r = subprocess.run([PY, "-c", _KILL_AFTER_3_CHUNKS, src, prefix], cwd=REPO, capture_output=True)
-    assert r.returncode == -9
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=_die_after_3_chunks, args=(src, prefix))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -9
     leftovers = [f for f in os.listdir(tmp_path) if ".tmp" in f]
     assert leftovers  # a partial .bin under a temporary name ...
     assert is_complete(prefix) and read_manifest(prefix)["documents"] == old["documents"]  # ... old output intact
