@@ -83,8 +83,9 @@ class MemoryMLP(MegatronModule):
                 out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
                 continue
             small = {k: v for k, v in child.state_dict(keep_vars=True).items() if not k.startswith("values.")}
-            out.update(make_sharded_tensors_for_checkpoint(small, f"{prefix}memory.", {}, sharded_offsets,
-                                                           dp_cp_group=metadata["dp_cp_group"]))
+            out.update(make_sharded_tensors_for_checkpoint(
+                small, f"{prefix}memory.", {}, sharded_offsets,
+                tp_group=parallel_state.get_tensor_model_parallel_group(), dp_cp_group=metadata["dp_cp_group"]))
             out.update(child.values.sharded_state_dict(f"{prefix}memory.values."))
         return out
 

@@ -104,6 +104,23 @@ def find_resumable(ckpt_root: Path) -> Optional[Path]:
 # Sharded state of a Trainer
 
 
+def _link_zero_state(trainer) -> None:
+    """Make DeepSpeed's per-parameter views of ZeRO's flat Adam state valid for every param group.
+
+    DeepSpeed links them once, after the first optimizer step of the *first* group, when a lazily
+    initialised torch optimizer has no state yet for the other groups (and before any step at all,
+    when we load). Create any missing state (zeros, step 0) and link again."""
+    zero = trainer.optimizer
+    base = zero.optimizer
+    for group in base.param_groups:
+        for p in group["params"]:
+            st = base.state[p]
+            if "exp_avg" not in st:
+                st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
 def _dense_moments(trainer, p: torch.nn.Parameter) -> Optional[dict[str, torch.Tensor]]:
     """Adam moments of a dense parameter, full (TP-local) shape, whatever the ZeRO stage."""
     from deepspeed.utils import safe_get_full_optimizer_state
@@ -146,6 +163,8 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
             by_param[id(sh.data)] = sh
     state = {"model": model_sd, "trainer": trainer.state_dict()}
     optim = {}
+    if trainer.cfg.train.zero_stage > 0:
+        _link_zero_state(trainer)
     for name, p in trainer.model.named_parameters():
         sh = by_param.get(id(p))
         if sh is None:
