@@ -118,9 +118,10 @@ def _split_bytes(src: str, kind: str, json_key: str, chunk_bytes: int, boundary:
     """Cut a file into ~chunk_bytes pieces at line (jsonl) or blank-line (blocks) boundaries."""
     line = 1
     rest = b""
+    want = chunk_bytes
     with _open_binary(src) as f:
         while True:
-            block = f.read(chunk_bytes)
+            block = f.read(want)
             buf = rest + block
             if not block:
                 if buf:
@@ -133,9 +134,10 @@ def _split_bytes(src: str, kind: str, json_key: str, chunk_bytes: int, boundary:
                 for m in _BLANK_LINE.finditer(buf):
                     pass
                 cut = m.end() if m else 0
-            if cut <= 0:  # no boundary yet: keep reading (one huge record)
-                rest = buf
+            if cut <= 0:  # no boundary yet (one huge record): read as much again, so time stays linear
+                rest, want = buf, max(chunk_bytes, len(buf))
                 continue
+            want = chunk_bytes
             piece, rest = buf[:cut], buf[cut:]
             yield Chunk(src, kind, line, piece, json_key, len(piece))
             line += piece.count(b"\n")

@@ -31,9 +31,11 @@ _HF_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.
 
 
 def _sha256(paths: Sequence[str]) -> str:
+    """Content hash: of the file itself for one file (= `sha256sum`), of names and contents for several."""
     h = hashlib.sha256()
     for p in paths:
-        h.update(os.path.basename(p).encode() + b"\0")
+        if len(paths) > 1:
+            h.update(os.path.basename(p).encode() + b"\0")
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
