@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Run this on every node with the same --rdzv-endpoint and its own "
                                    "--node-rank; node rank 0 hosts the rendezvous store at that endpoint.")
     t.add_argument("--nnodes", type=int, required=True)
-    t.add_argument("--node-rank", type=int, required=True)
+    t.add_argument("--node-rank", type=int, required=True,
+                   help="this node's rank; node rank 0 hosts the rendezvous store (c10d numbers the workers itself)")
     t.add_argument("--rdzv-endpoint", required=True, metavar="HOST:PORT",
                    help="an address of node rank 0 that every node can reach, and a free port there")
     t.add_argument("--nproc-per-node", type=int, default=1, help="workers on this node (one per GPU)")
@@ -68,8 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     h.set_defaults(func=cmd_deepspeed)
 
 
-def _print_command(argv: list[str]) -> None:
-    print(" ".join(shlex.quote(a) for a in argv), flush=True)
+def _print_command(argv: list[str], env: dict[str, str] | None = None) -> None:
+    words = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()] + [shlex.quote(a) for a in argv]
+    print(" ".join(words), flush=True)
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -106,7 +108,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 def cmd_torchrun(args: argparse.Namespace) -> int:
     from launch.errors import LaunchError
-    from launch.torchrun import TorchrunOptions, check_endpoint, torchrun_argv
+    from launch.torchrun import TORCHRUN_ENV, TorchrunOptions, check_endpoint, torchrun_argv
     from launch.training import plan_training, venv_python
 
     check_endpoint(args.rdzv_endpoint)
@@ -116,12 +118,12 @@ def cmd_torchrun(args: argparse.Namespace) -> int:
     opts = TorchrunOptions(
         nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, rdzv_endpoint=args.rdzv_endpoint,
         rdzv_id=args.rdzv_id or f"pkm-{job.run_dir.name}", max_restarts=args.max_restarts,
-        node_rank=args.node_rank, is_host=args.node_rank == 0, shutdown_timeout=args.shutdown_timeout)
+        is_host=args.node_rank == 0, shutdown_timeout=args.shutdown_timeout)
     argv = torchrun_argv(venv_python(), opts, job.entry)
-    _print_command(argv)
+    _print_command(argv, TORCHRUN_ENV)
     if args.dry_run:
         return 0
-    os.execv(argv[0], argv)  # torchrun takes this process's place: signals reach it directly
+    os.execve(argv[0], argv, {**os.environ, **TORCHRUN_ENV})  # torchrun takes this process's place: signals reach it directly
 
 
 def cmd_deepspeed(args: argparse.Namespace) -> int:

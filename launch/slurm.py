@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from launch.errors import LaunchError
-from launch.torchrun import TorchrunOptions, torchrun_options
+from launch.torchrun import TORCHRUN_ENV, TorchrunOptions, torchrun_options
 from launch.training import PREEMPTED_EXIT_CODE, Entry
 
 # Shell variables the script defines or SLURM sets, marked in an argument as "\0NAME\0".
@@ -145,6 +145,9 @@ def render_sbatch(opts: SlurmOptions, entry: Entry, run_dir: Path, python: str, 
         "PREEMPTED_EXIT_CODE": str(PREEMPTED_EXIT_CODE),
         "MAX_REQUEUES": str(opts.max_requeues),
         "TORCHRUN_ARGS": torchrun_args,
+        "TORCHRUN_ENV": "# Torch's rendezvous store shared with the workers breaks multi-node restarts\n"
+                        "# (pytorch/pytorch#135712): give each restart attempt's workers a fresh store.\n"
+                        + "\n".join(f"export {k}={shlex.quote(v)}" for k, v in TORCHRUN_ENV.items()),
     }
     text = resources.files("launch").joinpath("templates/sbatch.sh").read_text()
     for key, value in values.items():

@@ -10,6 +10,12 @@ from launch.training import Entry
 # exiting; SIGUSR1 is SLURM's usual "time is nearly up" signal, on which the trainer checkpoints.
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
+# With the agent's rendezvous store shared with the workers (torch's default), a restarted
+# multi-node group can read the previous attempt's addresses and fail to connect: each agent counts
+# its restarts locally, and a node restarted for a membership change counts differently
+# (pytorch/pytorch#135712; seen here with gloo). Workers of each attempt then get a fresh store.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
 
 @dataclass
 class TorchrunOptions:
@@ -18,8 +24,9 @@ class TorchrunOptions:
     rdzv_endpoint: str  # HOST:PORT of the c10d store
     rdzv_id: str
     max_restarts: int = 1
-    node_rank: int | str | None = None
-    is_host: bool | str | None = None  # whether this agent hosts the store; None = torchrun guesses
+    # Whether this agent hosts the c10d store (node rank 0 does); None = torchrun guesses from the
+    # endpoint's address. c10d assigns ranks itself, so torchrun's --node-rank is not passed.
+    is_host: bool | None = None
     shutdown_timeout: int = 120  # seconds workers get to save a checkpoint after a signal
 
 
@@ -44,11 +51,8 @@ def torchrun_options(o: TorchrunOptions) -> list[str]:
         f"--signals-to-handle={FORWARDED_SIGNALS}",
         f"--shutdown-timeout={o.shutdown_timeout}",
     ]
-    if o.node_rank is not None:
-        opts.append(f"--node-rank={o.node_rank}")
     if o.is_host is not None:
-        flag = o.is_host if isinstance(o.is_host, str) else int(o.is_host)
-        opts.append(f"--rdzv-conf=is_host={flag}")
+        opts.append(f"--rdzv-conf=is_host={int(o.is_host)}")
     return opts
 
 

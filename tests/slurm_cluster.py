@@ -69,7 +69,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/socket
+# cred_expire: also how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket={root}/munge/socket,cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
@@ -126,17 +127,13 @@ class SlurmCluster:
     def job_state(self, job_id: str) -> str:
         return self.job_fields(job_id).get("JobState", "GONE")
 
-    def wait_state(self, job_id: str, states: set[str], timeout: float, release_requeued: bool = False) -> str:
-        """Wait until the job reaches one of `states`; return it. With `release_requeued`, a requeued
-        job is made eligible at once instead of after SLURM's ~2 minute hold on requeued jobs."""
+    def wait_state(self, job_id: str, states: set[str], timeout: float) -> str:
+        """Wait until the job reaches one of `states`; return it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            info = self.job_fields(job_id)
-            state = info.get("JobState", "GONE")
+            state = self.job_state(job_id)
             if state in states:
                 return state
-            if release_requeued and state == "PENDING" and info.get("Reason") == "BeginTime":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} is {self.job_state(job_id)} after {timeout:.0f} s, not one of {sorted(states)}"
                            f"\n{self.diagnostics()}")

@@ -76,7 +76,7 @@ def test_sbatch_script_shape(tmp_path):
                  "PREEMPTED_EXIT_CODE=75", 'scontrol requeue "$SLURM_JOB_ID"',
                  '"--rdzv-endpoint=${rdzv_addr}:${rdzv_port}"', '"--nnodes=${SLURM_JOB_NUM_NODES}"',
                  "--max-restarts=2", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                 "--shutdown-timeout=90", "-m pretrain.cli pretrain --config /cfg/a.yaml checkpoint.resume=auto"]:
+                 "--shutdown-timeout=90", "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "-m pretrain.cli pretrain --config /cfg/a.yaml checkpoint.resume=auto"]:
         assert line in text, line
     assert "--gpus-per-node" not in text
     assert shutil.which("bash")
@@ -104,11 +104,11 @@ def test_shell_word_keeps_only_marked_variables_live():
 def test_torchrun_argv():
     entry = Entry("pretrain.cli", ("pretrain", "--config", "c.yaml"))
     argv = torchrun_argv("/venv/bin/python", TorchrunOptions(
-        nnodes=2, nproc_per_node=4, rdzv_endpoint="10.0.0.1:29400", rdzv_id="j1", node_rank=1, is_host=False), entry)
+        nnodes=2, nproc_per_node=4, rdzv_endpoint="10.0.0.1:29400", rdzv_id="j1", is_host=False), entry)
     assert argv[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
     assert argv[-5:] == ["-m", "pretrain.cli", "pretrain", "--config", "c.yaml"]
     for opt in ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400",
-                "--rdzv-id=j1", "--max-restarts=1", "--node-rank=1", "--rdzv-conf=is_host=0"]:
+                "--rdzv-id=j1", "--max-restarts=1", "--rdzv-conf=is_host=0"]:
         assert opt in argv
 
 
@@ -162,8 +162,9 @@ def test_cli_torchrun_dry_run_prints_the_exact_command(tmp_path):
                "--nproc-per-node", "1", "--config", str(TINY), f"run_dir={tmp_path / 'r'}", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
-    assert line.startswith(f"{PY} -m torch.distributed.run --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d")
-    assert "--node-rank=0 --rdzv-conf=is_host=1" in line and f"--rdzv-id=pkm-r" in line
+    assert line.startswith(f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 {PY} -m torch.distributed.run --nnodes=2 "
+                           "--nproc-per-node=1 --rdzv-backend=c10d")
+    assert "--rdzv-conf=is_host=1" in line and "--rdzv-id=pkm-r" in line and "--node-rank" not in line
 
 
 def test_cli_deepspeed_hostfile(tmp_path):

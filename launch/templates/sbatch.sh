@@ -60,6 +60,7 @@ trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
 # One torchrun per node; the agent on node 0 hosts the rendezvous store.
+{{TORCHRUN_ENV}}
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
   log() { echo "pkm-launch: $(date "+%F %T") $*"; }
   is_host=0; [ "$SLURM_NODEID" = 0 ] && is_host=1
