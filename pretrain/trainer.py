@@ -38,10 +38,11 @@ def _quiet_third_party() -> None:
 class Trainer:
     def __init__(self, cfg: RunConfig):
         _quiet_third_party()
-        from pretrain.distributed import init_distributed
+        from pretrain.distributed import check_layout, init_distributed, launcher_env
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        check_layout(cfg.model, cfg.parallel, int(launcher_env()["WORLD_SIZE"]))
         self.env = init_distributed(cfg.parallel)
         env = self.env
         if env.is_main:
@@ -85,6 +86,7 @@ class Trainer:
 
     def _build_tokenizer_and_model(self) -> None:
         from data_pipeline.tokenizer import load_tokenizer
+        from pretrain.distributed import check_layout
         from model.build import build_model
         from model.specs import memory_layers
 
@@ -100,6 +102,7 @@ class Trainer:
 
             model_cfg = model_config_from_hf(init_from, base=model_cfg)
             self.cfg.model = model_cfg
+            check_layout(model_cfg, cfg.parallel, env.world_size)
         vocab = model_cfg.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:
             raise PretrainError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
