@@ -318,8 +318,8 @@ class OnlineRun:
     # -- Krause's calibration ----------------------------------------------------------------------
     def _calibrate(self, adaptation: Adaptation) -> list[torch.Tensor]:
         """Mean squared gradient of every trainable tensor over chunks of the calibration documents
-        (static weights, no memory). Elements that never got a gradient take their tensor's mean, so
-        that an unseen token or an unread PKM row is not divided by ~0 later."""
+        (static weights, no memory). Elements that never got a gradient take their tensor's mean and
+        none stays below 1% of it, so that an unseen token or an unread PKM row is not divided by ~0."""
         sums = [torch.zeros_like(t.tensor) for t in adaptation.trainables]
         steps = 0
         for doc in self.calibration:
@@ -346,8 +346,10 @@ class OnlineRun:
         for s in sums:
             ms = s / steps
             seen = ms > 0
-            fill = ms[seen].mean() if seen.any() else torch.tensor(1.0, device=ms.device)
-            out.append(torch.where(seen, ms, fill))
+            mean = ms[seen].mean() if seen.any() else torch.tensor(1.0, device=ms.device)
+            # floor at 1% of the tensor's mean: a weight that barely moved during calibration would
+            # otherwise take a step 1/sqrt(tiny) times larger than the others on its first real gradient
+            out.append(torch.where(seen, ms, mean).clamp_(min=float(mean) * 0.01))
         return out
 
 

@@ -6,7 +6,10 @@
 - rms:   Krause et al. (2018, 2019): p -= lr * g / (sqrt(MS) + eps), then a pull back to the initial
          weights p += min(1, lambda * RMS / mean(RMS)) * (p0 - p). MS is the mean squared gradient:
          fixed, from a calibration text (Krause: gradients on training data), or else a running,
-         bias-corrected mean over the updates so far. On value tables both steps touch only the rows
+         bias-corrected mean over the updates so far. Fixed statistics from a short calibration text
+         are fragile: a weight that got almost no gradient there (the embedding row of a word the text
+         never predicts) takes huge normalised steps later, so they want a small lr; the running
+         mean (default) is robust. On value tables both steps touch only the rows
          read; the pull back owed to a row for the steps it was not read is applied when it next is
          (lazily: (1 - rate)^steps), so untouched rows cost nothing, and RMS is normalised by the
          table's calibration mean (or, online, by the mean over the rows read in the step).
