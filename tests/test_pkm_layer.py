@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import PKMConfig
-from model.pkm.memory import MaskedBatchNorm, ProductKeyMemory
-from model.pkm.product_keys import brute_force_topk, product_key_topk
+from model.pkm.memory import MaskedBatchNorm, ProductKeyMemory, _mark_coalesced, weighted_bag
+from model.pkm.product_keys import _candidate_pairs, brute_force_topk, product_key_topk
 from model.pkm.value_table import ValueTable
 
 
@@ -19,8 +19,10 @@ def _layer(dim=16, dtype=torch.float64, seed=0, **pkm) -> ProductKeyMemory:
     torch.manual_seed(seed)
     cfg = PKMConfig(**{"n_keys": 8, "heads": 2, "knn": 3, "k_dim": 8, **pkm})
     layer = ProductKeyMemory(dim, cfg, init_seed=seed).to(dtype)
-    # Module.to() copies buffers through autograd; re-leaf the table (see test_value_table_stays_leaf_after_to).
-    layer.values.weight = layer.values.weight.detach().requires_grad_(True)
+    if not layer.values.weight.is_leaf:
+        # Module.to() copies buffers through autograd; re-leaf the table (see test_value_table_stays_leaf_after_to).
+        layer.values.weight = layer.values.weight.detach().requires_grad_(True)
+        layer.values.weight.register_post_accumulate_grad_hook(_mark_coalesced)
     return layer
 
 
@@ -65,6 +67,35 @@ def test_product_key_topk_gradient_matches_brute_force():
     (brute_force_topk(q, k, 5)[0] * w).sum().backward()
     torch.testing.assert_close(gq, q.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(gk, k.grad, rtol=0, atol=1e-12)
+
+
+def test_product_key_topk_with_ties_returns_best_scores_and_consistent_indices():
+    """Repeated sub-keys make tied scores: the indices may differ from brute force, but the scores are
+    the best ones, and each returned index scores exactly its returned score."""
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 2, 6, 4, generator=gen, dtype=torch.float64).repeat(1, 1, 3, 1)  # 18 keys, 3 copies
+    query = torch.randn(9, 2, 8, generator=gen, dtype=torch.float64)
+    scores, indices = product_key_topk(query, keys, 7)
+    ref_scores, _ = brute_force_topk(query, keys, 7)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-12)
+    i1, i2 = indices // 18, indices % 18
+    h = torch.arange(2).view(1, 2, 1)
+    again = (query[:, :, None, :4] * keys[h, 0, i1]).sum(-1) + (query[:, :, None, 4:] * keys[h, 1, i2]).sum(-1)
+    torch.testing.assert_close(again, scores, rtol=0, atol=1e-12)
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+def test_candidate_pairs_are_those_that_can_reach_the_top():
+    a, b = _candidate_pairs(32)
+    assert len(a) == 119 and ((a + 1) * (b + 1) <= 32).all()
+    assert len(_candidate_pairs(1)[0]) == 1
+
+
+def test_product_key_topk_gradcheck():
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(6, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k: product_key_topk(q, k, 4)[0], (q, k), eps=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +182,55 @@ def test_layer_value_gradient_equals_dense_embedding_bag():
     sparse = layer.values.weight.grad.coalesce()
     assert torch.equal(sparse.indices()[0], torch.unique(indices))
     torch.testing.assert_close(sparse.to_dense(), bag.weight.grad, rtol=0, atol=1e-6)
+
+
+def test_weighted_bag_matches_native_sparse_embedding_bag():
+    """weighted_bag == F.embedding_bag(sparse=True): output, per-sample-weight gradient, and the table
+    gradient; a SparseAdam step from either gradient moves the table alike."""
+    torch.manual_seed(1)
+    table = torch.randn(500, 16)
+    idx = torch.randint(0, 500, (64, 24))
+    idx[:, :3] = 7  # a slot read several times by every token
+    w = torch.rand(64, 24)
+    g = torch.randn(64, 16)
+    results = []
+    for fn in (weighted_bag,
+               lambda i, w, t: F.embedding_bag(i, t, per_sample_weights=w, mode="sum", sparse=True)):
+        t = table.clone().requires_grad_(True)
+        ww = w.clone().requires_grad_(True)
+        out = fn(idx, ww, t)
+        (out * g).sum().backward()
+        results.append((out.detach(), ww.grad, t.grad, t))
+    (out_a, gw_a, gt_a, t_a), (out_b, gw_b, gt_b, t_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gw_a, gw_b, rtol=0, atol=1e-5)
+    assert gt_a.is_sparse
+    assert torch.equal(gt_a._indices(), gt_b.coalesce().indices()), "one row per slot read, in slot order"
+    # slot 7 sums 192 reads: fp32 summation order differs, hence a relative tolerance
+    torch.testing.assert_close(gt_a.to_dense(), gt_b.to_dense(), rtol=1e-5, atol=1e-5)
+    for t in (t_a, t_b):
+        torch.optim.SparseAdam([t], lr=0.1).step()
+    torch.testing.assert_close(t_a, t_b, rtol=0, atol=1e-5)
+
+
+def test_layer_value_gradient_arrives_coalesced_and_accumulates():
+    """One backward: the table's gradient is flagged coalesced (the optimizer's coalesce is free). Two
+    backward passes (gradient accumulation): the sum is correct and not wrongly flagged."""
+    layer = _layer(dim=16, dtype=torch.float32, n_keys=8, heads=2, knn=3, k_dim=8)
+    xs = [torch.randn(10, 16) for _ in range(2)]
+    grads = []
+    for x in xs:
+        layer(x).pow(2).sum().backward()
+        grads.append(layer.values.weight.grad)
+        layer.values.weight.grad = None
+    assert all(g.is_coalesced() for g in grads)
+    for x in xs:
+        layer(x).pow(2).sum().backward()
+    total = layer.values.weight.grad
+    torch.testing.assert_close(total.to_dense(), grads[0].to_dense() + grads[1].to_dense(), rtol=0, atol=1e-6)
+    if total.is_coalesced():
+        rows = total._indices()[0]
+        assert (rows[1:] > rows[:-1]).all()
 
 
 @pytest.mark.xfail(strict=True, reason="Module.to()/.double()/.cuda() copy buffers through autograd: the "

@@ -1,0 +1,374 @@
+"""PKM layer speed on CPU, side by side in one run (issue #3).
+
+Figures (fp32, torch threads = 2, medians of interleaved repetitions A B C A B C ...):
+  pkm_vs_ffn          our ProductKeyMemory forward+backward / a dense FFN of the same width
+  lucidrains_vs_ffn   lucidrains' product-key-memory 0.3.0 PKM / the same FFN (null if not installed)
+  step_pkm_vs_dense   one training step of a 6-layer d=512 megatron-core GPT with a PKM added at layer 3
+                      (forward, backward, AdamW on the parameters + SparseAdam on the value table)
+                      / the same GPT without memory (AdamW only)
+  step_dense_values_vs_dense   the same PKM GPT with the value table a dense-gradient Parameter inside
+                      one torch AdamW (the "inside the DeepSpeed engine" alternative) / the dense GPT
+Sizes: dim 512, n_keys 512 (262,144 slots), heads 4, knn 32, k_dim 256 (lucidrains dim_head 128: the
+same 128-wide half keys), batch 8 x 128 tokens; FFN dim -> 4 dim -> dim with GELU.
+
+    python benchmarks/pkm_layer.py [--quick] [--json] [--profile]
+
+`--quick` runs fewer repetitions (never smaller sizes); `--json` prints one JSON object as the last
+line; `--profile` adds a torch.profiler table of our layer and per-phase timers of the PKM step.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--thp" in sys.argv:  # torch reads it once, at its first allocation: set before importing torch
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+DIM, N_KEYS, HEADS, KNN, K_DIM = 512, 512, 4, 32, 256
+BATCH, SEQ = 8, 128
+GPT = dict(num_layers=6, hidden_size=512, num_attention_heads=8, seq_length=SEQ)
+VOCAB, PKM_LAYER, VALUE_LR = 8192, 3, 1e-3
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def interleaved(variants: dict, reps: int, warmup: int = 1) -> tuple[dict, dict]:
+    """Time each zero-argument callable `reps` times, A B C A B C ..., after `warmup` untimed rounds.
+    Returns wall-clock and process CPU ms per variant (CPU time is the steadier figure when the
+    machine is shared: it does not count the time other processes hold the cores)."""
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for r in range(warmup + reps):
+        for name, fn in variants.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if r >= warmup:
+                wall[name].append(dt * 1e3)
+                cpu[name].append(dc * 1e3)
+        if r >= warmup:
+            log(f"  rep {r - warmup + 1}/{reps}: " + "  ".join(f"{k} {v[-1]:.0f} ms" for k, v in wall.items()))
+    return wall, cpu
+
+
+def median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer: ours vs FFN vs lucidrains
+
+
+def layer_variants() -> tuple[dict, dict]:
+    from model.config import PKMConfig
+    from model.pkm.memory import ProductKeyMemory
+
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, SEQ, DIM, requires_grad=True)
+    g = torch.randn(BATCH, SEQ, DIM)
+    modules = {
+        "pkm": ProductKeyMemory(DIM, PKMConfig(n_keys=N_KEYS, heads=HEADS, knn=KNN, k_dim=K_DIM)),
+        "ffn": nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.GELU(), nn.Linear(4 * DIM, DIM)),
+    }
+    notes = {}
+    try:
+        from product_key_memory import PKM
+
+        import importlib.metadata as md
+
+        modules["lucidrains"] = PKM(DIM, heads=HEADS, num_keys=N_KEYS, topk=KNN, dim_head=K_DIM // 2)
+        notes["lucidrains"] = f"product-key-memory {md.version('product-key-memory')}"
+    except ImportError as e:
+        notes["lucidrains"] = f"skipped: product-key-memory not installed ({e})"
+        log(f"NOTE: lucidrains PKM {notes['lucidrains']}; `pip install product-key-memory==0.3.0` to compare")
+
+    def step(m):
+        def run():
+            out = m(x)
+            (out * g).sum().backward()
+            for t in list(m.parameters()) + [b for b in m.buffers() if b.requires_grad]:
+                t.grad = None
+            x.grad = None
+        return run
+
+    return {k: step(m) for k, m in modules.items()}, notes
+
+
+def profile_layer() -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    runs, _ = layer_variants()
+    runs["pkm"]()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            runs["pkm"]()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step: GPT with PKM at layer 3 vs GPT without memory
+
+
+def init_megatron() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from model import cpu_shim
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{port}")
+    cpu_shim.apply()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1)
+    model_parallel_cuda_manual_seed(0)
+
+
+def gpt(pkm: bool):
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from model.build import build_model
+    from model.config import ModelConfig, PKMConfig
+
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    layers = [PKM_LAYER] if pkm else []
+    cfg = ModelConfig(family="gpt", **GPT, pkm=PKMConfig(layers=layers, placement="add", n_keys=N_KEYS,
+                                                       heads=HEADS, knn=KNN, k_dim=K_DIM))
+    return build_model(cfg, VOCAB)
+
+
+def dense_values(model) -> list[nn.Parameter]:
+    """Turn each PKM value table into a Parameter read with a dense-gradient EmbeddingBag."""
+    from model.specs import memory_layers
+
+    params = []
+    for _, mem in memory_layers(model):
+        table = nn.Parameter(mem.values.weight.detach().clone())
+        params.append(table)
+
+        def forward(self, x, padding_mask=None, table=table):
+            shape = x.shape
+            x = x.reshape(-1, self.dim)
+            keep = None if padding_mask is None else ~padding_mask.reshape(-1).to(torch.bool)
+            indices, weights = self.lookup(x, keep)
+            return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum").view(shape)
+
+        mem.forward = types.MethodType(forward, mem)
+    return params
+
+
+class RowLazyAdam:
+    """torch.optim.SparseAdam's update (same math: lazy Adam, moments of unread rows untouched), done
+    with row gathers/scatters into scratch buffers the optimizer keeps: SparseAdam builds several
+    fresh [rows, dim] temporaries and sparse tensors per step, each paid in page faults and passes.
+    A proposal for pretrain/optim.py, measured here beside SparseAdam."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.98), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = list(params), lr, betas, eps
+        self.state = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        for p in self.params:
+            if p.grad is None:
+                continue
+            g = p.grad.coalesce()
+            rows, vals = g.indices()[0], g.values()
+            st = self.state.get(id(p))
+            if st is None:
+                st = self.state[id(p)] = {"m": torch.zeros_like(p), "v": torch.zeros_like(p), "t": 0,
+                                          "buf": torch.empty(0, p.shape[1])}
+            st["t"] += 1
+            n = rows.numel()
+            if st["buf"].shape[0] < 2 * n:
+                st["buf"] = torch.empty(2 * int(n * 1.25), p.shape[1], dtype=p.dtype)
+            m = torch.index_select(st["m"], 0, rows, out=st["buf"][:n])
+            v = torch.index_select(st["v"], 0, rows, out=st["buf"][n:2 * n])
+            m.mul_(b1).add_(vals, alpha=1 - b1)  # = m + (1 - b1)(g - m), SparseAdam's form
+            v.mul_(b2).addcmul_(vals, vals, value=1 - b2)
+            st["m"].index_copy_(0, rows, m)
+            st["v"].index_copy_(0, rows, v)
+            step_size = self.lr * math.sqrt(1 - b2 ** st["t"]) / (1 - b1 ** st["t"])
+            p.index_add_(0, rows, m.div_(v.sqrt_().add_(self.eps)), alpha=-step_size)
+
+
+def check_row_adam() -> float:
+    """Max |difference| between RowLazyAdam and torch.optim.SparseAdam after 3 steps on a small table."""
+    torch.manual_seed(0)
+    a = torch.randn(50, 8).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    oa, ob = torch.optim.SparseAdam([a], lr=1e-2, betas=(0.9, 0.98)), RowLazyAdam([b], lr=1e-2)
+    for _ in range(3):
+        idx = torch.randint(0, 50, (30,))
+        for w, o in ((a, oa), (b, ob)):
+            F.embedding_bag(idx.view(10, 3), w, mode="sum", sparse=True).pow(2).sum().backward()
+            o.step()
+            o.zero_grad()
+    return (a - b).abs().max().item()
+
+
+def step_variants(timers: dict | None = None, row_adam: bool = False) -> dict:
+    from model.build import lm_forward, masked_mean
+    from model.specs import memory_layers
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(BATCH, SEQ)}
+
+    def make(model, dense_opt, sparse_opt=None, name=""):
+        def run():
+            t = [time.perf_counter()]
+            loss = masked_mean(lm_forward(model, "gpt", batch), batch["loss_mask"])
+            t.append(time.perf_counter())
+            loss.backward()
+            t.append(time.perf_counter())
+            dense_opt.step()
+            t.append(time.perf_counter())
+            if sparse_opt is not None:
+                sparse_opt.step()
+            t.append(time.perf_counter())
+            dense_opt.zero_grad(set_to_none=True)
+            if sparse_opt is not None:
+                sparse_opt.zero_grad(set_to_none=True)
+            if timers is not None:
+                for phase, a, b in zip(("forward", "backward", "adamw", "sparse_adam"), t, t[1:]):
+                    timers.setdefault(name, {}).setdefault(phase, []).append((b - a) * 1e3)
+        return run
+
+    dense = gpt(pkm=False)
+    pkm = gpt(pkm=True)
+    tables = [m.values.weight for _, m in memory_layers(pkm)]
+    assert len(tables) == 1
+    pkm_dense = gpt(pkm=True)
+    values = dense_values(pkm_dense)  # Parameters, but not registered in the model: a group of their own
+    value_group = {"params": values, "lr": VALUE_LR, "weight_decay": 0.0, "betas": (0.9, 0.98)}
+    variants = {
+        "dense": make(dense, torch.optim.AdamW(dense.parameters(), lr=1e-4), name="dense"),
+        "pkm_sparse": make(pkm, torch.optim.AdamW(pkm.parameters(), lr=1e-4),
+                           torch.optim.SparseAdam(tables, lr=VALUE_LR, betas=(0.9, 0.98)), name="pkm_sparse"),
+        "pkm_dense_values": make(pkm_dense, torch.optim.AdamW([{"params": list(pkm_dense.parameters())}, value_group],
+                                                              lr=1e-4), name="pkm_dense_values"),
+    }
+    if row_adam:
+        pkm_rows = gpt(pkm=True)
+        variants["pkm_row_adam"] = make(pkm_rows, torch.optim.AdamW(pkm_rows.parameters(), lr=1e-4),
+                                        RowLazyAdam([m.values.weight for _, m in memory_layers(pkm_rows)], lr=VALUE_LR),
+                                        name="pkm_row_adam")
+    return variants
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (same sizes); <= 60 s on 2 cores")
+    ap.add_argument("--json", action="store_true", help="last line: one JSON object of the figures")
+    ap.add_argument("--profile", action="store_true", help="profile our layer and the PKM step phases")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1: torch backs large tensors "
+                    "with transparent huge pages (fewer page faults for the fresh [rows, dim] gradients)")
+    ap.add_argument("--layer-reps", type=int, default=None)
+    ap.add_argument("--step-reps", type=int, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    layer_reps = args.layer_reps or (4 if args.quick else 15)
+    step_reps = args.step_reps or (2 if args.quick else 8)
+    t_start = time.perf_counter()
+
+    log(f"layer: dim {DIM}, n_keys {N_KEYS}, heads {HEADS}, knn {KNN}, k_dim {K_DIM}, {BATCH}x{SEQ} tokens, "
+        f"fwd+bwd, {layer_reps} interleaved reps")
+    runs, notes = layer_variants()
+    load_start = os.getloadavg()[0]
+    lt, lc = interleaved(runs, layer_reps)
+    ms = {k: median(v) for k, v in lt.items()}
+    cpu_ms = {k: median(v) for k, v in lc.items()}
+    del runs
+
+    log(f"step: GPT {GPT}, vocab {VOCAB}, PKM at layer {PKM_LAYER} (add), {step_reps} interleaved reps")
+    init_megatron()
+    timers = {} if args.profile else None
+    row_adam = not args.quick
+    if row_adam:
+        diff = check_row_adam()
+        log(f"RowLazyAdam vs torch.optim.SparseAdam after 3 steps: max |diff| {diff:.2e}")
+        assert diff < 1e-6, diff
+    steps = step_variants(timers, row_adam)
+    st, sc = interleaved(steps, step_reps)
+    step_ms = {k: median(v) for k, v in st.items()}
+    step_cpu = {k: median(v) for k, v in sc.items()}
+    del steps
+
+    result = {
+        "pkm_vs_ffn": round(ms["pkm"] / ms["ffn"], 3),
+        "lucidrains_vs_ffn": round(ms["lucidrains"] / ms["ffn"], 3) if "lucidrains" in ms else None,
+        "step_pkm_vs_dense": round(step_ms["pkm_sparse"] / step_ms["dense"], 3),
+        "step_dense_values_vs_dense": round(step_ms["pkm_dense_values"] / step_ms["dense"], 3),
+        "step_row_adam_vs_dense": round(step_ms["pkm_row_adam"] / step_ms["dense"], 3) if row_adam else None,
+        "pkm_ms": ms["pkm"], "ffn_ms": ms["ffn"], "lucidrains_ms": ms.get("lucidrains"),
+        "step_dense_ms": step_ms["dense"], "step_pkm_ms": step_ms["pkm_sparse"],
+        "step_dense_values_ms": step_ms["pkm_dense_values"], "step_row_adam_ms": step_ms.get("pkm_row_adam"),
+        "cpu_ms": {**{f"layer_{k}": v for k, v in cpu_ms.items()}, **{f"step_{k}": v for k, v in step_cpu.items()}},
+        "pkm_vs_ffn_cpu": round(cpu_ms["pkm"] / cpu_ms["ffn"], 3),
+        "step_pkm_vs_dense_cpu": round(step_cpu["pkm_sparse"] / step_cpu["dense"], 3),
+        "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+        "loadavg_1min": [round(load_start, 1), round(os.getloadavg()[0], 1)],
+        "layer_reps": layer_reps, "step_reps": step_reps, "threads": args.threads, "k_dim": K_DIM,
+        "lucidrains": notes["lucidrains"], "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    if timers:
+        result["step_phases_ms"] = {k: {p: median(v[-step_reps:]) for p, v in ph.items()} for k, ph in timers.items()}
+
+    print(f"layer fwd+bwd   ours {ms['pkm']:.0f} ms | FFN {ms['ffn']:.0f} ms | lucidrains "
+          f"{ms.get('lucidrains', float('nan')):.0f} ms")
+    print(f"pkm_vs_ffn {result['pkm_vs_ffn']} (goal <= 1.5) | lucidrains_vs_ffn {result['lucidrains_vs_ffn']} | "
+          f"CPU time: ours {cpu_ms['pkm']:.0f} ms, FFN {cpu_ms['ffn']:.0f} ms -> {result['pkm_vs_ffn_cpu']}")
+    print(f"train step      dense {step_ms['dense']:.0f} ms | +PKM sparse values {step_ms['pkm_sparse']:.0f} ms | "
+          f"+PKM dense values {step_ms['pkm_dense_values']:.0f} ms")
+    print(f"step_pkm_vs_dense {result['step_pkm_vs_dense']} (goal <= 1.25; CPU time "
+          f"{result['step_pkm_vs_dense_cpu']}) | "
+          f"step_dense_values_vs_dense {result['step_dense_values_vs_dense']}")
+    if row_adam:
+        print(f"step_row_adam_vs_dense {result['step_row_adam_vs_dense']} ({step_ms['pkm_row_adam']:.0f} ms: "
+              f"the PKM step with a row-wise lazy Adam instead of torch.optim.SparseAdam)")
+    if timers:
+        for k, ph in result["step_phases_ms"].items():
+            print(f"  {k:18s} " + "  ".join(f"{p} {v:.0f} ms" for p, v in ph.items()))
+    if args.profile:
+        print(profile_layer())
+    print(f"wall {result['wall_s']} s, load average {result['loadavg_1min']} (1 min, start/end), THP {result['thp']}")
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
