@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from pretrain.errors import PretrainError
+from pretrain.online_eval.adapters import Adaptation
 from pretrain.online_eval.config import OnlineEvalConfig
 from pretrain.online_eval.corpus import BOOK_NAMES, BOOKS_DIR, Document, bundled_books, load_corpus, tokenize
 from pretrain.online_eval.engine import OnlineRun, compare
@@ -427,6 +429,20 @@ def test_flop_estimate_matches_flop_counter(tok):
         estimate = fm.forward(S, keys, S) + fm.backward(S, keys, S, trainable)
         measured = counter.get_total_flops()
         assert abs(estimate / measured - 1) < 0.10, (type(model).__name__, estimate, measured)
+    # PKM values only (memory in the last of 2 layers): the backward crosses the head and one layer
+    model = tiny_pkm_gpt(tok)
+    fm = FlopModel.of(model)
+    adaptation = Adaptation(model, OnlineEvalConfig(mode="dynamic", adapt="pkm-values"))
+    assert adaptation.depth_fraction(fm.layers) == 0.5
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(ids[None, S:2 * S], past_key_values=keep_last(model(ids[None, :S], use_cache=True).past_key_values, S),
+                    use_cache=True, position_ids=torch.arange(S, 2 * S)[None])
+        torch.nn.functional.cross_entropy(out.logits[0], ids[S + 1:2 * S + 1]).backward()
+    adaptation.close()
+    first = fm.forward(S, causal_keys(S, 0), S)  # the memory's own forward is inside the counter here
+    estimate = first + fm.forward(S, keys, S) + fm.backward(S, keys, S, 0, depth=0.5)
+    assert abs(estimate / counter.get_total_flops() - 1) < 0.10, (estimate, counter.get_total_flops())
 
 
 def test_reports_json_plot_tensorboard(tmp_path, tok):
@@ -527,3 +543,35 @@ def test_lm_eval_rolling_loglikelihood_matches_static(tmp_path, tok, monkeypatch
     docs = tokenize([Document("wotw", text=text)], tok)
     ours = OnlineRun(model, docs, OnlineEvalConfig(strategy="overlapping", chunk=512, window=512)).run()
     assert math.isclose(metrics["bits_per_byte,none"], ours.bits_per_byte, rel_tol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# real models (slow)
+
+
+@pytest.mark.slow
+def test_native_checkpoint_is_exported_then_evaluated(tmp_path, capsys):
+    """`pkm pretrain` a few steps of the tiny PKM-GPT, then evaluate its checkpoint directory: the
+    loader exports it with `pkm export hf` to a temporary directory and adapts its PKM values."""
+    import pretrain.checkpoint as checkpoint
+
+    if not hasattr(checkpoint, "load_consolidated"):
+        pytest.skip("native checkpoints are exported by `pkm export hf`, which needs "
+                    "pretrain.checkpoint.load_consolidated (not in this checkout yet)")
+    from pretrain.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "pretrain", "--config",
+                        str(repo / "configs" / "tiny_gpt.yaml"), f"run_dir={run}", "train.train_steps=4",
+                        f"data.cache_dir={tmp_path / 'cache'}"], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rc = main(["eval", "online", "--model", str(run / "checkpoints"), "--corpus", "books:the_war_of_the_worlds",
+               "--max-tokens", "64", "--chunk", "16", "--modes", "static", "dynamic", "--adapt", "pkm-values",
+               "--optimizer", "adamw", "--lr", "1e-2", "--out", str(tmp_path / "eval"), "--json", "--no-progress"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    static, dynamic = summary["runs"]
+    assert static["tokens"] == dynamic["tokens"] == 64 and dynamic["rows_updated"] > 0

@@ -12,6 +12,7 @@ sparse gradients, like our native `ValueTable`), and so does any `nn.EmbeddingBa
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +25,8 @@ from pretrain.online_eval.config import OnlineEvalConfig
 log = logging.getLogger("pkm.online_eval")
 
 MLP_NAMES = ("mlp", "feed_forward", "ffn")  # a parameter adapts under `mlp` if a path component is one of these
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")  # transformer block index in a weight name
+_TOP = ("lm_head", "final_layernorm", "model.norm.", "ln_f", "final_layer_norm")  # above every block
 
 
 @dataclass
@@ -157,6 +160,20 @@ class Adaptation:
     def trainable_matmul(self) -> int:
         """Weights whose gradient is a full matmul per token (PKM rows are counted per read instead)."""
         return sum(t.tensor.numel() for t in self.trainables if t.matmul and not t.rows)
+
+    def depth_fraction(self, n_layers: int) -> float:
+        """Fraction of the layers a backward must cross: from the lowest layer with a trainable weight
+        up (embeddings or anything outside the layers: all of them; the head or final norm: none)."""
+        if not self.trainables or n_layers <= 0:
+            return 1.0
+        lowest = n_layers
+        for t in self.trainables:
+            m = _LAYER.search(t.name)
+            if m:
+                lowest = min(lowest, int(m.group(1)))
+            elif not any(k in t.name for k in _TOP):
+                return 1.0
+        return (n_layers - lowest) / n_layers
 
     def state_bytes(self) -> int:
         """Extra memory this choice holds: the initial copy and the gradients of the trainable tensors."""

@@ -3,9 +3,9 @@
 FLOPs (multiply-adds count 2): a forward over q query tokens attending to c keys on average costs
 2 * (weights of all linear layers but the output head) * q + 2 * head * (tokens whose logits are kept)
 + 4 * layers * attention width * (sum of keys attended). A backward costs the forward again for the
-activation gradients (an upper bound when only upper layers adapt) plus 2 * (trainable matmul weights)
-* q for the weight gradients; an update adds ~10 FLOPs per trainable element. `test_online_eval`
-checks the forward+backward estimate against torch's FlopCounterMode.
+activation gradients, but only through the head and the layers at or above the lowest one that holds
+a trainable weight, plus 2 * (trainable matmul weights) * q for the weight gradients; an update adds
+~10 FLOPs per trainable element. `test_online_eval` checks the estimate against torch's FlopCounterMode.
 """
 from __future__ import annotations
 
@@ -70,8 +70,13 @@ class FlopModel:
         return (2.0 * self.body * queries + 2.0 * self.head * logits_kept
                 + 4.0 * self.layers * self.attn_width * keys_attended + self.pkm_per_token * queries)
 
-    def backward(self, queries: int, keys_attended: int, logits_kept: int, trainable_matmul: int) -> float:
-        return self.forward(queries, keys_attended, logits_kept) + 2.0 * trainable_matmul * queries
+    def backward(self, queries: int, keys_attended: int, logits_kept: int, trainable_matmul: int,
+                 depth: float = 1.0) -> float:
+        """`depth`: the fraction of the layers the activation gradients must go through (those at and
+        above the lowest layer holding a trainable weight); the output head is always crossed."""
+        body = 2.0 * self.body * queries + 4.0 * self.layers * self.attn_width * keys_attended
+        return (depth * (body + self.pkm_per_token * queries) + 2.0 * self.head * logits_kept
+                + 2.0 * trainable_matmul * queries)
 
 
 def causal_keys(queries: int, memory: int) -> int:

@@ -156,6 +156,7 @@ class OnlineRun:
             self.model = adaptation.model
             self._lora_params = adaptation.trainable_elements() if cfg.adapt == "lora" and cfg.mode == "dynamic" else 0
             self._trainable_matmul = adaptation.trainable_matmul()
+            self._depth = adaptation.depth_fraction(self.flop_model.layers)
             self.opt = None
             res.trainable_elements = adaptation.trainable_elements()
             if cfg.mode == "dynamic":
@@ -241,7 +242,7 @@ class OnlineRun:
         self.opt.zero_grad()
         self.result.updates += 1
         fm = self.flop_model
-        self.result.flops += fm.backward(queries, keys, stop - start, self._trainable_matmul)
+        self.result.flops += fm.backward(queries, keys, stop - start, self._trainable_matmul, self._depth)
         if self.cfg.adapt != "pkm-values":  # the update itself: ~10 FLOPs per trainable element
             self.result.flops += 10.0 * self.result.trainable_elements
         if self.trace is not None:
@@ -355,10 +356,11 @@ class OnlineRun:
 
 def compare(model: nn.Module, docs: Sequence[TokenizedDocument], configs: Sequence[OnlineEvalConfig],
             interleave: bool = False, calibration: Optional[Sequence[TokenizedDocument]] = None,
-            progress: bool = True) -> list[RunResult]:
+            progress: bool = True, models: Optional[Sequence[Optional[nn.Module]]] = None) -> list[RunResult]:
     """Run every configuration over the same documents. Sequentially (one model, restored between
     runs), or interleaved chunk by chunk (a copy of the model per run): then a burst of load from
-    other processes hits every run alike, which keeps the time ratios honest on a shared machine."""
+    other processes hits every run alike, which keeps the time ratios honest on a shared machine.
+    `models[i]`, where given and not None, is the model of run i instead (used as it is)."""
     import copy
 
     from tqdm import tqdm
@@ -367,7 +369,9 @@ def compare(model: nn.Module, docs: Sequence[TokenizedDocument], configs: Sequen
     bar = tqdm(total=total, unit="tok", desc="online eval", disable=not progress, dynamic_ncols=True)
     runs = []
     for i, cfg in enumerate(configs):
-        m = model if (not interleave or i == 0) else copy.deepcopy(model)
+        m = models[i] if models is not None and models[i] is not None else None
+        if m is None:
+            m = model if (not interleave or i == 0) else copy.deepcopy(model)
         runs.append(OnlineRun(m, docs, cfg, calibration=calibration, on_chunk=bar.update))
     try:
         if not interleave:

