@@ -79,6 +79,12 @@ class MemoryMLP(MegatronModule):
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         out = {}
         for name, child in self.named_children():
+            if name == "mlp":
+                # The FFN of an `add` layer keeps the checkpoint keys of a plain layer's MLP, so weights
+                # move between runs with and without memory (Kim & Jung: add memory to a trained model).
+                plain = sharded_state_dict_default(child, prefix, sharded_offsets, metadata)
+                out.update({f"{prefix}mlp.{k[len(prefix):]}": v for k, v in plain.items()})
+                continue
             if name != "memory":
                 out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
                 continue

@@ -307,6 +307,20 @@ def _copy_tokenizer(tok, dest: Path) -> None:
         shutil.copy2(src, dest / src.name)
 
 
+def checkpoint_tokenizer(ckpt: Path) -> str:
+    """The tokenizer saved with a checkpoint: its HF directory, or its sentencepiece .model file."""
+    tok = Path(ckpt) / "tokenizer"
+    if not tok.is_dir():
+        raise CheckpointError(f"{ckpt}: no tokenizer/ directory in the checkpoint")
+    names = {p.name for p in tok.iterdir()}
+    if names & {"tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json"}:
+        return str(tok)
+    models = sorted(n for n in names if n.endswith(".model"))
+    if len(models) != 1:
+        raise CheckpointError(f"{tok}: expected one sentencepiece .model or an HF tokenizer, found {sorted(names)}")
+    return str(tok / models[0])
+
+
 def _rng_state() -> dict:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -324,3 +338,57 @@ def _set_rng_state(state: dict) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a checkpoint outside training: export, and initialising a new run from our own weights
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: Path, skip_memory: bool = False) -> list[str]:
+    """Load the model weights of checkpoint `ckpt` into `model`, whatever layout either was saved or
+    built with. `skip_memory`: leave the PKM layers as initialised (a memory-free run's weights into a
+    model with fresh memory). Returns the state-dict keys that were not in the checkpoint."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint import FileSystemReader
+
+    template = model.sharded_state_dict(prefix="model.")
+    saved = set(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    wanted = {k: v for k, v in template.items()
+              if not (skip_memory and ".memory." in k) and getattr(v, "key", None) in saved}
+    missing = sorted(k[len("model."):] for k in template if k not in wanted)
+    fresh_ok = [m for m in missing if ".memory." in m or m.endswith("_extra_state")]
+    if len(fresh_ok) != len(missing):
+        bad = [m for m in missing if m not in fresh_ok]
+        raise CheckpointError(f"{ckpt}: the checkpoint lacks {len(bad)} weights of this model: "
+                              f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
+    loaded = dist_checkpointing.load({"model": wanted}, str(ckpt))
+    model.load_state_dict({k[len("model."):]: v for k, v in _unwrap(loaded["model"]).items()}, strict=False)
+    return missing
+
+
+def load_consolidated(ckpt_dir: str | Path):
+    """(full TP=1 state dict, RunConfig, info) of a checkpoint saved under any TP/DP layout: the
+    value tables come back whole. Runs in one process (initialises a gloo world of one if needed)."""
+    from model.build import build_model
+    from pretrain.config import ParallelConfig, load_config
+    from pretrain.distributed import init_distributed
+
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory")
+    if (ckpt / "latest").is_file():  # a checkpoints/ root: take the newest published one
+        ckpt = ckpt / (ckpt / "latest").read_text().strip()
+    manifest = verify(ckpt)
+    cfg = load_config(ckpt / "config.yaml")
+    common = torch.load(ckpt / "common.pt", weights_only=False)
+    state = common["trainer"]
+    env = init_distributed(ParallelConfig(tensor_parallel=1, memory_parallel="none"))
+    if env.world_size != 1:
+        raise CheckpointError("load_consolidated runs in a single process, not under torchrun")
+    model = build_model(cfg.model, state["vocab_size"], env.memory, seed=cfg.train.seed)
+    load_model_weights(model, ckpt)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    info = {**{k: v for k, v in manifest.items() if k != "files"}, "vocab_size": state["vocab_size"],
+            "final_loss": state.get("last_loss"), "final_eval_loss": state.get("last_eval_loss"),
+            "tokens_seen": state.get("tokens_seen"), "usage": state.get("usage")}
+    return sd, cfg, info

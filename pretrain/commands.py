@@ -10,13 +10,22 @@ def register(sub) -> None:
                                    "Run it directly, under torchrun, or under SLURM srun.")
     p.add_argument("--config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.train_steps=100 model.pkm.layers=[2]")
+    p.add_argument("--resume", metavar="auto|DIR", help="= checkpoint.resume: 'auto' (latest good checkpoint "
+                   "of run_dir, else start fresh) or a checkpoint directory")
+    p.add_argument("--init-from", metavar="DIR", help="= checkpoint.init_from: a Hugging Face BERT/GPT-2/Llama "
+                   "directory or a checkpoint of a memory-free run of ours; PKM layers start fresh")
     p.set_defaults(func=run_pretrain)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # config errors before any heavy import
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    if args.init_from:
+        overrides.append(f"checkpoint.init_from={args.init_from}")
+    cfg = load_config(args.config, overrides)  # config errors before any heavy import
     from pretrain.distributed import shutdown
     from pretrain.trainer import Trainer
 

@@ -63,6 +63,8 @@ class Trainer:
         self._build_data()
         self._build_engine()
         self.step = 0
+        self.last_loss: Optional[float] = None
+        self.last_eval_loss: Optional[float] = None
         self._preempt = False
         from pretrain.checkpoint import Checkpointer
 
@@ -92,12 +94,15 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         init_from = cfg.checkpoint.init_from
+        own_checkpoint = bool(init_from) and (Path(init_from) / "manifest.json").is_file()
         tok_spec = cfg.data.tokenizer
-        if init_from and tok_spec is None and os.path.isdir(init_from):
-            tok_spec = init_from  # a model initialised from a checkpoint trains with its vocabulary
+        if init_from and tok_spec is None:  # a model initialised from a checkpoint trains with its vocabulary
+            from pretrain.checkpoint import checkpoint_tokenizer
+
+            tok_spec = checkpoint_tokenizer(Path(init_from)) if own_checkpoint else init_from
         self.tokenizer = load_tokenizer(tok_spec)
         model_cfg = cfg.model
-        if init_from:
+        if init_from and not own_checkpoint:
             from model.hf.init_from import model_config_from_hf
 
             model_cfg = model_config_from_hf(init_from, base=model_cfg)
@@ -111,7 +116,13 @@ class Trainer:
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.model = build_model(model_cfg, self.vocab_size, env.memory, seed=self.cfg.train.seed,
                                  stats_group=env.stats_group, params_dtype=dtype)
-        if init_from:
+        if own_checkpoint:
+            from pretrain.checkpoint import load_model_weights, verify
+
+            verify(Path(init_from))
+            fresh = load_model_weights(self.model, Path(init_from), skip_memory=True)
+            log.info("initialised from our checkpoint %s; freshly initialised: %d PKM tensors", init_from, len(fresh))
+        elif init_from:
             from model.hf.init_from import load_pretrained_into
 
             report = load_pretrained_into(self.model, model_cfg, init_from)
@@ -186,10 +197,15 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "sampler": self.sampler.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "config": to_dict(self.cfg),
-                "tokenizer": self.tokenizer.identity, "vocab_size": self.vocab_size}
+                "tokenizer": self.tokenizer.identity, "vocab_size": self.vocab_size,
+                # for model cards and summaries, not needed to continue:
+                "last_loss": self.last_loss, "last_eval_loss": self.last_eval_loss,
+                "tokens_seen": self.step * self.cfg.train.global_batch_size * self.cfg.model.seq_length,
+                "usage": getattr(getattr(self, "usage", None), "last_summary", {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.last_loss, self.last_eval_loss = state.get("last_loss"), state.get("last_eval_loss")
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -316,6 +332,7 @@ class Trainer:
             micro_batches = next(batches)
             loss, _ = self.train_step(micro_batches)
             self.step += 1
+            self.last_loss = loss
             window_tokens += tokens_per_step
             first_loss = loss if first_loss is None else first_loss
             if bar is not None:
@@ -338,6 +355,7 @@ class Trainer:
                 window_start, window_tokens = time.perf_counter(), 0
             if t.eval_interval > 0 and (self.step % t.eval_interval == 0 or self.step == t.train_steps):
                 vloss = self.evaluate(self.valid_ds, t.eval_steps, self.step // t.eval_interval)
+                self.last_eval_loss = vloss
                 writer.write(self.step, {"valid loss": vloss, "valid ppl": math.exp(min(vloss, 50))})
                 log.info("step %d | valid loss %.4f | valid ppl %.2f", self.step, vloss, math.exp(min(vloss, 50)))
             save_now = self.cfg.checkpoint.save_interval > 0 and self.step % self.cfg.checkpoint.save_interval == 0

@@ -172,3 +172,32 @@ def test_value_updates_are_row_sparse(megatron_single_process, tmp_path: Path):
     assert torch.equal(state["exp_avg_sq"][~read], v_before[~read])
     assert grads and all(g.is_sparse for g in grads), "the value table got a dense gradient"
     assert all(g._nnz() <= 2 * 4 * 64 * mem.cfg.heads * mem.cfg.knn for g in grads)
+
+
+def test_init_from_memory_free_run_and_consolidate(gpt_run: Path, tmp_path: Path):
+    """Kim & Jung's recipe with our own weights: a memory-free run's checkpoint initialises a model
+    with fresh PKM (`--init-from`); `load_consolidated` gathers any checkpoint into full tensors."""
+    base = tmp_path / "dense"
+    r = pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={base}", "model.pkm.layers=[]", "train.train_steps=3",
+            f"data.cache_dir={gpt_run.parent / 'cache'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = base / "checkpoints" / "step_0000003"
+    r = pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'with_pkm'}", "train.train_steps=2",
+            "--init-from", str(ckpt), f"data.cache_dir={gpt_run.parent / 'cache'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "initialised from our checkpoint" in r.stderr
+    # the memory-free run continued from its step-3 loss level, not from scratch
+    assert losses(tmp_path / "with_pkm")[1] < losses(base)[1] - 0.05
+    # a missing weight is a clear error: a 3-layer model cannot come from a 2-layer checkpoint
+    r = pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'bad'}", "model.num_layers=3",
+            "--init-from", str(ckpt))
+    assert r.returncode == 2 and "lacks" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_load_consolidated(megatron_single_process, gpt_run: Path):
+    from pretrain.checkpoint import load_consolidated
+
+    sd, cfg, info = load_consolidated(gpt_run / "checkpoints")
+    table = sd["decoder.layers.1.mlp.memory.values.weight"]
+    assert table.shape == (cfg.model.pkm.n_keys ** 2, cfg.model.hidden_size)
+    assert info["step"] == 20 and info["final_loss"] == pytest.approx(losses(gpt_run)[20])
