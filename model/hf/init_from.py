@@ -249,6 +249,8 @@ def load_pretrained_into(model: torch.nn.Module, model_cfg: ModelConfig, hf_dir:
     names = _normalised_names(weights, adapter)
     rules = _expand(adapter.rules, model_cfg.num_layers)
     tp_rank, tp_size = _tp()
+    # how this checkpoint spells base-model names (BertModel files have no "bert." prefix, BertFor* do)
+    prefix = next((full[: -len(short)] for short, full in names.items() if full != short), "")
     gated = model_cfg.activation == "swiglu"
     hf_vocab = int(hf_cfg["vocab_size"])
     report = InitReport(source=hf_dir, family=adapter.name)
@@ -270,7 +272,7 @@ def load_pretrained_into(model: torch.nn.Module, model_cfg: ModelConfig, hf_dir:
         absent = [s for s in sources if s not in names]
         if absent:
             (report.fresh_heads if rule.head else missing).append(
-                canon if rule.head else f"{canon} <- {', '.join(names.get(s, s) for s in absent)}")
+                canon if rule.head else f"{canon} <- {', '.join(prefix + s for s in absent)}")
             continue
         used.update(sources)
         full = CONVERT[rule.convert]([weights[names[s]] for s in sources], model_cfg)
