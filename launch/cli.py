@@ -112,6 +112,8 @@ def cmd_torchrun(args: argparse.Namespace) -> int:
     from launch.training import plan_training, venv_python
 
     check_endpoint(args.rdzv_endpoint)
+    if args.nnodes < 1:
+        raise LaunchError(f"--nnodes must be at least 1, got {args.nnodes}")
     if not 0 <= args.node_rank < args.nnodes:
         raise LaunchError(f"--node-rank must be 0..{args.nnodes - 1} for --nnodes {args.nnodes}, got {args.node_rank}")
     job = plan_training(args.config, args.overrides, args.nnodes, args.nproc_per_node)
@@ -131,9 +133,9 @@ def cmd_deepspeed(args: argparse.Namespace) -> int:
     from launch.training import plan_training, venv_python
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    text = deepspeed.hostfile_text(hosts, args.slots)
     job = plan_training(args.config, args.overrides, len(hosts), args.slots)
     hostfile = deepspeed.hostfile_path(job.run_dir)
-    text = deepspeed.hostfile_text(hosts, args.slots)
     argv = deepspeed.deepspeed_argv(venv_python(), hostfile, hosts[0], args.master_port, job.entry)
     if args.dry_run:
         print(text, end="")

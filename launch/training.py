@@ -66,7 +66,7 @@ def plan_training(config: str | os.PathLike, overrides: list[str], nodes: int, p
     from pretrain.config import ConfigError, load_config
 
     if nodes < 1:
-        raise LaunchError(f"--nodes must be at least 1, got {nodes}")
+        raise LaunchError(f"the node count must be at least 1, got {nodes}")
     if procs_per_node < 1:
         raise LaunchError(f"processes per node must be at least 1, got {procs_per_node}")
     workdir = Path(workdir or os.getcwd()).absolute()

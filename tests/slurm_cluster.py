@@ -5,7 +5,7 @@ on the local host, with every file they write (config, munge key and socket, sta
 pid files) under one temporary directory. Installs the packages with apt-get when they are missing
 and this runs as root (as on CI); otherwise the tests that use it skip, saying why.
 
-Use it from a test module with `from slurm_cluster import slurm_cluster  # noqa: F401` and pass
+Use it from a test module with `from tests.slurm_cluster import slurm_cluster  # noqa: F401`; pass
 `cluster.env` to every SLURM command (it sets SLURM_CONF). No accounting daemon: `sacct` has no
 data; finished jobs are in `cluster.jobcomp(job_id)` (jobcomp/filetxt) and, for MinJobAge seconds,
 in `scontrol show job`.
@@ -213,10 +213,31 @@ def start_cluster(root: Path) -> SlurmCluster:
     return cluster
 
 
+def _our_step_daemons(root: Path) -> list:
+    """slurmstepd processes of this cluster (they run in its log directory, detached from slurmd)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if "slurmstepd" in (proc.info["name"] or "") + " ".join(proc.info["cmdline"] or []) \
+                    and Path(proc.cwd()).is_relative_to(root):
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
 def stop_cluster(cluster: SlurmCluster) -> None:
-    """Cancel what runs, stop the daemons this fixture started (by their pid files), wait for them."""
+    """Cancel this cluster's jobs and let them end, stop the daemons it started (by their pid
+    files), and end step daemons left behind."""
     cluster.run("scancel", "--full", "--user", str(os.getuid()), check=False)
-    time.sleep(1)
+    _wait_for_quiet = time.monotonic() + 30
+    while time.monotonic() < _wait_for_quiet:
+        proc = cluster.run("squeue", "-h", "-o", "%i", check=False)
+        if proc.returncode != 0 or not proc.stdout.strip():
+            break
+        time.sleep(0.5)
     run = cluster.root / "run"
     pids = [_pid(run / f"slurmd.{n}.pid") for n in NODES] + [_pid(run / "slurmctld.pid"), _pid(cluster.root / "munge" / "munged.pid")]
     for pid in pids:
@@ -228,6 +249,8 @@ def stop_cluster(cluster: SlurmCluster) -> None:
             time.sleep(0.2)
         if pid and _alive(pid):
             os.kill(pid, signal.SIGKILL)
+    for proc in _our_step_daemons(cluster.root):
+        proc.kill()
 
 
 @pytest.fixture(scope="session")

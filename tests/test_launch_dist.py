@@ -48,16 +48,26 @@ def start_nodes(run_dir: Path, max_restarts: int) -> list[subprocess.Popen]:
     return procs
 
 
+def kill_trees(procs: list[subprocess.Popen]) -> None:
+    """End torchrun agents and their workers (which torchrun starts in sessions of their own)."""
+    for p in procs:
+        try:
+            for child in psutil.Process(p.pid).children(recursive=True):
+                child.kill()
+        except psutil.NoSuchProcess:
+            pass
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def wait_all(procs: list[subprocess.Popen], run_dir: Path) -> list[str]:
     deadline = time.monotonic() + TIMEOUT
     try:
         for p in procs:
             p.wait(timeout=max(1, deadline - time.monotonic()))
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_trees(procs)
     outs = [(run_dir.parent / f"{run_dir.name}-node{r}.out").read_text(errors="replace") for r in (0, 1)]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
@@ -114,8 +124,7 @@ def test_killed_worker_restarts_group_and_resumes(uninterrupted, tmp_path):
         step_at_kill = max(losses(run_dir))
         os.kill(victims[0], signal.SIGKILL)
     except BaseException:
-        for p in procs:
-            p.kill()
+        kill_trees(procs)
         raise
     outs = wait_all(procs, run_dir)
 
