@@ -28,7 +28,8 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 bench: setup
-	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done
+	$(PIP) install -q --disable-pip-version-check -e '.[bench]'
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
 
 clean-runs:
 	rm -rf runs
