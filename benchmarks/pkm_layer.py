@@ -32,8 +32,20 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if "--thp" in sys.argv:  # torch reads it once, at its first allocation: set before importing torch
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+# CPU allocator settings are read at process start: --alloc re-executes this script with them.
+ALLOC_ENV = {
+    # torch backs large tensors with transparent huge pages (2 MB page faults instead of 4 kB ones)
+    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
+    # glibc keeps freed memory instead of returning every >32 MB block to the kernel, so the fresh
+    # [rows, dim] gradient of each backward does not page-fault anew (GPU caching allocators do this)
+    "keep": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(8 << 30), "MALLOC_TOP_PAD_": str(256 << 20)},
+}
+_mode = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--alloc=")), None)
+if "--alloc" in sys.argv[:-1]:
+    _mode = sys.argv[sys.argv.index("--alloc") + 1]
+if _mode in ALLOC_ENV and os.environ.get("PKM_BENCH_ALLOC") is None:
+    os.execve(sys.executable, [sys.executable] + sys.argv,
+              {**os.environ, **ALLOC_ENV.get(_mode, {}), "PKM_BENCH_ALLOC": _mode})
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -76,7 +88,37 @@ def median(xs: list[float]) -> float:
 # Layer: ours vs FFN vs lucidrains
 
 
-def layer_variants() -> tuple[dict, dict]:
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def layer_before(commit: str):
+    """Our layer as of `commit`: its product_keys.py (loaded from git) and the value read through
+    `F.embedding_bag(sparse=True)` as ValueTable does: the "before" of the optimisation."""
+    import subprocess
+
+    import model.pkm.memory as memory
+    from model.config import PKMConfig
+
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:model/pkm/product_keys.py"],
+                         capture_output=True, text=True, check=True).stdout
+    ns: dict = {}
+    exec(compile(src, f"{commit}:model/pkm/product_keys.py", "exec"), ns)
+    layer = memory.ProductKeyMemory(DIM, PKMConfig(n_keys=N_KEYS, heads=HEADS, knn=KNN, k_dim=K_DIM))
+
+    def forward(self, x, padding_mask=None):
+        current, memory.product_key_topk = memory.product_key_topk, ns["product_key_topk"]
+        try:
+            indices, weights = self.lookup(x.reshape(-1, self.dim))
+        finally:
+            memory.product_key_topk = current
+        out = F.embedding_bag(indices, self.values.weight, per_sample_weights=weights, mode="sum", sparse=True)
+        return out.view(x.shape)
+
+    layer.forward = types.MethodType(forward, layer)
+    return layer
+
+
+def layer_variants(before: str | None = None) -> tuple[dict, dict]:
     from model.config import PKMConfig
     from model.pkm.memory import ProductKeyMemory
 
@@ -98,6 +140,8 @@ def layer_variants() -> tuple[dict, dict]:
     except ImportError as e:
         notes["lucidrains"] = f"skipped: product-key-memory not installed ({e})"
         log(f"NOTE: lucidrains PKM {notes['lucidrains']}; `pip install product-key-memory==0.3.0` to compare")
+    if before:
+        modules["pkm_before"] = layer_before(before)
 
     def step(m):
         def run():
@@ -111,15 +155,45 @@ def layer_variants() -> tuple[dict, dict]:
     return {k: step(m) for k, m in modules.items()}, notes
 
 
-def profile_layer() -> str:
+# Where our layer's time goes: profiler ops grouped by the stage they belong to.
+STAGES = {
+    "query network (Linear, BatchNorm)": ("aten::addmm", "aten::mm", "aten::sum", "aten::mul", "aten::add",
+                                          "aten::sub", "aten::rsqrt", "aten::cat", "aten::pow", "aten::div"),
+    "sub-key scoring (bmm)": ("aten::bmm",),
+    "top-k (halves, pairs)": ("aten::topk", "aten::gather", "aten::index_select", "aten::index", "aten::stack"),
+    "softmax": ("aten::_softmax", "aten::_softmax_backward_data"),
+    "value read (EmbeddingBag forward)": ("aten::_embedding_bag_forward_only",),
+    "value backward: weight grads (dot per read)": ("aten::_embedding_bag_per_sample_weights_backward",),
+    "backward bags (value rows, query/key grads)": ("aten::_embedding_bag", "aten::embedding_dense_backward",
+                                                    "aten::_embedding_bag_backward",
+                                                    "aten::_embedding_bag_sparse_backward"),
+    "sort / unique (grouping reads)": ("aten::sort", "aten::unique_consecutive", "aten::bincount",
+                                       "aten::cumsum", "aten::floor_divide", "aten::index_copy_"),
+    "copies / fills": ("aten::copy_", "aten::fill_", "aten::zero_", "aten::clone", "aten::empty"),
+}
+
+
+def profile_layer(iters: int = 3) -> str:
+    """torch.profiler over `iters` forward+backward passes of our layer, grouped by stage."""
     from torch.profiler import ProfilerActivity, profile
 
     runs, _ = layer_variants()
     runs["pkm"]()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
+        for _ in range(iters):
             runs["pkm"]()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / iters
+    stage_of = {op: stage for stage, ops in STAGES.items() for op in ops}
+    per_stage: dict[str, float] = {}
+    for e in events:
+        stage = stage_of.get(e.key, "other")
+        per_stage[stage] = per_stage.get(stage, 0.0) + e.self_cpu_time_total / 1e3 / iters
+    lines = [f"our layer, profiler, per forward+backward ({iters} passes): {total:.0f} ms"]
+    for stage, t in sorted(per_stage.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {stage:45s} {t:7.1f} ms  {100 * t / total:4.1f}%")
+    lines.append(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,8 +366,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", action="store_true", help="last line: one JSON object of the figures")
     ap.add_argument("--profile", action="store_true", help="profile our layer and the PKM step phases")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1: torch backs large tensors "
-                    "with transparent huge pages (fewer page faults for the fresh [rows, dim] gradients)")
+    ap.add_argument("--alloc", choices=["default", *ALLOC_ENV], default="default",
+                    help="CPU allocator setting to run under: " + "; ".join(f"{k}: {' '.join(f'{a}={b}' for a, b in v.items())}"
+                                                                          for k, v in ALLOC_ENV.items()))
+    ap.add_argument("--before", metavar="COMMIT", help="also time our layer as of COMMIT (git) side by side, "
+                    "e.g. e079137 (before the speed work)")
+    ap.add_argument("--skip-step", action="store_true", help="layer figures only")
     ap.add_argument("--layer-reps", type=int, default=None)
     ap.add_argument("--step-reps", type=int, default=None)
     args = ap.parse_args(argv)
@@ -304,58 +382,66 @@ def main(argv=None) -> dict:
 
     log(f"layer: dim {DIM}, n_keys {N_KEYS}, heads {HEADS}, knn {KNN}, k_dim {K_DIM}, {BATCH}x{SEQ} tokens, "
         f"fwd+bwd, {layer_reps} interleaved reps")
-    runs, notes = layer_variants()
+    runs, notes = layer_variants(args.before)
     load_start = os.getloadavg()[0]
     lt, lc = interleaved(runs, layer_reps)
     ms = {k: median(v) for k, v in lt.items()}
     cpu_ms = {k: median(v) for k, v in lc.items()}
     del runs
 
-    log(f"step: GPT {GPT}, vocab {VOCAB}, PKM at layer {PKM_LAYER} (add), {step_reps} interleaved reps")
-    init_megatron()
-    timers = {} if args.profile else None
-    row_adam = not args.quick
-    if row_adam:
-        diff = check_row_adam()
-        log(f"RowLazyAdam vs torch.optim.SparseAdam after 3 steps: max |diff| {diff:.2e}")
-        assert diff < 1e-6, diff
-    steps = step_variants(timers, row_adam)
-    st, sc = interleaved(steps, step_reps)
-    step_ms = {k: median(v) for k, v in st.items()}
-    step_cpu = {k: median(v) for k, v in sc.items()}
-    del steps
+    step_ms, step_cpu, timers, row_adam = {}, {}, None, False
+    if not args.skip_step:
+        log(f"step: GPT {GPT}, vocab {VOCAB}, PKM at layer {PKM_LAYER} (add), {step_reps} interleaved reps")
+        init_megatron()
+        timers = {} if args.profile else None
+        row_adam = not args.quick  # the extra variant costs ~25% more time
+        if row_adam:
+            diff = check_row_adam()
+            log(f"RowLazyAdam vs torch.optim.SparseAdam after 3 steps: max |diff| {diff:.2e}")
+            assert diff < 1e-6, diff
+        steps = step_variants(timers, row_adam)
+        st, sc = interleaved(steps, step_reps)
+        step_ms = {k: median(v) for k, v in st.items()}
+        step_cpu = {k: median(v) for k, v in sc.items()}
+        del steps
+
+    def ratio(table, a, b):
+        return round(table[a] / table[b], 3) if a in table and b in table else None
 
     result = {
-        "pkm_vs_ffn": round(ms["pkm"] / ms["ffn"], 3),
-        "lucidrains_vs_ffn": round(ms["lucidrains"] / ms["ffn"], 3) if "lucidrains" in ms else None,
-        "step_pkm_vs_dense": round(step_ms["pkm_sparse"] / step_ms["dense"], 3),
-        "step_dense_values_vs_dense": round(step_ms["pkm_dense_values"] / step_ms["dense"], 3),
-        "step_row_adam_vs_dense": round(step_ms["pkm_row_adam"] / step_ms["dense"], 3) if row_adam else None,
+        "pkm_vs_ffn": ratio(ms, "pkm", "ffn"),
+        "lucidrains_vs_ffn": ratio(ms, "lucidrains", "ffn"),
+        "step_pkm_vs_dense": ratio(step_ms, "pkm_sparse", "dense"),
+        "step_dense_values_vs_dense": ratio(step_ms, "pkm_dense_values", "dense"),
+        "step_row_adam_vs_dense": ratio(step_ms, "pkm_row_adam", "dense"),
         "pkm_ms": ms["pkm"], "ffn_ms": ms["ffn"], "lucidrains_ms": ms.get("lucidrains"),
-        "step_dense_ms": step_ms["dense"], "step_pkm_ms": step_ms["pkm_sparse"],
-        "step_dense_values_ms": step_ms["pkm_dense_values"], "step_row_adam_ms": step_ms.get("pkm_row_adam"),
+        "step_dense_ms": step_ms.get("dense"), "step_pkm_ms": step_ms.get("pkm_sparse"),
+        "step_dense_values_ms": step_ms.get("pkm_dense_values"), "step_row_adam_ms": step_ms.get("pkm_row_adam"),
         "cpu_ms": {**{f"layer_{k}": v for k, v in cpu_ms.items()}, **{f"step_{k}": v for k, v in step_cpu.items()}},
-        "pkm_vs_ffn_cpu": round(cpu_ms["pkm"] / cpu_ms["ffn"], 3),
-        "step_pkm_vs_dense_cpu": round(step_cpu["pkm_sparse"] / step_cpu["dense"], 3),
-        "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+        "pkm_vs_ffn_cpu": ratio(cpu_ms, "pkm", "ffn"),
+        "step_pkm_vs_dense_cpu": ratio(step_cpu, "pkm_sparse", "dense"),
+        "alloc": args.alloc,
         "loadavg_1min": [round(load_start, 1), round(os.getloadavg()[0], 1)],
-        "layer_reps": layer_reps, "step_reps": step_reps, "threads": args.threads, "k_dim": K_DIM,
-        "lucidrains": notes["lucidrains"], "torch": torch.__version__,
+        "layer_reps": layer_reps, "step_reps": None if args.skip_step else step_reps, "threads": args.threads,
+        "k_dim": K_DIM, "lucidrains": notes["lucidrains"], "torch": torch.__version__,
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-        "wall_s": round(time.perf_counter() - t_start, 1),
     }
+    if args.before:
+        result.update(before=args.before, pkm_before_ms=ms["pkm_before"], pkm_before_vs_ffn=ratio(ms, "pkm_before", "ffn"),
+                      pkm_before_vs_ffn_cpu=ratio(cpu_ms, "pkm_before", "ffn"))
     if timers:
         result["step_phases_ms"] = {k: {p: median(v[-step_reps:]) for p, v in ph.items()} for k, ph in timers.items()}
 
     print(f"layer fwd+bwd   ours {ms['pkm']:.0f} ms | FFN {ms['ffn']:.0f} ms | lucidrains "
-          f"{ms.get('lucidrains', float('nan')):.0f} ms")
+          f"{ms.get('lucidrains', float('nan')):.0f} ms" +
+          (f" | ours as of {args.before} {ms['pkm_before']:.0f} ms" if args.before else ""))
     print(f"pkm_vs_ffn {result['pkm_vs_ffn']} (goal <= 1.5) | lucidrains_vs_ffn {result['lucidrains_vs_ffn']} | "
           f"CPU time: ours {cpu_ms['pkm']:.0f} ms, FFN {cpu_ms['ffn']:.0f} ms -> {result['pkm_vs_ffn_cpu']}")
-    print(f"train step      dense {step_ms['dense']:.0f} ms | +PKM sparse values {step_ms['pkm_sparse']:.0f} ms | "
-          f"+PKM dense values {step_ms['pkm_dense_values']:.0f} ms")
-    print(f"step_pkm_vs_dense {result['step_pkm_vs_dense']} (goal <= 1.25; CPU time "
-          f"{result['step_pkm_vs_dense_cpu']}) | "
-          f"step_dense_values_vs_dense {result['step_dense_values_vs_dense']}")
+    if step_ms:
+        print(f"train step      dense {step_ms['dense']:.0f} ms | +PKM sparse values {step_ms['pkm_sparse']:.0f} ms | "
+              f"+PKM dense values {step_ms['pkm_dense_values']:.0f} ms")
+        print(f"step_pkm_vs_dense {result['step_pkm_vs_dense']} (goal <= 1.25; CPU time "
+              f"{result['step_pkm_vs_dense_cpu']}) | step_dense_values_vs_dense {result['step_dense_values_vs_dense']}")
     if row_adam:
         print(f"step_row_adam_vs_dense {result['step_row_adam_vs_dense']} ({step_ms['pkm_row_adam']:.0f} ms: "
               f"the PKM step with a row-wise lazy Adam instead of torch.optim.SparseAdam)")
@@ -364,7 +450,8 @@ def main(argv=None) -> dict:
             print(f"  {k:18s} " + "  ".join(f"{p} {v:.0f} ms" for p, v in ph.items()))
     if args.profile:
         print(profile_layer())
-    print(f"wall {result['wall_s']} s, load average {result['loadavg_1min']} (1 min, start/end), THP {result['thp']}")
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    print(f"wall {result['wall_s']} s, load average {result['loadavg_1min']} (1 min, start/end), allocator {args.alloc}")
     if args.json:
         print(json.dumps(result))
     return result

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import PKMConfig
-from model.pkm.product_keys import product_key_topk
+from model.pkm.product_keys import product_key_topk, sort_ids
 from model.pkm.value_table import MemoryParallel, ValueTable
 
 
@@ -107,7 +107,7 @@ class _WeightedBag(torch.autograd.Function):
         grad = grad.contiguous()
         # Visit the reads in slot order: the table rows are then read in address order (twice as fast
         # as random order for the weight gradient) and each slot's reads are adjacent.
-        flat, order = indices.reshape(-1).sort()
+        flat, order = sort_ids(indices.reshape(-1))
         bags = order // k  # token of each read
         grad_weights = grad_table = None
         if ctx.needs_input_grad[1]:

@@ -29,6 +29,20 @@ def product_key_topk(query: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple
     return _ProductKeyTopK.apply(query, keys, knn)
 
 
+def sort_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ids.sort()` of a 1-D integer tensor. On CPU it runs single-threaded: torch's multi-threaded
+    1-D sort takes ~20x the CPU time of the single-threaded one here (131k ids: 48 ms vs 2.8 ms at
+    2 threads, worse still on a busy machine)."""
+    if ids.device.type != "cpu" or torch.get_num_threads() == 1:
+        return ids.sort()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return ids.sort()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @lru_cache(maxsize=None)
 def _candidate_pairs(knn: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks (a, b) in the two sorted half lists that can reach the overall top-knn: (a+1)(b+1) <= knn."""
@@ -87,7 +101,7 @@ class _ProductKeyTopK(torch.autograd.Function):
             # Group the (bag, sub-key) reads by sub-key; each sub-key's gradient is a weighted bag of the
             # query halves that read it (sub-keys nobody read get an empty bag: zero).
             flat = rows.reshape(-1)
-            flat_sorted, order = flat.sort()
+            flat_sorted, order = sort_ids(flat)
             counts = torch.bincount(flat_sorted, minlength=h2 * n_keys)
             offsets = counts.cumsum(0) - counts
             q_rows = query.reshape(n * h2, half)
