@@ -58,13 +58,24 @@ def launcher_env() -> dict[str, str]:
 
 
 def _first_slurm_host(nodelist: str) -> str:
+    """The address of the job's first node as SLURM reaches it (its NodeAddr, which may differ from
+    the node name, e.g. when names do not resolve), for the rendezvous."""
     import subprocess
 
+    def scontrol(*args: str) -> str:
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True, timeout=30).stdout
+
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
+        host = scontrol("show", "hostnames", nodelist).split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
         return nodelist.split(",")[0].split("[")[0]
+    try:
+        for field in scontrol("show", "node", host, "-o").split():
+            if field.startswith("NodeAddr="):
+                return field.split("=", 1)[1]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return host
 
 
 def _free_port() -> int:
