@@ -21,9 +21,9 @@ world 1 slows down by several times, so that setting only means something on idl
 Also reported: CPU time per step of each rank's process (time.process_time), less distorted by machine
 load than wall time; cpu_total_wN_over_w1 = N x per-rank CPU / world-1 CPU (the parallel overhead).
 Sizes: GPT 2 layers, hidden 256, 4 heads, seq 64; one PKM at layer 1 with n_keys 256 (65,536 slots x
-256 = 64 MiB fp32 table, 128 MiB of Adam moments), heads 4, knn 32, k_dim 128.
+256 = 64 MiB fp32 table, 128 MiB of Adam moments; --n-keys to change), heads 4, knn 32, k_dim 128.
 
-    python benchmarks/sharding.py [--quick] [--json]
+    python benchmarks/sharding.py [--quick] [--json] [--threads N] [--n-keys K]
 
 `--quick` runs fewer steps (never smaller sizes) and the dense comparison at world 1 only.
 """
@@ -45,9 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "benchmarks" / "workers" / "sharding_worker.py"
 GLOBAL_BATCH = 8
+N_KEYS = 256
 MODEL = ["model.num_layers=2", "model.hidden_size=256", "model.num_attention_heads=4", "model.seq_length=64",
-         "model.pkm.layers=[1]", "model.pkm.n_keys=256", "model.pkm.heads=4", "model.pkm.knn=32",
-         "model.pkm.k_dim=128"]
+         "model.pkm.layers=[1]", "model.pkm.heads=4", "model.pkm.knn=32", "model.pkm.k_dim=128"]
 RUN = ["parallel.tensor_parallel=1", "parallel.memory_parallel=dp", "train.zero_stage=0", "train.precision=fp32",
        f"train.global_batch_size={GLOBAL_BATCH}", "train.eval_interval=0", "logging.tensorboard=false",
        "logging.progress=false", "checkpoint.save_interval=0"]
@@ -63,10 +63,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_world(world: int, work: Path, warmup: int, steps: int, dense: bool, threads: int) -> list[dict]:
+def run_world(world: int, work: Path, warmup: int, steps: int, dense: bool, threads: int, n_keys: int) -> list[dict]:
     """One torchrun of `world` ranks with `threads` OpenMP threads each; returns each rank's report."""
     out = work / f"w{world}"
-    overrides = [*MODEL, *RUN, f"train.micro_batch_size={GLOBAL_BATCH // world}",
+    overrides = [*MODEL, f"model.pkm.n_keys={n_keys}", *RUN, f"train.micro_batch_size={GLOBAL_BATCH // world}",
                  f"train.train_steps={(warmup + steps) * (2 if dense else 1) + 1}",
                  f"run_dir={work / f'run_w{world}'}", f"data.cache_dir={work / 'cache'}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
@@ -113,6 +113,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", action="store_true", help="last line: one JSON object of the figures")
     ap.add_argument("--threads", type=int, default=1, help="OpenMP threads per rank; 0 = max(1, cores // world)")
     ap.add_argument("--cores", type=int, default=2, help="cores of the machine, for --threads 0 and the notes")
+    ap.add_argument("--n-keys", type=int, default=N_KEYS, help="sub-keys per half (the table has n_keys**2 slots)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args(argv)
@@ -125,7 +126,7 @@ def main(argv=None) -> dict:
         for w in sizes:
             dense = w == 1 or not args.quick
             threads = args.threads or max(1, args.cores // w)
-            reports = run_world(w, Path(tmp), warmup, steps, dense, threads)
+            reports = run_world(w, Path(tmp), warmup, steps, dense, threads, args.n_keys)
             total = rows[1]["per_rank_bytes"] if 1 in rows else None
             rows[w] = summarise(w, reports, total)
     rows[1]["ratio"] = 1.0
@@ -152,7 +153,7 @@ def main(argv=None) -> dict:
         **{f"rows_updated_per_step_w{w}": round(rows[w]["rows_updated"]) for w in sizes},
         "slots": rows[1]["slots"],
         **{f"threads_w{w}": rows[w]["threads"] for w in sizes},
-        "warmup": warmup, "steps": steps, "cores": args.cores, "global_batch": GLOBAL_BATCH,
+        "n_keys": args.n_keys, "warmup": warmup, "steps": steps, "cores": args.cores, "global_batch": GLOBAL_BATCH,
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}",
         "wall_s": round(time.perf_counter() - t_start, 1),
