@@ -21,7 +21,6 @@ class PKMConfig:
     query_dropout: float = 0.0
     value_dropout: float = 0.0
     value_lr: float = 1e-3  # constant, no weight decay (as XLM's mem_values_optimizer)
-    value_optimizer: Literal["sparse_adam", "dense_adam"] = "sparse_adam"
 
     @property
     def slots(self) -> int:
