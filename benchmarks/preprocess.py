@@ -173,11 +173,20 @@ def child(methods: str, inp: str, out: str, workers: int) -> None:
     tok = load_tokenizer(None)
     for method in methods.split(","):
         with PeakPSS() as mem:
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             n = METHODS[method](inp, f"{out}_{method}", workers, tok)
-            dt = time.perf_counter() - t0
-        print("RESULT " + json.dumps({"method": method, "tokens": n, "seconds": dt, "peak_pss_mb": mem.peak / 2**20}),
-              flush=True)
+            dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        print("RESULT " + json.dumps({"method": method, "tokens": n, "seconds": dt, "cpu_seconds": cpu,
+                                      "peak_pss_mb": mem.peak / 2**20}), flush=True)
+
+
+def cpu_seconds() -> float:
+    """user + system time of this process and its finished (joined) children: all three methods join
+    their worker pools, so this is the CPU work each did, whatever else runs on the machine."""
+    import resource
+
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
 def run_child(methods: list[str], inp: str, out: str, workers: int) -> dict:
@@ -248,9 +257,10 @@ def main() -> None:
                 if f.endswith("_hf_cache"):
                     shutil.rmtree(os.path.join(tmp, f), ignore_errors=True)
         tps = {m: v["tokens"] / v["seconds"] for m, v in results.items()}
+        per_cpu = {m: v["tokens"] / v["cpu_seconds"] for m, v in results.items()}
         for m, v in results.items():
-            print(f"  {m:13s} 1x: {v['tokens']:>10,d} tokens in {v['seconds']:6.2f} s = {tps[m] / 1e3:8.0f}k tokens/s, "
-                  f"peak PSS {v['peak_pss_mb']:7.1f} MiB")
+            print(f"  {m:13s} 1x: {v['tokens']:>10,d} tokens in {v['seconds']:6.2f} s = {tps[m] / 1e3:8.0f}k tokens/s "
+                  f"({per_cpu[m] / 1e3:.0f}k tokens per CPU-second), peak PSS {v['peak_pss_mb']:7.1f} MiB")
         assert len({v["tokens"] for v in results.values()}) == 1, "methods disagree on the token count"
         big = run_child(["ours"], inp4, os.path.join(tmp, "c"), args.workers)["ours"]
         print(f"  {'ours':13s} 4x: {big['tokens']:>10,d} tokens in {big['seconds']:6.2f} s = "
@@ -261,10 +271,15 @@ def main() -> None:
             "peak_rss_4x_over_1x": round(big["peak_pss_mb"] / results["ours"]["peak_pss_mb"], 3),
             "peak_pss_mib": {"ours_1x": round(results["ours"]["peak_pss_mb"], 1), "ours_4x": round(big["peak_pss_mb"], 1)},
             "tokens_per_s": {m: round(v) for m, v in tps.items()},
+            # load-independent cross-check on a shared machine: tokens per CPU-second, ours / theirs
+            "vs_megatron_cpu": round(per_cpu["ours"] / per_cpu["megatron"], 3),
+            "vs_datasets_map_cpu": round(per_cpu["ours"] / per_cpu["datasets_map"], 3),
+            "load_average": os.getloadavg()[0],
             "workers": args.workers,
             "input_mib_1x": round(size1 / 2**20, 2),
         }
-        print(f"ours vs megatron: {out['vs_megatron']:.2f}x, vs datasets.map: {out['vs_datasets_map']:.2f}x; "
+        print(f"ours vs megatron: {out['vs_megatron']:.2f}x ({out['vs_megatron_cpu']:.2f}x per CPU-second), "
+              f"vs datasets.map: {out['vs_datasets_map']:.2f}x ({out['vs_datasets_map_cpu']:.2f}x per CPU-second); "
               f"peak memory (PSS) 4x/1x: {out['peak_rss_4x_over_1x']:.2f}")
         if args.json:
             print(json.dumps(out))

@@ -13,6 +13,7 @@ sizes, so an interrupted run never looks complete; re-running removes the leftov
 from __future__ import annotations
 
 import array
+import gc
 import glob
 import itertools
 import json
@@ -130,7 +131,7 @@ def _remove_leftovers(prefix: str) -> None:
 
 def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer | str | None = None,
                workers: int = 1, on_error: str = "fail", json_key: str = "text", text_mode: str = "file",
-               family: str = "gpt", max_sentence_tokens: int = 256, chunk_bytes: int = 1 << 20,
+               family: str = "gpt", max_sentence_tokens: int = 256, chunk_bytes: int | None = None,
                progress: bool = True) -> dict:
     """Tokenize `inputs` (files/globs, see readers.py) into OUTPUT_PREFIX.{bin,idx,manifest.json}.
 
@@ -139,7 +140,6 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
     on_error="fail" stops at the first bad record with "file:line: problem"; "skip" skips and
     reports it in the manifest. workers=0 tokenizes in this process. Returns the manifest.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
 
     if on_error not in ("skip", "fail"):
@@ -155,7 +155,26 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
     _remove_leftovers(output_prefix)
     final = _paths(output_prefix)
     tmp = _paths(f"{output_prefix}.tmp{os.getpid()}")
-    dtype = DType.optimal_dtype(tok.vocab_size)
+    # megatron's DType.optimal_dtype: uint16 ids when the vocabulary allows
+    dtype = np.uint16 if tok.vocab_size < 65500 else np.int32
+    known_size = sum(os.path.getsize(s) for s in sources if os.path.isfile(s))
+    if chunk_bytes is None:  # >= 8 chunks per worker so they share the work evenly; 64 KiB..1 MiB
+        chunk_bytes = min(1 << 20, max(64 << 10, known_size // (8 * max(1, workers))))
+    init_args = (tok, family, np.dtype(dtype).name, max_sentence_tokens)
+    pool = None
+    if workers > 0:
+        # Fork the workers before megatron/torch are imported here (lean workers), with the
+        # parent's objects frozen: the workers' garbage collector then never writes to (and
+        # copies) the inherited pages, so their memory does not creep up over a long run.
+        gc.freeze()
+        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
+        gc.unfreeze()
+    try:
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
 
     builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
     # array.array instead of lists: 4/8 bytes per entry, so the index of a huge corpus stays small
@@ -165,7 +184,6 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
     skipped: list[dict] = []
     skipped_by_reason: Counter = Counter()
     n_skipped = 0
-    known_size = sum(os.path.getsize(s) for s in sources if os.path.isfile(s))
     bar = tqdm(total=known_size or None, unit="B", unit_scale=True, desc=f"preprocess {os.path.basename(output_prefix)}",
                disable=not progress or None, mininterval=1.0)
     t0 = time.time()
@@ -194,16 +212,13 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
         bar.update(r.nbytes)
         bar.set_postfix_str(f"{n_tokens / max(time.time() - t0, 1e-9) / 1e3:.0f}k tok/s", refresh=False)
 
-    init_args = (tok, family, dtype.__name__, max_sentence_tokens)
     chunks = iter_chunks(sources, json_key=json_key, text_mode=text_mode, chunk_bytes=chunk_bytes)
-    pool = None
     try:
-        if workers <= 0:
+        if pool is None:
             _init_worker(*init_args)
             for chunk in chunks:
                 consume(_process(chunk))
         else:
-            pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
             pending: deque = deque()
             for chunk in chunks:
                 pending.append(pool.apply_async(_process, (chunk,)))
