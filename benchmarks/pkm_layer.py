@@ -376,7 +376,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--step-reps", type=int, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    layer_reps = args.layer_reps or (4 if args.quick else 15)
+    layer_reps = args.layer_reps or (3 if args.quick else 15)
     step_reps = args.step_reps or (2 if args.quick else 8)
     t_start = time.perf_counter()
 

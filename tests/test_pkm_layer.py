@@ -282,6 +282,19 @@ def test_masked_batchnorm_matches_batchnorm1d_without_padding():
     torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=0, atol=1e-5)
     ours.eval(), theirs.eval()
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)
+    # The masked path (used whenever a padding mask is given) agrees with the fused one.
+    masked = MaskedBatchNorm(10)
+    all_real = torch.ones(33, dtype=torch.bool)
+    fresh = nn.BatchNorm1d(10)
+    torch.testing.assert_close(masked(x, all_real), fresh(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(masked.running_mean, fresh.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(masked.running_var, fresh.running_var, rtol=0, atol=1e-5)
+    # In eval mode too, padded rows come out zero.
+    masked.eval()
+    keep = all_real.clone()
+    keep[3] = False
+    y = masked(x, keep)
+    assert (y[3] == 0).all() and (y[keep] != 0).any()
 
 
 # ---------------------------------------------------------------------------------------------

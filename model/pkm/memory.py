@@ -59,6 +59,11 @@ class MaskedBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if keep is None and (not self.training or (self.group is None and x.shape[0] > 1)):
+            # Nothing to mask or sum over ranks: the fused kernel does the same (batch statistics,
+            # unbiased running variance, momentum) in two passes instead of ~15 elementwise ones.
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                self.training, self.momentum, self.eps)
         if not self.training:
             mean, var = self.running_mean, self.running_var
         else:
