@@ -299,6 +299,13 @@ def test_sentencepiece_tokenizer_conversion_keeps_ids(name):
     text = open(os.path.join(REPO, "data_pipeline", "assets", "austen", "persuasion.txt")).read()[:100000]
     check_same_ids(fast, spm.SentencePieceProcessor(model_file=path).encode, path, text)  # raises on a difference
     assert len(fast) == 8192
+    enc = fast("Emma Woodhouse", "handsome, clever, and rich")
+    pieces = fast.convert_ids_to_tokens(enc["input_ids"])
+    if "bert" in name:  # BERT inputs: [CLS] A [SEP] B [SEP] with segment ids, as in pretraining
+        assert pieces[0] == "[CLS]" and pieces.count("[SEP]") == 2 and pieces[-1] == "[SEP]"
+        assert enc["token_type_ids"][-1] == 1 and enc["token_type_ids"][0] == 0
+    else:  # GPT: no special tokens added (documents are separated by <eod> in the data)
+        assert not set(pieces) & {"<s>", "</s>", "<eod>"} and fast.eos_token == "<eod>"
 
 
 def _closed_port() -> int:

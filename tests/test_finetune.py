@@ -80,6 +80,8 @@ def test_finetune_tiny_budget_beats_chance(pkm_bert, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])["finetune"][0]
-    assert "accuracy" in out.splitlines()[0] and report["eval_examples"] == 200
+    header = [line for line in out.splitlines() if line.startswith("model ")]
+    assert header and "accuracy" in header[0] and "chance 0.5" in header[0]
+    assert report["eval_examples"] == 200 and report["train_examples"] == 2000
     assert report["value_tables"] == 1
     assert report["accuracy"] > 0.6, report  # balanced held-out set: chance is 0.5

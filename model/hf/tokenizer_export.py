@@ -61,6 +61,13 @@ def sentencepiece_to_fast(path: str):
     tok.add_special_tokens([AddedToken(p.piece, normalized=False, special=True)
                             for p in proto.pieces if p.type == 3])
     tok.add_tokens([AddedToken(p.piece, normalized=False) for p in proto.pieces if p.type == 4])
+    pieces = [p.piece for p in proto.pieces]
+    if "[CLS]" in pieces and "[SEP]" in pieces:  # BERT inputs, as megatron's BERT dataset builds them
+        from tokenizers import processors
+
+        cls, sep = ("[CLS]", pieces.index("[CLS]")), ("[SEP]", pieces.index("[SEP]"))
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep])
     sp = spm.SentencePieceProcessor(model_file=path)
 
     def piece(i):
@@ -75,7 +82,10 @@ def sentencepiece_to_fast(path: str):
     }
     if "<eod>" in names:  # the data pipeline ends documents with <eod>: that is what the model learned
         special["eos_token"] = "<eod>"
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in special.items() if v})
+    names_in = ["input_ids", "token_type_ids", "attention_mask"] if special["cls_token"] else ["input_ids",
+                                                                                              "attention_mask"]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=names_in,
+                                   **{k: v for k, v in special.items() if v})
     check_same_ids(fast, lambda text: sp.encode(text), path)
     return fast
 
