@@ -327,3 +327,6 @@ def load_pretrained_into(model: torch.nn.Module, model_cfg: ModelConfig, hf_dir:
     report.tensors = len(plan)
     log.info("initialised from %s: %s", hf_dir, report)
     return report
+
+
+init_from = load_pretrained_into  # the name issue #6 uses: init_from(model, cfg, hf_dir)

@@ -32,6 +32,7 @@ class HFWeights:
         self.dir = hf_dir
         self._where: dict[str, str] = {}  # name -> file
         self._bin: dict[str, dict[str, torch.Tensor]] = {}
+        self._open: dict = {}  # safetensors file -> open (memory-mapped) handle
         for index in (_SAFE_INDEX, _BIN_INDEX):
             path = os.path.join(hf_dir, index)
             if os.path.isfile(path):
@@ -70,8 +71,9 @@ class HFWeights:
     def __getitem__(self, name: str) -> torch.Tensor:
         path = self._where[name]
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
+            if path not in self._open:
+                from safetensors import safe_open
 
-            with safe_open(path, "pt") as f:
-                return f.get_tensor(name)
+                self._open[path] = safe_open(path, "pt")
+            return self._open[path].get_tensor(name)
         return self._load_bin(path)[name]
