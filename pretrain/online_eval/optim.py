@@ -47,7 +47,8 @@ class OnlineOptimizer:
         self.reset()
 
     def reset(self) -> None:
-        """Forget all optimizer state (per-document reset)."""
+        """Forget all optimizer state (per-document reset). Value-table state is zeroed in place (it is
+        as large as the table; allocating it again per document would cost more than zeroing)."""
         cfg = self.cfg
         params = [p for p, _ in self.dense]
         self._torch = None
@@ -58,7 +59,13 @@ class OnlineOptimizer:
                                             weight_decay=cfg.weight_decay, foreach=True)
         self._ms = [torch.zeros_like(p) for p, _ in self.dense] if cfg.optimizer == "rms" else []
         self._steps = 0
-        self._row_state: dict[int, dict[str, torch.Tensor]] = {}
+        for st in getattr(self, "_row_state", {}).values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    v.zero_()
+            st.pop("mean_rms", None)
+        if not hasattr(self, "_row_state"):
+            self._row_state: dict[int, dict] = {}
 
     def zero_grad(self) -> None:
         for p, _ in self.dense + self.sparse:
@@ -114,13 +121,16 @@ class OnlineOptimizer:
             if not st:
                 st.update(m=torch.zeros_like(p), v=torch.zeros_like(p), n=torch.zeros(p.shape[0], dtype=torch.long,
                                                                                       device=p.device))
-            st["n"][rows] += 1
-            n = st["n"][rows].unsqueeze(1).to(p.dtype)
-            m = st["m"][rows].mul_(b1).add_(g, alpha=1 - b1)
-            v = st["v"][rows].mul_(b2).addcmul_(g, g, value=1 - b2)
-            st["m"][rows], st["v"][rows] = m, v
-            m_hat, v_hat = m / (1 - b1 ** n), v / (1 - b2 ** n)
-            p.index_add_(0, rows, m_hat / (v_hat.sqrt() + cfg.eps), alpha=-cfg.lr)
+            # rows are unique (coalesced): gather, update in place, scatter back; few passes over the rows
+            n = st["n"].index_select(0, rows).add_(1)
+            st["n"].index_copy_(0, rows, n)
+            n = n.unsqueeze(1).to(p.dtype)
+            m = st["m"].index_select(0, rows).mul_(b1).add_(g, alpha=1 - b1)
+            v = st["v"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
+            st["m"].index_copy_(0, rows, m)
+            st["v"].index_copy_(0, rows, v)
+            denom = v.div_(1 - b2 ** n).sqrt_().add_(cfg.eps)  # v is no longer needed: reuse its memory
+            p.index_add_(0, rows, m.div_(1 - b1 ** n).div_(denom), alpha=-cfg.lr)
             return
         # rms
         if not st:
