@@ -30,8 +30,8 @@ rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_para
 result = {"dp": dp}
 for family, tok in (("gpt", load_tokenizer(None)), ("bert", load_tokenizer("bert"))):
     train, valid, _ = build_datasets(DataConfig(), family, 64, tok, dict(train=96, valid=16, test=16), 11, cache)
-    digest = hashlib.sha256(b"".join(train[i]["tokens"].numpy().tobytes() for i in range(len(train)))).hexdigest()
-    sampler = GlobalBatchSampler(len(train), 16, 2, rank, dp)
+    digest = hashlib.sha256(b"".join(train[i]["tokens"].numpy().tobytes() for i in range(96))).hexdigest()
+    sampler = GlobalBatchSampler(96, 16, 2, rank, dp)  # the 96 samples asked for: 6 steps
     steps = []
     for micro_batches in sampler:
         for idx in micro_batches:
@@ -67,7 +67,7 @@ def test_build_datasets_under_torchrun(tmp_path):
     for family in ("gpt", "bert"):
         a, b = ranks[0][family], ranks[1][family]
         assert a["len"] == b["len"] >= 96 and a["digest"] == b["digest"]  # same samples on both ranks
-        assert len(a["steps"]) == len(b["steps"]) == a["len"] // 16
+        assert len(a["steps"]) == len(b["steps"]) == 96 // 16
         for k, (sa, sb) in enumerate(zip(a["steps"], b["steps"])):
             assert not set(sa) & set(sb) and sorted(sa + sb) == list(range(16 * k, 16 * (k + 1)))
         assert a["consumed"] == b["consumed"] == {"consumed_samples": 16 * len(a["steps"])}
