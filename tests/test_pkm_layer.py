@@ -233,11 +233,14 @@ def test_layer_value_gradient_arrives_coalesced_and_accumulates():
         assert (rows[1:] > rows[:-1]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="Module.to()/.double()/.cuda() copy buffers through autograd: the "
-                   "value table becomes a non-leaf and its gradient is lost (ValueTable needs an _apply override)")
 def test_value_table_stays_leaf_after_to():
+    """Module.to()/.double()/.cuda() rebuild buffers through autograd; the table must stay a leaf that
+    requires grad (else its gradient is silently lost)."""
     layer = ProductKeyMemory(8, PKMConfig(n_keys=4, heads=2, knn=3, k_dim=4)).double()
     assert layer.values.weight.is_leaf and layer.values.weight.requires_grad
+    assert layer.values.weight.dtype == torch.float64
+    layer(torch.randn(5, 8, dtype=torch.float64)).sum().backward()
+    assert layer.values.weight.grad is not None and layer.values.weight.grad.is_sparse
 
 
 # ---------------------------------------------------------------------------------------------

@@ -193,6 +193,13 @@ class ValueTable(nn.Module):
             out = _GatherColumns.apply(out, p.tp_rank, p.tp_size, p.tp_group)
         return out
 
+    def _apply(self, fn, recurse=True):
+        # Module.to()/.cuda()/.double() rebuild buffers through autograd, which would leave the table a
+        # non-leaf (its gradient lost): keep it a leaf that requires grad, whatever device or dtype.
+        super()._apply(fn, recurse)
+        self._buffers["weight"] = self._buffers["weight"].detach().requires_grad_(True)
+        return self
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """megatron dist_checkpointing entry: this rank's column shard of the [n_slots, dim] table, so a
         checkpoint written under one layout loads under any other."""
