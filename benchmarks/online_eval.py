@@ -10,8 +10,9 @@ Then, if `--pkm-model` (an exported PKM-GPT directory or a native checkpoint; de
 of `make demo`) loads, the same comparison on our own PKM-GPT.
 
 Runs are interleaved chunk by chunk (each with its own model copy), so load from other processes on a
-shared machine hits every run alike; to bound memory they go in two groups (full-weight runs; LoRA and
-PKM runs), each with its own static TXL run: time ratios are to that (the same chunks, no update);
+shared machine hits every run alike; to bound memory (a full-weight AdamW run holds ~2.7 GB for
+SmolLM2) they go in three groups, each with its own static TXL run: time ratios are to that (the same
+chunks, no update);
 PKM runs are timed against the static run of the model that holds the memory (`static_pkm`).
 
 --quick: a tiny random PKM-GPT (our modeling code, demo tokenizer) on 512 tokens: checks the
@@ -121,8 +122,9 @@ def compare_named(model, docs, runs, progress, groups=None):
     out = {}
     for group in groups or [list(runs)]:
         names = [n for n in group if n in runs]
-        models = [runs[n][1] if runs[n][1] is not None else (model if i == 0 else copy.deepcopy(model))
-                  for i, n in enumerate(names)]
+        # static runs leave their model untouched and share it; each dynamic run adapts its own copy
+        models = [runs[n][1] or model if runs[n][0].mode == "static" else copy.deepcopy(runs[n][1] or model)
+                  for n in names]
         results = compare(model, docs, [runs[n][0] for n in names], interleave=True, progress=progress,
                           models=models)
         del models
@@ -166,8 +168,9 @@ def headline(res: dict, every: int) -> dict:
     return d
 
 
-GROUPS = [["static", "static_overlap", "txl", "overlap", "txl_every2"],
-          ["static", "lora", "static_pkm", "pkm_values", "pkm_values_every2"]]
+GROUPS = [["static", "static_overlap", "txl", "overlap"],
+          ["static", "txl_every2", "lora"],
+          ["static", "static_pkm", "pkm_values", "pkm_values_every2"]]
 
 
 def tables(res: dict) -> str:

@@ -81,15 +81,20 @@ class Adaptation:
         self.cfg = cfg
         self.base = model
         self.model = model
-        self._flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+        self._peft = False
+        self.trainables: list[Trainable] = []
+        self._flags: dict = {}
+        self._bag_sparse: list = []
         self._tables = find_value_tables(model)
+        if cfg.mode == "static":  # runs under no_grad: the model is left untouched (and can be shared)
+            self.initial = []
+            return
+        self._flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
         for t in self._tables:  # value-table buffers require grad by default; freeze like everything else
             self._flags.setdefault(id(t.weight), (t.weight, t.weight.requires_grad))
         self._bag_sparse = [(t.bag, t.bag.sparse) for t in self._tables if t.bag is not None]
         for tensor, _ in self._flags.values():
             tensor.requires_grad_(False)
-        self._peft = False
-        self.trainables: list[Trainable] = []
         if cfg.mode == "dynamic":
             self.trainables = self._select(model, cfg)
             bags = {id(t.weight): t.bag for t in self._tables if t.bag is not None}

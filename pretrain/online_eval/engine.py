@@ -358,9 +358,10 @@ def compare(model: nn.Module, docs: Sequence[TokenizedDocument], configs: Sequen
             interleave: bool = False, calibration: Optional[Sequence[TokenizedDocument]] = None,
             progress: bool = True, models: Optional[Sequence[Optional[nn.Module]]] = None) -> list[RunResult]:
     """Run every configuration over the same documents. Sequentially (one model, restored between
-    runs), or interleaved chunk by chunk (a copy of the model per run): then a burst of load from
-    other processes hits every run alike, which keeps the time ratios honest on a shared machine.
-    `models[i]`, where given and not None, is the model of run i instead (used as it is)."""
+    runs), or interleaved chunk by chunk (static runs share `model`, each dynamic run gets a copy):
+    then a burst of load from other processes hits every run alike, which keeps the time ratios
+    honest on a shared machine. `models[i]`, where given and not None, is the model of run i instead
+    (used as it is)."""
     import copy
 
     from tqdm import tqdm
@@ -371,7 +372,7 @@ def compare(model: nn.Module, docs: Sequence[TokenizedDocument], configs: Sequen
     for i, cfg in enumerate(configs):
         m = models[i] if models is not None and models[i] is not None else None
         if m is None:
-            m = model if (not interleave or i == 0) else copy.deepcopy(model)
+            m = model if (not interleave or cfg.mode == "static") else copy.deepcopy(model)
         runs.append(OnlineRun(m, docs, cfg, calibration=calibration, on_chunk=bar.update))
     try:
         if not interleave:
