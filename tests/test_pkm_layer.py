@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import PKMConfig
-from model.pkm.memory import MaskedBatchNorm, ProductKeyMemory, _mark_coalesced, weighted_bag
+from model.pkm.memory import MaskedBatchNorm, ProductKeyMemory, weighted_bag
 from model.pkm.product_keys import _candidate_pairs, brute_force_topk, product_key_topk
 from model.pkm.value_table import ValueTable
 
@@ -19,11 +19,18 @@ def _layer(dim=16, dtype=torch.float64, seed=0, **pkm) -> ProductKeyMemory:
     torch.manual_seed(seed)
     cfg = PKMConfig(**{"n_keys": 8, "heads": 2, "knn": 3, "k_dim": 8, **pkm})
     layer = ProductKeyMemory(dim, cfg, init_seed=seed).to(dtype)
-    if not layer.values.weight.is_leaf:
-        # Module.to() copies buffers through autograd; re-leaf the table (see test_value_table_stays_leaf_after_to).
-        layer.values.weight = layer.values.weight.detach().requires_grad_(True)
-        layer.values.weight.register_post_accumulate_grad_hook(_mark_coalesced)
+    assert layer.values.weight.is_leaf  # see test_value_table_stays_leaf_after_to
     return layer
+
+
+@pytest.fixture
+def one_thread():
+    """Finite-difference tests run hundreds of forwards on tiny tensors: intra-op threads only add
+    barrier waits there (tens of ms per op on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +98,7 @@ def test_candidate_pairs_are_those_that_can_reach_the_top():
     assert len(_candidate_pairs(1)[0]) == 1
 
 
-def test_product_key_topk_gradcheck():
+def test_product_key_topk_gradcheck(one_thread):
     gen = torch.Generator().manual_seed(6)
     q = torch.randn(6, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -103,7 +110,7 @@ def test_product_key_topk_gradcheck():
 
 
 @pytest.mark.parametrize("batchnorm", [True, False])
-def test_gradcheck_float64(batchnorm):
+def test_gradcheck_float64(batchnorm, one_thread):
     """Finite differences vs autograd w.r.t. the input, the query network and the keys (float64).
     The value table is checked separately below: its gradient takes the sparse path."""
     layer = _layer(dim=6, n_keys=4, heads=2, knn=3, k_dim=4, query_batchnorm=batchnorm)
@@ -118,7 +125,7 @@ def test_gradcheck_float64(batchnorm):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def test_value_gradient_matches_finite_differences():
+def test_value_gradient_matches_finite_differences(one_thread):
     """The sparse gradient of the value table equals central differences on table entries (float64)."""
     layer = _layer(dim=6, n_keys=4, heads=2, knn=3, k_dim=4)
     x = torch.randn(5, 6, dtype=torch.float64)
@@ -241,6 +248,7 @@ def test_value_table_stays_leaf_after_to():
     assert layer.values.weight.dtype == torch.float64
     layer(torch.randn(5, 8, dtype=torch.float64)).sum().backward()
     assert layer.values.weight.grad is not None and layer.values.weight.grad.is_sparse
+    assert layer.values.weight.grad.is_coalesced(), "the coalesced-flag hook follows the new tensor"
 
 
 # ---------------------------------------------------------------------------------------------

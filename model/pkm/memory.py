@@ -163,9 +163,21 @@ class ProductKeyMemory(nn.Module):
         bound = 1.0 / math.sqrt(half)
         self.keys = nn.Parameter(torch.empty(h, 2, cfg.n_keys, half).uniform_(-bound, bound))
         self.values = ValueTable(cfg.n_keys ** 2, dim, parallel, init_seed=init_seed)
-        self.values.weight.register_post_accumulate_grad_hook(_mark_coalesced)
+        self._hook_value_grad()
         self.record_lookups = False
         self.last_lookup: Optional[PKMLookup] = None
+
+    def _hook_value_grad(self) -> None:
+        w = self.values.weight
+        if w.requires_grad and w.is_leaf and not getattr(w, "_pkm_marks_coalesced", False):
+            w.register_post_accumulate_grad_hook(_mark_coalesced)
+            w._pkm_marks_coalesced = True
+
+    def _apply(self, fn, recurse=True):
+        # ValueTable._apply hands back a new leaf tensor for .to()/.cuda()/.double(): hook it again.
+        super()._apply(fn, recurse)
+        self._hook_value_grad()
+        return self
 
     def lookup(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, dim] -> (slot indices [N, heads*knn], softmax weights [N, heads*knn])."""
