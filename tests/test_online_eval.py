@@ -233,31 +233,58 @@ def test_per_document_reset_restores_initial_weights_bit_for_bit(tok, adapt):
 @pytest.mark.parametrize("arch", ["llama", "pkm"])
 def test_txl_with_one_layer_equals_overlapping_exactly(tok, arch):
     """With one layer the cached keys/values of the previous chunk do not depend on older context, so
-    static TXL (chunk S) must equal static overlapping (window 2S, stride S) on every chunk, positions
-    running up to 8S (RoPE: only relative positions count). rtol 1e-5."""
+    static TXL (chunk S, no sink tokens) must equal static overlapping (window 2S, stride S) on every
+    chunk, positions running up to 8S (RoPE: only relative positions count). rtol 1e-5."""
     model = tiny_llama(tok, layers=1) if arch == "llama" else tiny_pkm_gpt(tok, layers=1)
     docs = book(tok, tokens=8 * S)
-    txl, ov = compare(model, docs, [OnlineEvalConfig(strategy="txl", chunk=S),
+    txl, ov = compare(model, docs, [OnlineEvalConfig(strategy="txl", chunk=S, sink=0),
                                     OnlineEvalConfig(strategy="overlapping", chunk=S, window=2 * S)], progress=False)
     t, o = chunk_means(txl), chunk_means(ov)
     torch.testing.assert_close((t[0] + t[1]) / 2, o[0], rtol=1e-5, atol=0)  # first window: 2S targets
     torch.testing.assert_close(t[2:], o[1:], rtol=1e-5, atol=0)
     # control: without our position ids the model counts positions from the cache length, and
     # RoPE sees the memory at the wrong distance: the equality must break
-    run = OnlineRun(model, docs, OnlineEvalConfig(strategy="txl", chunk=S))
+    run = OnlineRun(model, docs, OnlineEvalConfig(strategy="txl", chunk=S, sink=0))
     run._takes["position_ids"] = False
     wrong = chunk_means(run.run())
     assert (wrong[3:] - o[2:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("max_positions", [None, 5 * S])
+def test_txl_memory_holds_the_sink_tokens_and_the_previous_chunk(tok, max_positions):
+    """One layer: chunk i of TXL with 4 sink tokens must score exactly as a plain forward over
+    [document tokens 0..3; chunk i-1; chunk i] at the positions TXL gives them (rtol 1e-5) -- with
+    positions running on, and with restarts (max_positions 5S: [sink; previous chunk] re-encoded from 0)."""
+    model = tiny_llama(tok, layers=1)
+    docs = book(tok, tokens=8 * S)
+    ids = torch.tensor(docs[0].ids)
+    txl = OnlineRun(model, docs, OnlineEvalConfig(chunk=S, sink=4, max_positions=max_positions)).run()
+    means = chunk_means(txl)
+    pos = 0
+    for i in range(8):
+        if i >= 2:
+            first = torch.arange(4)
+            if max_positions is not None and pos + S > max_positions:
+                pos = 4 + S  # restarted: the sink at 0..3, the previous chunk at 4..4+S-1
+            mem_pos = torch.cat([first, torch.arange(pos - S, pos)])
+            inp = torch.cat([ids[:4], ids[(i - 1) * S:(i + 1) * S]])
+            positions = torch.cat([mem_pos, torch.arange(pos, pos + S)])
+            with torch.no_grad():
+                logits = model(inp[None], position_ids=positions[None]).logits[0, -S:]
+            ref = torch.nn.functional.cross_entropy(logits, ids[i * S + 1:(i + 1) * S + 1]).double()
+            torch.testing.assert_close(means[i], ref, rtol=1e-5, atol=0)
+        pos += S
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "pkm"])
 def test_txl_position_restart_equals_overlapping(tok, arch):
     """max_positions = 2S forces a restart before every chunk: the memory is re-encoded at 0..S-1 and
-    the chunk read at S..2S-1, exactly the overlapping window. Holds for learned absolute positions
-    (GPT-2) too. rtol 1e-5. Without restarts (2 layers) TXL differs, but only slightly."""
+    the chunk read at S..2S-1, exactly the overlapping window (no sink tokens here). Holds for learned
+    absolute positions (GPT-2) too. rtol 1e-5. Without restarts (2 layers, with the default 4 sink
+    tokens) TXL differs, but only slightly."""
     model = {"llama": tiny_llama, "gpt2": tiny_gpt2, "pkm": tiny_pkm_gpt}[arch](tok)
     docs = book(tok, tokens=8 * S)
-    txl, free, ov = compare(model, docs, [OnlineEvalConfig(strategy="txl", chunk=S, max_positions=2 * S),
+    txl, free, ov = compare(model, docs, [OnlineEvalConfig(strategy="txl", chunk=S, max_positions=2 * S, sink=0),
                                           OnlineEvalConfig(strategy="txl", chunk=S),
                                           OnlineEvalConfig(strategy="overlapping", chunk=S, window=2 * S)],
                             progress=False)

@@ -36,6 +36,7 @@ class OnlineEvalConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: Optional[list[str]] = None  # None: peft's default for the architecture, else all linear layers
+    sink: int = 4  # txl: the document's first tokens stay in the memory (attention sinks, Xiao et al. 2023)
     max_positions: Optional[int] = None  # txl: restart positions before this (default: the model's limit)
     doc_start: str = "auto"  # token prepended to each document: auto (bos, else eos), none, or a token id
     position_bin: int = 1024  # width of the loss-by-position bins, in tokens
@@ -71,6 +72,8 @@ class OnlineEvalConfig:
         if self.strategy == "overlapping" and self.window < self.chunk:
             raise PretrainError(f"online eval: window={self.window} must be >= the stride chunk={self.chunk} "
                                 "(each window scores `chunk` new tokens)")
+        if self.sink < 0:
+            raise PretrainError(f"online eval: sink={self.sink} must be >= 0")
         if self.update_every < 1:
             raise PretrainError(f"online eval: update_every={self.update_every} must be >= 1")
         if self.lr < 0:

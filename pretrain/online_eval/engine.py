@@ -6,10 +6,13 @@ Strategies (Rannen-Triki et al. 2024):
   window; the gradient is that of the new tokens' loss, through the whole window.
 - txl: non-overlapping chunks of S tokens; each chunk also attends to the previous chunk's keys and
   values, cached from that chunk's own forward and detached (Transformer-XL): no recomputation, and
-  gradients flow only through the current chunk. Positions keep counting across the document, so
-  relative positions are right for RoPE and absolute ones for learned position tables; before they
-  would pass the model's limit, positions restart: the previous chunk is re-encoded at 0..S-1 (no
-  grad) and becomes the memory.
+  gradients flow only through the current chunk. The memory also keeps the keys/values of the
+  document's first `sink` tokens: pretrained LLMs park attention on the first tokens they see
+  ("attention sinks", Xiao et al. 2023), and a cache that drops them degrades badly (SmolLM2-135M:
+  perplexity 45.7 without, vs 29.3 for overlapping windows, which recompute their own first tokens).
+  Positions keep counting across the document, so relative positions are right for RoPE and
+  absolute ones for learned position tables; before they would pass the model's limit, positions
+  restart: [sink; previous chunk] is re-encoded from 0 (no grad) and becomes the memory.
 
 The invariant that makes this evaluation honest: a chunk's tokens are scored by the forward that
 precedes the update computed from them, so no token is ever scored by weights that have seen it.
@@ -85,19 +88,27 @@ class RunResult:
         return d
 
 
-def keep_last(cache, n: int):
-    """The cache holding only the last `n` positions of every layer, detached from the graph."""
+def _keep(t: torch.Tensor, head: int, tail: int) -> torch.Tensor:
+    t = t.detach()
+    if head == 0:
+        return t[..., -tail:, :]
+    return torch.cat([t[..., :head, :], t[..., -tail:, :]], dim=-2)
+
+
+def keep_last(cache, n: int, head: int = 0):
+    """The cache holding only the first `head` and the last `n` positions of every layer, detached
+    from the graph."""
     from transformers.cache_utils import Cache
 
     if isinstance(cache, Cache):
         for layer in cache.layers:
             keys = getattr(layer, "keys", None)
             if isinstance(keys, torch.Tensor) and keys.dim() >= 2 and keys.shape[-2] > 0:
-                layer.keys = layer.keys[..., -n:, :].detach()
-                layer.values = layer.values[..., -n:, :].detach()
+                layer.keys = _keep(layer.keys, head, n)
+                layer.values = _keep(layer.values, head, n)
         return cache
     if isinstance(cache, (tuple, list)):
-        return tuple(tuple(t[..., -n:, :].detach() for t in layer) for layer in cache)
+        return tuple(tuple(_keep(t, head, n) for t in layer) for layer in cache)
     raise PretrainError(f"strategy txl: the model returned past_key_values of type {type(cache).__name__}, "
                         "which cannot be trimmed (use --strategy overlapping)")
 
@@ -259,7 +270,9 @@ class OnlineRun:
         cfg, fm, res = self.cfg, self.flop_model, self.result
         ids = torch.tensor(doc.ids, dtype=torch.long, device=self.device)
         total, size = doc.n_scored, cfg.chunk
-        cache, pos, memory, prev = None, 0, 0, None
+        # memory = [sink: the document's first tokens] + [the previous chunk]; `sunk` counts the sink
+        # entries at its front (0 until a chunk after the first one has been read)
+        cache, pos, memory, sunk, prev = None, 0, 0, 0, None
         probe = PeakMemory(self.device)
         for c0 in range(0, total, size):
             t0 = now()
@@ -267,10 +280,13 @@ class OnlineRun:
             c1 = min(c0 + size, total)
             q = c1 - c0
             if cache is not None and self.max_positions is not None and pos + q > self.max_positions:
-                with torch.no_grad():  # restart positions: re-encode the memory at 0..len(prev)-1
-                    _, cache = self._forward(prev, torch.arange(len(prev), device=self.device), None, 1)
-                res.flops += fm.forward(len(prev), causal_keys(len(prev), 0), 1)
-                cache, pos, memory = keep_last(cache, len(prev)), len(prev), len(prev)
+                # restart positions: re-encode [sink; previous chunk] at 0.. (no grad) as the memory
+                sunk = min(cfg.sink, prev[0])
+                again = torch.cat([ids[:sunk], ids[prev[0]:prev[1]]])
+                with torch.no_grad():
+                    _, cache = self._forward(again, torch.arange(len(again), device=self.device), None, 1)
+                res.flops += fm.forward(len(again), causal_keys(len(again), 0), 1)
+                cache, pos, memory = keep_last(cache, len(again)), len(again), len(again)
             inp, tgt = ids[c0:c1], ids[c0 + 1:c1 + 1]
             update = self._is_update()
             with torch.set_grad_enabled(update):
@@ -281,7 +297,10 @@ class OnlineRun:
             res.flops += fm.forward(q, keys, q) + 2.0 * self._lora_params * q
             if update:
                 self._update(nll.mean(), doc_index, c0, c1, q, keys)
-            cache, pos, memory, prev = keep_last(new_cache, q), pos + q, q, inp
+            # the sink: the first tokens of the document, once they are no longer in the chunk kept
+            sunk = min(cfg.sink, c0) if memory else 0
+            cache = keep_last(new_cache, q, head=sunk)
+            pos, memory, prev = pos + q, sunk + q, (c0, c1)
             probe.stop()
             res.peak_memory_bytes = max(res.peak_memory_bytes, probe.peak)
             self._chunk_done(t0, q)
