@@ -227,9 +227,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig, after_init: bool = False) -> None:
     m, p, t = cfg.model, cfg.model.pkm, cfg.train
-    for i in p.layers:
+    # With checkpoint.init_from the architecture comes from the checkpoint: checked again once loaded.
+    for i in ([] if cfg.checkpoint.init_from and not after_init else p.layers):
         if not 0 <= i < m.num_layers:
             raise ConfigError(f"model.pkm.layers: layer {i} does not exist (model.num_layers={m.num_layers})")
     if p.k_dim % 2:

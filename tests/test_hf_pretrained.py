@@ -8,7 +8,7 @@
 The text is real (Jane Austen). Reference: transformers with its eager attention (its SDPA path sums in
 another order: up to 2.3e-4 apart on SmolLM2's logits, which reach 40). Tolerance 1e-4 absolute.
 With a fresh PKM added to one FFN the outputs stay close to the pretrained model's: the memory's
-output is small next to the residual stream (measured in benchmarks/RESULTS_hf.md).
+output is small next to the residual stream (measured in benchmarks/RESULTS.md (HF section)).
 """
 from __future__ import annotations
 
