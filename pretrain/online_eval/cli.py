@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--update-every", type=int, default=1, help="gradient step on every k-th chunk only")
     p.add_argument("--chunk", type=int, default=256, help="txl chunk length / overlapping stride S")
     p.add_argument("--window", type=int, default=512, help="overlapping window length L")
+    p.add_argument("--sink", type=int, default=4,
+                   help="txl: keep the document's first N tokens in the memory (attention sinks; 0: none)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--rms-decay", type=float, default=0.0, help="rms: pull towards the initial weights (lambda)")
     p.add_argument("--rms-calibration", default=None, metavar="CORPUS",
@@ -64,7 +66,7 @@ def register(subparsers) -> None:
 
 
 def configs_from_args(args: argparse.Namespace) -> list[OnlineEvalConfig]:
-    common = dict(chunk=args.chunk, window=args.window, reset=args.reset, update_every=args.update_every,
+    common = dict(chunk=args.chunk, window=args.window, sink=args.sink, reset=args.reset, update_every=args.update_every,
                   weight_decay=args.weight_decay, rms_decay=args.rms_decay, lora_rank=args.lora_rank,
                   lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, doc_start=args.doc_start,
                   position_bin=args.position_bin)
