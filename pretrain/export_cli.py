@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 
 def register(sub) -> None:
@@ -41,22 +40,6 @@ def register(sub) -> None:
     ft.set_defaults(func=run_finetune)
 
 
-def _checkpoint_tokenizer(ckpt: str) -> str:
-    """The tokenizer `pkm pretrain` saved next to the checkpoint: an HF directory or a .model file."""
-    from pretrain.errors import PretrainError
-
-    tok = os.path.join(ckpt, "tokenizer")
-    if not os.path.isdir(tok):
-        raise PretrainError(f"{ckpt}: no tokenizer/ directory; pass --tokenizer")
-    models = [f for f in os.listdir(tok) if f.endswith(".model")]
-    hf_files = {"tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json"} & set(os.listdir(tok))
-    if hf_files:
-        return tok
-    if len(models) == 1:
-        return os.path.join(tok, models[0])
-    raise PretrainError(f"{tok}: cannot tell which tokenizer to ship; pass --tokenizer")
-
-
 def run_export_hf(args: argparse.Namespace) -> int:
     from pretrain.errors import PretrainError
 
@@ -74,7 +57,14 @@ def run_export_hf(args: argparse.Namespace) -> int:
         except HFValidationError as e:
             raise PretrainError(f"--push-to-hub {args.push_to_hub!r}: {e}") from None
     state_dict, run_config, info = load_consolidated(args.checkpoint)
-    tokenizer = args.tokenizer or _checkpoint_tokenizer(args.checkpoint)
+    from pathlib import Path
+
+    from pretrain.checkpoint import checkpoint_tokenizer
+
+    ckpt = Path(args.checkpoint)
+    if (ckpt / "latest").is_file():  # a checkpoints/ root: the newest published checkpoint
+        ckpt = ckpt / (ckpt / "latest").read_text().strip()
+    tokenizer = args.tokenizer or checkpoint_tokenizer(ckpt)
     card = card_info(run_config, info)
     out = export_hf(state_dict, run_config.model, tokenizer, args.out_dir, card,
                     max_shard_size=args.max_shard_size, overwrite=args.overwrite)
