@@ -80,15 +80,17 @@ def plot(path: str | Path, results: Sequence[RunResult], title: str = "") -> Non
 
     base = baseline(results)
     fig, axes = plt.subplots(2 if base else 1, 1, figsize=(8, 7 if base else 4), sharex=True, squeeze=False)
-    for r in results:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    bl = base.loss_by_position() if base is not None else []
+    for k, r in enumerate(results):
+        color = colors[k % len(colors)]  # the same run has the same colour in both panels
         b = r.position_bin
-        xs = [(i + 0.5) * b for i, c in enumerate(r.bin_tokens) if c]
+        xs = [(i + 0.5) * b for i, v in enumerate(r.loss_by_position()) if v is not None]
         ys = [v for v in r.loss_by_position() if v is not None]
-        axes[0][0].plot(xs, ys, marker=".", label=f"{r.name} (ppl {r.perplexity:.2f})")
+        axes[0][0].plot(xs, ys, marker=".", color=color, label=f"{r.name} (ppl {r.perplexity:.2f})")
         if base is not None and r is not base:
-            bl = base.loss_by_position()
-            d = [(x, y - bl[i]) for i, (x, y) in enumerate(zip(xs, ys)) if i < len(bl) and bl[i] is not None]
-            axes[1][0].plot([p[0] for p in d], [p[1] for p in d], marker=".", label=r.name)
+            d = [(x, y - bl[int(x // b)]) for x, y in zip(xs, ys) if int(x // b) < len(bl) and bl[int(x // b)] is not None]
+            axes[1][0].plot([p[0] for p in d], [p[1] for p in d], marker=".", color=color, label=r.name)
     axes[0][0].set_ylabel("nats / token")
     axes[0][0].legend(fontsize=7)
     axes[0][0].set_title(title or "loss by position within documents")
