@@ -10,7 +10,9 @@ Python API (importing this package imports no torch; the names below load on fir
     from pretrain.online_eval import OnlineEvalConfig, load_causal_lm, load_corpus, tokenize, compare
     model, tok = load_causal_lm("smollm2")
     docs = tokenize(load_corpus("books"), tok, max_tokens=4096)
-    results = compare(model, docs, [OnlineEvalConfig(), OnlineEvalConfig(mode="dynamic", lr=3e-5)])
+    results = compare(model, docs, [OnlineEvalConfig(),
+                                    OnlineEvalConfig(mode="dynamic", optimizer="adamw", lr=1e-4)])
+    print(results[1].perplexity / results[0].perplexity)  # < 1: reading the book made the model better
 """
 from __future__ import annotations
 
