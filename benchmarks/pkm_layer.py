@@ -4,8 +4,9 @@ Figures (fp32, torch threads = 2, medians of interleaved repetitions A B C A B C
   pkm_vs_ffn          our ProductKeyMemory forward+backward / a dense FFN of the same width
   lucidrains_vs_ffn   lucidrains' product-key-memory 0.3.0 PKM / the same FFN (null if not installed)
   step_pkm_vs_dense   one training step of a 6-layer d=512 megatron-core GPT with a PKM added at layer 3
-                      (forward, backward, AdamW on the parameters + SparseAdam on the value table)
-                      / the same GPT without memory (AdamW only)
+                      (forward, backward, AdamW on the parameters + the trainer's lazy row-sparse Adam,
+                      pretrain.optim.SparseValueOptimizer, on the value table) / the same GPT without
+                      memory (AdamW only)
   step_dense_values_vs_dense   the same PKM GPT with the value table a dense-gradient Parameter inside
                       one torch AdamW (the "inside the DeepSpeed engine" alternative) / the dense GPT
 Sizes: dim 512, n_keys 512 (262,144 slots), heads 4, knn 32, k_dim 256 (lucidrains dim_head 128: the
@@ -15,6 +16,8 @@ same 128-wide half keys), batch 8 x 128 tokens; FFN dim -> 4 dim -> dim with GEL
 
 `--quick` runs fewer repetitions (never smaller sizes); `--json` prints one JSON object as the last
 line; `--profile` adds a torch.profiler table of our layer and per-phase timers of the PKM step.
+`--alloc pkm` (default) runs under the malloc settings `pkm pretrain` applies on CPU
+(pretrain/cpu_alloc.py: glibc keeps freed memory); `--alloc default` under glibc's defaults.
 """
 from __future__ import annotations
 
@@ -32,14 +35,10 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# CPU allocator settings are read at process start: --alloc re-executes this script with them.
-ALLOC_ENV = {
-    # torch backs large tensors with transparent huge pages (2 MB page faults instead of 4 kB ones)
-    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
-    # glibc keeps freed memory instead of returning every >32 MB block to the kernel, so the fresh
-    # [rows, dim] gradient of each backward does not page-fault anew (GPU caching allocators do this)
-    "keep": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(8 << 30), "MALLOC_TOP_PAD_": str(256 << 20)},
-}
+# THP is read at process start: --alloc thp re-executes this script with it.
+ALLOC_ENV = {"thp": {"THP_MEM_ALLOC_ENABLE": "1"}}  # torch backs large tensors with 2 MB pages
+ALLOC_HELP = ("pkm: what `pkm pretrain` does on CPU (train.cpu_keep_freed_memory: glibc keeps freed memory, "
+              "pretrain/cpu_alloc.py); default: glibc's defaults; thp: THP_MEM_ALLOC_ENABLE=1")
 _mode = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--alloc=")), None)
 if "--alloc" in sys.argv[:-1]:
     _mode = sys.argv[sys.argv.index("--alloc") + 1]
@@ -252,64 +251,10 @@ def dense_values(model) -> list[nn.Parameter]:
     return params
 
 
-class RowLazyAdam:
-    """torch.optim.SparseAdam's update (same math: lazy Adam, moments of unread rows untouched), done
-    with row gathers/scatters into scratch buffers the optimizer keeps: SparseAdam builds several
-    fresh [rows, dim] temporaries and sparse tensors per step, each paid in page faults and passes.
-    A proposal for pretrain/optim.py, measured here beside SparseAdam."""
-
-    def __init__(self, params, lr: float, betas=(0.9, 0.98), eps: float = 1e-8):
-        self.params, self.lr, self.betas, self.eps = list(params), lr, betas, eps
-        self.state = {}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        b1, b2 = self.betas
-        for p in self.params:
-            if p.grad is None:
-                continue
-            g = p.grad.coalesce()
-            rows, vals = g.indices()[0], g.values()
-            st = self.state.get(id(p))
-            if st is None:
-                st = self.state[id(p)] = {"m": torch.zeros_like(p), "v": torch.zeros_like(p), "t": 0,
-                                          "buf": torch.empty(0, p.shape[1])}
-            st["t"] += 1
-            n = rows.numel()
-            if st["buf"].shape[0] < 2 * n:
-                st["buf"] = torch.empty(2 * int(n * 1.25), p.shape[1], dtype=p.dtype)
-            m = torch.index_select(st["m"], 0, rows, out=st["buf"][:n])
-            v = torch.index_select(st["v"], 0, rows, out=st["buf"][n:2 * n])
-            m.mul_(b1).add_(vals, alpha=1 - b1)  # = m + (1 - b1)(g - m), SparseAdam's form
-            v.mul_(b2).addcmul_(vals, vals, value=1 - b2)
-            st["m"].index_copy_(0, rows, m)
-            st["v"].index_copy_(0, rows, v)
-            step_size = self.lr * math.sqrt(1 - b2 ** st["t"]) / (1 - b1 ** st["t"])
-            p.index_add_(0, rows, m.div_(v.sqrt_().add_(self.eps)), alpha=-step_size)
-
-
-def check_row_adam() -> float:
-    """Max |difference| between RowLazyAdam and torch.optim.SparseAdam after 3 steps on a small table."""
-    torch.manual_seed(0)
-    a = torch.randn(50, 8).requires_grad_()
-    b = a.detach().clone().requires_grad_()
-    oa, ob = torch.optim.SparseAdam([a], lr=1e-2, betas=(0.9, 0.98)), RowLazyAdam([b], lr=1e-2)
-    for _ in range(3):
-        idx = torch.randint(0, 50, (30,))
-        for w, o in ((a, oa), (b, ob)):
-            F.embedding_bag(idx.view(10, 3), w, mode="sum", sparse=True).pow(2).sum().backward()
-            o.step()
-            o.zero_grad()
-    return (a - b).abs().max().item()
-
-
-def step_variants(timers: dict | None = None, row_adam: bool = False) -> dict:
+def step_variants(timers: dict | None = None, torch_sparse_adam: bool = False) -> dict:
     from model.build import lm_forward, masked_mean
     from model.specs import memory_layers
+    from pretrain.optim import SparseValueOptimizer
 
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
@@ -329,15 +274,15 @@ def step_variants(timers: dict | None = None, row_adam: bool = False) -> dict:
             t.append(time.perf_counter())
             dense_opt.zero_grad(set_to_none=True)
             if sparse_opt is not None:
-                sparse_opt.zero_grad(set_to_none=True)
+                sparse_opt.zero_grad()
             if timers is not None:
-                for phase, a, b in zip(("forward", "backward", "adamw", "sparse_adam"), t, t[1:]):
+                for phase, a, b in zip(("forward", "backward", "adamw", "value_adam"), t, t[1:]):
                     timers.setdefault(name, {}).setdefault(phase, []).append((b - a) * 1e3)
         return run
 
     dense = gpt(pkm=False)
     pkm = gpt(pkm=True)
-    tables = [m.values.weight for _, m in memory_layers(pkm)]
+    tables = [m.values for _, m in memory_layers(pkm)]
     assert len(tables) == 1
     pkm_dense = gpt(pkm=True)
     values = dense_values(pkm_dense)  # Parameters, but not registered in the model: a group of their own
@@ -345,15 +290,16 @@ def step_variants(timers: dict | None = None, row_adam: bool = False) -> dict:
     variants = {
         "dense": make(dense, torch.optim.AdamW(dense.parameters(), lr=1e-4), name="dense"),
         "pkm_sparse": make(pkm, torch.optim.AdamW(pkm.parameters(), lr=1e-4),
-                           torch.optim.SparseAdam(tables, lr=VALUE_LR, betas=(0.9, 0.98)), name="pkm_sparse"),
+                           SparseValueOptimizer(tables, lr=VALUE_LR, betas=(0.9, 0.98)), name="pkm_sparse"),
         "pkm_dense_values": make(pkm_dense, torch.optim.AdamW([{"params": list(pkm_dense.parameters())}, value_group],
                                                               lr=1e-4), name="pkm_dense_values"),
     }
-    if row_adam:
-        pkm_rows = gpt(pkm=True)
-        variants["pkm_row_adam"] = make(pkm_rows, torch.optim.AdamW(pkm_rows.parameters(), lr=1e-4),
-                                        RowLazyAdam([m.values.weight for _, m in memory_layers(pkm_rows)], lr=VALUE_LR),
-                                        name="pkm_row_adam")
+    if torch_sparse_adam:  # what the trainer used before pretrain.optim.LazyRowAdam
+        pkm_torch = gpt(pkm=True)
+        variants["pkm_torch_sparse_adam"] = make(
+            pkm_torch, torch.optim.AdamW(pkm_torch.parameters(), lr=1e-4),
+            torch.optim.SparseAdam([m.values.weight for _, m in memory_layers(pkm_torch)], lr=VALUE_LR, betas=(0.9, 0.98)),
+            name="pkm_torch_sparse_adam")
     return variants
 
 
@@ -366,9 +312,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", action="store_true", help="last line: one JSON object of the figures")
     ap.add_argument("--profile", action="store_true", help="profile our layer and the PKM step phases")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--alloc", choices=["default", *ALLOC_ENV], default="default",
-                    help="CPU allocator setting to run under: " + "; ".join(f"{k}: {' '.join(f'{a}={b}' for a, b in v.items())}"
-                                                                          for k, v in ALLOC_ENV.items()))
+    ap.add_argument("--alloc", choices=["pkm", "default", *ALLOC_ENV], default="pkm", help=ALLOC_HELP)
     ap.add_argument("--before", metavar="COMMIT", help="also time our layer as of COMMIT (git) side by side, "
                     "e.g. e079137 (before the speed work)")
     ap.add_argument("--skip-step", action="store_true", help="layer figures only")
@@ -376,6 +320,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--step-reps", type=int, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.alloc == "pkm":
+        from pretrain.cpu_alloc import keep_freed_memory
+
+        if not keep_freed_memory():
+            log("--alloc pkm: not glibc, running under the default allocator")
     layer_reps = args.layer_reps or (3 if args.quick else 15)
     step_reps = args.step_reps or (2 if args.quick else 8)
     t_start = time.perf_counter()
@@ -389,17 +338,13 @@ def main(argv=None) -> dict:
     cpu_ms = {k: median(v) for k, v in lc.items()}
     del runs
 
-    step_ms, step_cpu, timers, row_adam = {}, {}, None, False
+    step_ms, step_cpu, timers, torch_sparse_adam = {}, {}, None, False
     if not args.skip_step:
         log(f"step: GPT {GPT}, vocab {VOCAB}, PKM at layer {PKM_LAYER} (add), {step_reps} interleaved reps")
         init_megatron()
         timers = {} if args.profile else None
-        row_adam = not args.quick  # the extra variant costs ~25% more time
-        if row_adam:
-            diff = check_row_adam()
-            log(f"RowLazyAdam vs torch.optim.SparseAdam after 3 steps: max |diff| {diff:.2e}")
-            assert diff < 1e-6, diff
-        steps = step_variants(timers, row_adam)
+        torch_sparse_adam = not args.quick  # the extra variant costs ~25% more time
+        steps = step_variants(timers, torch_sparse_adam)
         st, sc = interleaved(steps, step_reps)
         step_ms = {k: median(v) for k, v in st.items()}
         step_cpu = {k: median(v) for k, v in sc.items()}
@@ -413,10 +358,10 @@ def main(argv=None) -> dict:
         "lucidrains_vs_ffn": ratio(ms, "lucidrains", "ffn"),
         "step_pkm_vs_dense": ratio(step_ms, "pkm_sparse", "dense"),
         "step_dense_values_vs_dense": ratio(step_ms, "pkm_dense_values", "dense"),
-        "step_row_adam_vs_dense": ratio(step_ms, "pkm_row_adam", "dense"),
+        "step_torch_sparse_adam_vs_dense": ratio(step_ms, "pkm_torch_sparse_adam", "dense"),
         "pkm_ms": ms["pkm"], "ffn_ms": ms["ffn"], "lucidrains_ms": ms.get("lucidrains"),
         "step_dense_ms": step_ms.get("dense"), "step_pkm_ms": step_ms.get("pkm_sparse"),
-        "step_dense_values_ms": step_ms.get("pkm_dense_values"), "step_row_adam_ms": step_ms.get("pkm_row_adam"),
+        "step_dense_values_ms": step_ms.get("pkm_dense_values"), "step_torch_sparse_adam_ms": step_ms.get("pkm_torch_sparse_adam"),
         "cpu_ms": {**{f"layer_{k}": v for k, v in cpu_ms.items()}, **{f"step_{k}": v for k, v in step_cpu.items()}},
         "pkm_vs_ffn_cpu": ratio(cpu_ms, "pkm", "ffn"),
         "step_pkm_vs_dense_cpu": ratio(step_cpu, "pkm_sparse", "dense"),
@@ -438,13 +383,13 @@ def main(argv=None) -> dict:
     print(f"pkm_vs_ffn {result['pkm_vs_ffn']} (goal <= 1.5) | lucidrains_vs_ffn {result['lucidrains_vs_ffn']} | "
           f"CPU time: ours {cpu_ms['pkm']:.0f} ms, FFN {cpu_ms['ffn']:.0f} ms -> {result['pkm_vs_ffn_cpu']}")
     if step_ms:
-        print(f"train step      dense {step_ms['dense']:.0f} ms | +PKM sparse values {step_ms['pkm_sparse']:.0f} ms | "
+        print(f"train step      dense {step_ms['dense']:.0f} ms | +PKM lazy row Adam {step_ms['pkm_sparse']:.0f} ms | "
               f"+PKM dense values {step_ms['pkm_dense_values']:.0f} ms")
         print(f"step_pkm_vs_dense {result['step_pkm_vs_dense']} (goal <= 1.25; CPU time "
               f"{result['step_pkm_vs_dense_cpu']}) | step_dense_values_vs_dense {result['step_dense_values_vs_dense']}")
-    if row_adam:
-        print(f"step_row_adam_vs_dense {result['step_row_adam_vs_dense']} ({step_ms['pkm_row_adam']:.0f} ms: "
-              f"the PKM step with a row-wise lazy Adam instead of torch.optim.SparseAdam)")
+    if torch_sparse_adam:
+        print(f"step_torch_sparse_adam_vs_dense {result['step_torch_sparse_adam_vs_dense']} "
+              f"({step_ms['pkm_torch_sparse_adam']:.0f} ms: the PKM step with torch.optim.SparseAdam instead)")
     if timers:
         for k, ph in result["step_phases_ms"].items():
             print(f"  {k:18s} " + "  ".join(f"{p} {v:.0f} ms" for p, v in ph.items()))

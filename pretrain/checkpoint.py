@@ -282,7 +282,7 @@ class Checkpointer:
         for (name, m), vstep in zip(tr.memories, loaded["value_optimizer_steps"]):
             if vstep > 0:
                 sparse.state[m.values.weight] = {
-                    "step": int(vstep),  # SparseAdam keeps a Python int (bias correction in float64)
+                    "step": int(vstep),  # a Python int, as SparseAdam (bias correction in float64)
                     "exp_avg": loaded["optimizer"][f"values.exp_avg.{name}"].clone(),
                     "exp_avg_sq": loaded["optimizer"][f"values.exp_avg_sq.{name}"].clone()}
         tr.load_state_dict(loaded["trainer"])

@@ -52,6 +52,11 @@ class Trainer:
         log.info("world %d = TP %d x DP %d, device %s, PKM memory-parallel '%s' over %d ranks",
                  env.world_size, env.tp_size, env.dp_size, env.device, cfg.parallel.memory_parallel, env.memory.size)
         t = cfg.train
+        if env.device.type == "cpu" and t.cpu_keep_freed_memory:
+            from pretrain.cpu_alloc import keep_freed_memory
+
+            log.info("malloc: %s", "keeping freed memory for reuse (train.cpu_keep_freed_memory)"
+                     if keep_freed_memory() else "not glibc, train.cpu_keep_freed_memory has no effect")
         per_step = t.micro_batch_size * env.dp_size
         if t.global_batch_size % per_step:
             raise PretrainError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
