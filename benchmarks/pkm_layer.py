@@ -155,17 +155,18 @@ def layer_variants(before: str | None = None) -> tuple[dict, dict]:
 
 
 # Where our layer's time goes: profiler ops grouped by the stage they belong to.
-STAGES = {
+STAGES = {  # torch.profiler op -> stage; a custom autograd Function's self time is its numba kernel
     "query network (Linear, BatchNorm)": ("aten::addmm", "aten::mm", "aten::sum", "aten::mul", "aten::add",
                                           "aten::sub", "aten::rsqrt", "aten::cat", "aten::pow", "aten::div"),
     "sub-key scoring (bmm)": ("aten::bmm",),
-    "top-k (halves, pairs)": ("aten::topk", "aten::gather", "aten::index_select", "aten::index", "aten::stack"),
+    "top-k of halves and pairs (numba kernel)": ("_ProductKeyTopK",),
+    "top-k (torch ops)": ("aten::topk", "aten::gather", "aten::index_select", "aten::index", "aten::stack"),
     "softmax": ("aten::_softmax", "aten::_softmax_backward_data"),
-    "value read (EmbeddingBag forward)": ("aten::_embedding_bag_forward_only",),
-    "value backward: weight grads (dot per read)": ("aten::_embedding_bag_per_sample_weights_backward",),
-    "backward bags (value rows, query/key grads)": ("aten::_embedding_bag", "aten::embedding_dense_backward",
-                                                    "aten::_embedding_bag_backward",
-                                                    "aten::_embedding_bag_sparse_backward"),
+    "value backward: weight grads + table rows (numba kernel)": ("_WeightedBagBackward",),
+    "value backward: weight grads (torch)": ("aten::_embedding_bag_per_sample_weights_backward",),
+    "EmbeddingBags: value read, query/key grads": ("aten::_embedding_bag", "aten::_embedding_bag_forward_only",
+                                                   "aten::embedding_dense_backward", "aten::_embedding_bag_backward",
+                                                   "aten::_embedding_bag_sparse_backward"),
     "sort / unique (grouping reads)": ("aten::sort", "aten::unique_consecutive", "aten::bincount",
                                        "aten::cumsum", "aten::floor_divide", "aten::index_copy_"),
     "copies / fills": ("aten::copy_", "aten::fill_", "aten::zero_", "aten::clone", "aten::empty"),

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from model.pkm import cpu_kernels
 from model.pkm.value_table import MemoryParallel, ValueTable, reduce_sparse_grad
 from pretrain.config import TrainConfig
 
@@ -42,28 +43,6 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def _lazy_adam_rows_numba():
-    """One pass over the rows read: the CPU kernel of LazyRowAdam (None without numba)."""
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - numba is a dependency; the torch path still works
-        return None
-
-    @numba.njit(parallel=True, cache=True)
-    def lazy_adam_rows(p, m, v, rows, g, b1, b2, eps, step_size):  # pragma: no cover - compiled
-        for i in numba.prange(rows.shape[0]):
-            r = rows[i]
-            for j in range(p.shape[1]):
-                gj = g[i, j]
-                mj = m[r, j] + (1 - b1) * (gj - m[r, j])  # SparseAdam's form of b1*m + (1-b1)*g
-                vj = v[r, j] + (1 - b2) * (gj * gj - v[r, j])
-                m[r, j] = mj
-                v[r, j] = vj
-                p[r, j] -= step_size * mj / (math.sqrt(vj) + eps)
-
-    return lazy_adam_rows, numba
-
-
 class LazyRowAdam(torch.optim.Optimizer):
     """Lazy Adam for row-sparse gradients: torch.optim.SparseAdam's update (the moments of rows
     without a gradient stay as they were; one step count per table) and its state (`step`,
@@ -71,15 +50,15 @@ class LazyRowAdam(torch.optim.Optimizer):
 
     The update is bound by moving rows: SparseAdam builds five fresh [rows, dim] temporaries and
     sparse tensors per step and makes ~15 passes over them. On CPU (fp32/fp64) one numba kernel
-    reads each gradient row once and updates the weight and moment rows in place (rows are unique:
-    no races). Elsewhere (GPU, bf16) the same update with torch ops: gather the moment rows into
+    (model/pkm/cpu_kernels.py) reads each gradient row once and updates the weight and moment rows
+    in place (rows are unique: no races). Elsewhere (GPU, bf16) the same update with torch ops: gather the moment rows into
     scratch rows the optimizer keeps, update them in place, scatter them back.
     Expects coalesced gradients (SparseValueOptimizer.step coalesces)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, use_kernel: bool = True):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}
-        self._kernel = _lazy_adam_rows_numba() if use_kernel else None
+        self.use_kernel = use_kernel
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -99,12 +78,9 @@ class LazyRowAdam(torch.optim.Optimizer):
                     continue
                 step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
                 m, v = st["exp_avg"], st["exp_avg_sq"]
-                if (self._kernel is not None and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
-                        and all(x.is_contiguous() and x.dtype == p.dtype for x in (p, m, v))):
-                    kernel, numba = self._kernel
-                    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-                    kernel(p.detach().numpy(), m.numpy(), v.numpy(), rows.numpy(), vals.contiguous().numpy(),
-                           b1, b2, group["eps"], step_size)
+                vals = vals.contiguous()
+                if self.use_kernel and cpu_kernels.available(p, m, v, vals) and m.dtype == v.dtype == p.dtype:
+                    cpu_kernels.lazy_adam_rows(p, m, v, rows, vals, b1, b2, group["eps"], step_size)
                 else:
                     self._torch_step(p, m, v, rows, vals, b1, b2, group["eps"], step_size)
         return None

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import PKMConfig
+from model.pkm import cpu_kernels
 from model.pkm.memory import MaskedBatchNorm, ProductKeyMemory, weighted_bag
 from model.pkm.product_keys import _candidate_pairs, brute_force_topk, product_key_topk
 from model.pkm.value_table import ValueTable
@@ -33,13 +34,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["numba", "torch"])
+def cpu_path(request, monkeypatch):
+    """Run on the numba kernels (the CPU default) and on the torch ops (the GPU / bf16 path)."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "available", lambda *tensors: False)
+    else:
+        assert cpu_kernels.numba is not None, "numba is a dependency (pyproject.toml)"
+    return request.param
+
+
 # ---------------------------------------------------------------------------------------------
 # Product-key top-k
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n_keys,heads,knn,k_dim,n", [(16, 1, 4, 8, 50), (64, 4, 16, 32, 40), (128, 2, 32, 16, 30)])
-def test_product_key_topk_equals_brute_force(dtype, n_keys, heads, knn, k_dim, n):
+def test_product_key_topk_equals_brute_force(dtype, n_keys, heads, knn, k_dim, n, cpu_path):
     """Same indices (in the same order) and scores within 1e-6 as scoring all n_keys**2 full keys."""
     gen = torch.Generator().manual_seed(n_keys * 31 + knn)
     query = torch.randn(n, heads, k_dim, generator=gen, dtype=dtype)
@@ -98,7 +109,7 @@ def test_candidate_pairs_are_those_that_can_reach_the_top():
     assert len(_candidate_pairs(1)[0]) == 1
 
 
-def test_product_key_topk_gradcheck(one_thread):
+def test_product_key_topk_gradcheck(one_thread, cpu_path):
     gen = torch.Generator().manual_seed(6)
     q = torch.randn(6, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -110,7 +121,7 @@ def test_product_key_topk_gradcheck(one_thread):
 
 
 @pytest.mark.parametrize("batchnorm", [True, False])
-def test_gradcheck_float64(batchnorm, one_thread):
+def test_gradcheck_float64(batchnorm, one_thread, cpu_path):
     """Finite differences vs autograd w.r.t. the input, the query network and the keys (float64).
     The value table is checked separately below: its gradient takes the sparse path."""
     layer = _layer(dim=6, n_keys=4, heads=2, knn=3, k_dim=4, query_batchnorm=batchnorm)
@@ -191,7 +202,7 @@ def test_layer_value_gradient_equals_dense_embedding_bag():
     torch.testing.assert_close(sparse.to_dense(), bag.weight.grad, rtol=0, atol=1e-6)
 
 
-def test_weighted_bag_matches_native_sparse_embedding_bag():
+def test_weighted_bag_matches_native_sparse_embedding_bag(cpu_path):
     """weighted_bag == F.embedding_bag(sparse=True): output, per-sample-weight gradient, and the table
     gradient; a SparseAdam step from either gradient moves the table alike."""
     torch.manual_seed(1)

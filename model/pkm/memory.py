@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import PKMConfig
+from model.pkm import cpu_kernels
 from model.pkm.product_keys import product_key_topk, sort_ids
 from model.pkm.value_table import MemoryParallel, ValueTable
 
@@ -113,8 +114,14 @@ class _WeightedBag(torch.autograd.Function):
         # Visit the reads in slot order: the table rows are then read in address order (twice as fast
         # as random order for the weight gradient) and each slot's reads are adjacent.
         flat, order = sort_ids(indices.reshape(-1))
-        bags = order // k  # token of each read
         grad_weights = grad_table = None
+        if all(ctx.needs_input_grad[1:]) and cpu_kernels.available(grad, table, weights) and weights.dtype == table.dtype:
+            # the two passes below fused into one (model/pkm/cpu_kernels.py)
+            grad_weights, slots, rows = cpu_kernels.weighted_bag_backward(grad, table, weights, flat, order)
+            grad_table = torch.sparse_coo_tensor(slots.unsqueeze(0), rows, table.shape, is_coalesced=True,
+                                                 check_invariants=False)
+            return None, grad_weights, grad_table
+        bags = order // k  # token of each read
         if ctx.needs_input_grad[1]:
             offsets = torch.arange(0, n * k, k, device=grad.device)  # unused: `bags` is given
             dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, table, flat, offsets, bags, 0, -1)

