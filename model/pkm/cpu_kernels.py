@@ -77,6 +77,7 @@ if numba is not None:
     @numba.njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
     def _weighted_bag_backward(grad, table, weights, order, starts, slots, k, grad_weights, rows):  # pragma: no cover
         d = grad.shape[1]
+        zero = np.zeros(1, grad.dtype)[0]  # accumulate in the tables' dtype (a 0 literal would be float64)
         for s in numba.prange(slots.shape[0]):
             t = table[slots[s]]
             acc = rows[s]
@@ -85,7 +86,7 @@ if numba is not None:
             for r in range(starts[s], starts[s + 1]):
                 read = order[r]
                 g = grad[read // k]  # the output-gradient rows ([N, dim]) stay in cache
-                dot = g[0] * 0  # a zero of the table's dtype
+                dot = zero
                 for j in range(d):
                     dot += g[j] * t[j]
                 grad_weights[read] = dot
