@@ -103,6 +103,18 @@ def test_product_key_topk_with_ties_returns_best_scores_and_consistent_indices()
     assert (indices.sort(-1).values.diff(dim=-1) > 0).all()
 
 
+def test_cpu_kernels_leave_torch_thread_count_alone():
+    """A kernel call must not change torch's intra-op threads (numba's OpenMP layer did: 1 -> 2)."""
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            product_key_topk(torch.randn(64, 2, 16), torch.randn(2, 2, 32, 8), 8)
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_candidate_pairs_are_those_that_can_reach_the_top():
     a, b = _candidate_pairs(32)
     assert len(a) == 119 and ((a + 1) * (b + 1) <= 32).all()

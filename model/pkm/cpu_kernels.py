@@ -8,6 +8,7 @@ result. Compiled on first use and cached on disk (numba `cache=True`): ~1 s once
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -16,6 +17,11 @@ try:
     import numpy as np
 except ImportError:  # pragma: no cover - numba is a dependency; callers fall back to torch ops
     numba = None
+
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's own thread pool: its OpenMP layer shares libgomp with torch and resets torch's thread
+    # count (torch.set_num_threads(1) became 2 after one kernel call: oversubscribed ranks).
+    numba.config.THREADING_LAYER = "workqueue"
 
 
 def available(*tensors: torch.Tensor) -> bool:
