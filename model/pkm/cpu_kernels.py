@@ -8,7 +8,7 @@ result. Compiled on first use and cached on disk (numba `cache=True`): ~1 s once
 from __future__ import annotations
 
 import math
-import os
+from contextlib import contextmanager
 
 import torch
 
@@ -18,20 +18,25 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; callers fall back to torch ops
     numba = None
 
-if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's own thread pool: its OpenMP layer shares libgomp with torch and resets torch's thread
-    # count (torch.set_num_threads(1) became 2 after one kernel call: oversubscribed ranks).
-    numba.config.THREADING_LAYER = "workqueue"
-
-
 def available(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can run on these tensors: numba present, CPU, fp32/fp64, contiguous."""
     return numba is not None and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
                                      and t.is_contiguous() for t in tensors)
 
 
-def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+@contextmanager
+def _torch_threads():
+    """Run a kernel on torch's intra-op thread count, and leave that count as it was: numba's OpenMP
+    layer shares libgomp with torch and resets its count when it starts its pool (1 became 2 after
+    one call: oversubscribed ranks). numba's own pool (workqueue) would not, but its threads and
+    torch's spin-waiting OpenMP threads then compete for the cores (the layer ran 1.1x slower)."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 if numba is not None:
@@ -120,8 +125,8 @@ def product_topk(sub_scores: torch.Tensor, knn: int, ra: torch.Tensor, rb: torch
     heads, _, n, _ = sub_scores.shape
     scores = sub_scores.new_empty(heads, n, knn)
     ids = torch.empty(heads, 2, n, knn, dtype=torch.long)
-    _threads()
-    _product_topk(sub_scores.numpy(), knn, ra.numpy(), rb.numpy(), scores.numpy(), ids.numpy())
+    with _torch_threads():
+        _product_topk(sub_scores.numpy(), knn, ra.numpy(), rb.numpy(), scores.numpy(), ids.numpy())
     return scores, ids
 
 
@@ -137,13 +142,13 @@ def weighted_bag_backward(grad: torch.Tensor, table: torch.Tensor, weights: torc
     torch.cumsum(counts, 0, out=starts[1:])
     grad_weights = weights.new_empty(n * k)
     rows = table.new_empty(slots.numel(), table.shape[1])
-    _threads()
-    _weighted_bag_backward(grad.numpy(), table.detach().numpy(), weights.reshape(-1).numpy(), order.numpy(),
-                           starts.numpy(), slots.numpy(), k, grad_weights.numpy(), rows.numpy())
+    with _torch_threads():
+        _weighted_bag_backward(grad.numpy(), table.detach().numpy(), weights.reshape(-1).numpy(), order.numpy(),
+                               starts.numpy(), slots.numpy(), k, grad_weights.numpy(), rows.numpy())
     return grad_weights.view(n, k), slots, rows
 
 
 def lazy_adam_rows(p, m, v, rows, g, b1: float, b2: float, eps: float, step_size: float) -> None:
     """SparseAdam's update of the (unique) `rows` of p, m, v from their gradient rows g, in place."""
-    _threads()
-    _lazy_adam_rows(p.detach().numpy(), m.numpy(), v.numpy(), rows.numpy(), g.numpy(), b1, b2, eps, step_size)
+    with _torch_threads():
+        _lazy_adam_rows(p.detach().numpy(), m.numpy(), v.numpy(), rows.numpy(), g.numpy(), b1, b2, eps, step_size)
