@@ -18,6 +18,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; callers fall back to torch ops
     numba = None
 
+
 def available(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can run on these tensors: numba present, CPU, fp32/fp64, contiguous."""
     return numba is not None and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
