@@ -5,7 +5,7 @@ columns over data parallelism (parallel.memory_parallel=dp, TP 1), the same glob
 (8 sequences x 64 tokens, micro-batch 8 / world, no gradient accumulation). Every rank reports what it
 really holds, from its live tensors after the timed steps (benchmarks/workers/sharding_worker.py):
   value bytes       the storage of its value-table shard
-  optimizer bytes   the storage of SparseAdam's exp_avg and exp_avg_sq for that shard
+  optimizer bytes   the storage of the lazy Adam's exp_avg and exp_avg_sq for that shard (LazyRowAdam)
 Figures (--json keys):
   value_bytes_ratio_w2, _w4   max per-rank (value + optimizer) bytes x world / the world-1 total
                               (goal: within 5% of 1.0, i.e. each rank holds total / world)

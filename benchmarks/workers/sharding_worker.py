@@ -3,7 +3,7 @@ reports what this rank really holds for the PKM value tables (live tensors, not 
 
 usage: torchrun --nproc_per_node N benchmarks/workers/sharding_worker.py OUT_DIR WARMUP STEPS DENSE CONFIG [overrides...]
 
-Each round times one training step with the row-sparse value update (the Trainer's SparseAdam) and,
+Each round times one training step with the row-sparse value update (the Trainer's LazyRowAdam) and,
 when DENSE is 1, one with the dense alternative right after it (A B A B ...), so both see the same
 machine load. Writes OUT_DIR/rank<R>.json.
 """
