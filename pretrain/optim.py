@@ -51,8 +51,9 @@ class LazyRowAdam(torch.optim.Optimizer):
     The update is bound by moving rows: SparseAdam builds five fresh [rows, dim] temporaries and
     sparse tensors per step and makes ~15 passes over them. On CPU (fp32/fp64) one numba kernel
     (model/pkm/cpu_kernels.py) reads each gradient row once and updates the weight and moment rows
-    in place (rows are unique: no races). Elsewhere (GPU, bf16) the same update with torch ops: gather the moment rows into
-    scratch rows the optimizer keeps, update them in place, scatter them back.
+    in place (rows are unique: no races). Elsewhere (GPU, bf16) the same update with torch ops:
+    gather the moment rows into scratch rows the optimizer keeps, update them in place, scatter them
+    back.
     Expects coalesced gradients (SparseValueOptimizer.step coalesces)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, use_kernel: bool = True):
@@ -79,7 +80,7 @@ class LazyRowAdam(torch.optim.Optimizer):
                 step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
                 m, v = st["exp_avg"], st["exp_avg_sq"]
                 vals = vals.contiguous()
-                if self.use_kernel and cpu_kernels.available(p, m, v, vals) and m.dtype == v.dtype == p.dtype:
+                if self.use_kernel and cpu_kernels.available(p, m, v, vals):
                     cpu_kernels.lazy_adam_rows(p, m, v, rows, vals, b1, b2, group["eps"], step_size)
                 else:
                     self._torch_step(p, m, v, rows, vals, b1, b2, group["eps"], step_size)

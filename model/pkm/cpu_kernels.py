@@ -20,9 +20,11 @@ except ImportError:  # pragma: no cover - numba is a dependency; callers fall ba
 
 
 def available(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can run on these tensors: numba present, CPU, fp32/fp64, contiguous."""
-    return numba is not None and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
-                                     and t.is_contiguous() for t in tensors)
+    """Whether the kernels can run on these tensors: numba present, CPU, contiguous, all fp32 or all
+    fp64 (a kernel computes in its inputs' one dtype)."""
+    return (numba is not None and len({t.dtype for t in tensors}) == 1
+            and tensors[0].dtype in (torch.float32, torch.float64)
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors))
 
 
 @contextmanager

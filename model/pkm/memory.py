@@ -115,21 +115,21 @@ class _WeightedBag(torch.autograd.Function):
         # as random order for the weight gradient) and each slot's reads are adjacent.
         flat, order = sort_ids(indices.reshape(-1))
         grad_weights = grad_table = None
-        if all(ctx.needs_input_grad[1:]) and cpu_kernels.available(grad, table, weights) and weights.dtype == table.dtype:
-            # the two passes below fused into one (model/pkm/cpu_kernels.py)
+        if all(ctx.needs_input_grad[1:]) and cpu_kernels.available(grad, table, weights):
+            # the weight gradient and the table rows in one pass (model/pkm/cpu_kernels.py)
             grad_weights, slots, rows = cpu_kernels.weighted_bag_backward(grad, table, weights, flat, order)
-            grad_table = torch.sparse_coo_tensor(slots.unsqueeze(0), rows, table.shape, is_coalesced=True,
-                                                 check_invariants=False)
-            return None, grad_weights, grad_table
-        bags = order // k  # token of each read
-        if ctx.needs_input_grad[1]:
-            offsets = torch.arange(0, n * k, k, device=grad.device)  # unused: `bags` is given
-            dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, table, flat, offsets, bags, 0, -1)
-            grad_weights = torch.empty_like(dots).index_copy_(0, order, dots).view(n, k)
+        else:
+            bags = order // k  # token of each read
+            if ctx.needs_input_grad[1]:
+                offsets = torch.arange(0, n * k, k, device=grad.device)  # unused: `bags` is given
+                dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, table, flat, offsets, bags,
+                                                                                 0, -1)
+                grad_weights = torch.empty_like(dots).index_copy_(0, order, dots).view(n, k)
+            if ctx.needs_input_grad[2]:
+                slots, counts = torch.unique_consecutive(flat, return_counts=True)
+                offsets = counts.cumsum(0) - counts
+                rows = F.embedding_bag(bags, grad, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
         if ctx.needs_input_grad[2]:
-            slots, counts = torch.unique_consecutive(flat, return_counts=True)
-            offsets = counts.cumsum(0) - counts
-            rows = F.embedding_bag(bags, grad, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
             grad_table = torch.sparse_coo_tensor(slots.unsqueeze(0), rows, table.shape, is_coalesced=True,
                                                  check_invariants=False)
         return None, grad_weights, grad_table
