@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pretrain.log import quiet_third_party
+
+    quiet_third_party()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may come after options (`pkm pretrain --config C --resume auto a.b=1`)

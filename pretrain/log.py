@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -32,3 +33,12 @@ def setup_logging(log_file: str | Path | None = None, rank: int | None = None, l
         fh.setFormatter(logging.Formatter(_FORMAT))
         root.addHandler(fh)
     return root
+
+
+def quiet_third_party() -> None:
+    """Drop the import-time warnings of megatron-core/DeepSpeed/torch that say nothing to a user
+    (optional fused kernels absent, deprecations): a CLI error must be the one line on stderr."""
+    for msg in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
+                ".*full scope is deprecated.*", ".*TypedStorage is deprecated.*"):
+        warnings.filterwarnings("ignore", message=msg)
+    logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)

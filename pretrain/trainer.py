@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -21,23 +20,16 @@ import yaml
 
 from pretrain.config import RunConfig, to_dict
 from pretrain.errors import PretrainError
-from pretrain.log import setup_logging
+from pretrain.log import quiet_third_party, setup_logging
 
 log = logging.getLogger("pkm.train")
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved on SIGUSR1/SIGTERM; requeue and resume
 
 
-def _quiet_third_party() -> None:
-    for msg in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
-                ".*full scope is deprecated.*", ".*TypedStorage is deprecated.*"):
-        warnings.filterwarnings("ignore", message=msg)
-    logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        _quiet_third_party()
+        quiet_third_party()
         from pretrain.distributed import check_layout, init_distributed, launcher_env
 
         self.cfg = cfg

@@ -1,12 +1,41 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and helpers (import the helpers with `from tests.conftest import ...`)."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+TINY_GPT = ROOT / "configs" / "tiny_gpt.yaml"
+TINY_BERT = ROOT / "configs" / "tiny_bert.yaml"
 
-def _free_port() -> int:
+
+def run_pkm(*args: str, env: dict | None = None, cwd: Path | str = ROOT, timeout: int = 900,
+            stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The real `pkm` entry point in a subprocess (the interpreter of this venv, this checkout's code)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, input=stdin)
+
+
+def assert_user_error(r: subprocess.CompletedProcess, *names: str, code: int = 2) -> str:
+    """A user mistake: exit `code`, exactly one line on stderr (`pkm: error: ...`) naming each of
+    `names` (a key, file or path), and no traceback anywhere. Returns the line."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == code, f"exit {r.returncode}, expected {code}\nstderr:\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{r.stderr[-3000:]}"
+    assert lines[0].startswith("pkm: error: "), lines[0]
+    for name in names:
+        assert str(name) in lines[0], f"{name!r} not named in: {lines[0]}"
+    return lines[0]
+
+
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -24,7 +53,7 @@ def megatron_single_process():
     from model import cpu_shim
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{_free_port()}")
+        dist.init_process_group("gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{free_port()}")
     cpu_shim.apply()
     created = not parallel_state.model_parallel_is_initialized()
     if created:
