@@ -146,6 +146,17 @@ def _set_dense_moments(trainer, p: torch.nn.Parameter, moments: dict[str, torch.
     st["step"] = torch.tensor(float(step))
 
 
+def _set_master_weights(trainer) -> None:
+    """Copy the just-loaded model weights into the optimizer's fp32 master copies, where it keeps its
+    own (ZeRO 1/2 partitions; DeepSpeed's bf16 optimizer): they were cloned from the initial weights
+    when the engine was built, and the first step after resume would otherwise update those and copy
+    them back over the loaded model. A no-op for parameters the optimizer updates in place."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for p in trainer.model.parameters():
+        safe_set_full_fp32_param(p, p.detach().float())
+
+
 def _base_optimizer(trainer):
     opt = trainer.optimizer
     return getattr(opt, "optimizer", opt) if trainer.cfg.train.zero_stage > 0 else opt
@@ -270,6 +281,7 @@ class Checkpointer:
         template = sharded_state(tr, for_load=True)
         loaded = dist_checkpointing.load(template, str(path))
         tr.model.load_state_dict({k[len("model."):]: v for k, v in _unwrap(loaded["model"]).items()}, strict=True)
+        _set_master_weights(tr)
         step = int(loaded["trainer"]["step"])
         for name, p in tr.model.named_parameters():
             _set_dense_moments(tr, p, {k: loaded["optimizer"][f"{k}.{name}"] for k in ("exp_avg", "exp_avg_sq")}, step)
