@@ -10,6 +10,7 @@ modeling file implements what was trained.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,13 +55,15 @@ def test_export_of_a_tp2_dp2_checkpoint(megatron_single_process, tmp_path):
     d = run("tiny_gpt.yaml", 4, tmp_path / "run", "parallel.tensor_parallel=2", "parallel.memory_parallel=all",
             "train.zero_stage=1", "train.micro_batch_size=4", "train.train_steps=3")
     ckpt = d / "checkpoints" / "step_0000003"
-    import json
-
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert (manifest["tp"], manifest["dp"], manifest["memory_parallel"]) == (2, 2, "all")
     sd = export_and_compare(ckpt, tmp_path / "hf")
-    table = next(v for k, v in sd.items() if k.endswith("values.weight"))
+    key, table = next((k, v) for k, v in sd.items() if k.endswith("values.weight"))
     assert table.shape == (48 ** 2, 64)  # whole again: n_keys**2 slots x hidden, from 4 column shards
+    from tests.test_reshard import checkpoint_tensors
+
+    raw = checkpoint_tensors(ckpt, f"model.{key}")[f"model.{key}"]  # read back by torch's own DCP reader
+    assert torch.equal(table, raw)
 
 
 def test_export_with_query_layernorm_and_dropouts(megatron_single_process, tmp_path):
@@ -74,7 +77,5 @@ def test_export_with_query_layernorm_and_dropouts(megatron_single_process, tmp_p
     ln = {k: v for k, v in sd.items() if "query_layernorm" in k}
     assert {k.rsplit(".", 1)[1] for k in ln} == {"weight", "bias"}, sorted(ln)
     assert not torch.equal(ln[next(k for k in ln if k.endswith("weight"))], torch.ones(32)), "the LayerNorm never trained"
-    import json
-
     pkm = json.loads((out / "config.json").read_text())["pkm"]
     assert pkm["query_layernorm"] is True and pkm["value_dropout"] == 0.1
