@@ -26,27 +26,32 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.init_from:
         overrides.append(f"checkpoint.init_from={args.init_from}")
     cfg = load_config(args.config, overrides)  # config errors before any heavy import
+    from data_pipeline.preprocess import check_files
+
+    for prefix in cfg.data.paths:  # a missing or truncated dataset before anything is built
+        check_files(prefix)
     from pretrain.distributed import shutdown
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg)
     try:
-        code = trainer.train()
-        if code == 0 and trainer.env.is_main:
-            _print_summary(trainer)
-        return code
+        result = trainer.train()
+        if result.exit_code == 0 and trainer.env.is_main:
+            _print_summary(result, trainer.run_dir)
+        return result.exit_code
     finally:
         shutdown()
 
 
-def _print_summary(trainer) -> None:
-    f = trainer.final
-    run = trainer.run_dir
-    lines = [f"pretraining finished: {f['step']} steps",
-             f"  loss: {f['first_loss']:.4f} at the first step -> {f['final_loss']:.4f} at the last"]
-    for k, v in f.get("usage", {}).items():
+def _print_summary(result, run) -> None:
+    if result.steps_run == 0:
+        lines = [f"nothing to train: the run is already at step {result.step} (train.train_steps)"]
+    else:
+        lines = [f"pretraining finished: {result.step} steps",
+                 f"  loss: {result.first_loss:.4f} at the first step -> {result.final_loss:.4f} at the last"]
+    for k, v in result.usage.items():
         lines.append(f"  {k}: {v:.2f}")
     lines += [f"  TensorBoard: tensorboard --logdir {run / 'tensorboard'}",
-              f"  checkpoint:  {run / 'checkpoints' / (run / 'checkpoints' / 'latest').read_text().strip()}",
+              f"  checkpoint:  {result.checkpoint}",
               f"  log:         {run / 'logs' / 'train.log'}"]
     print("\n".join(lines), flush=True)
