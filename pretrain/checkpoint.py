@@ -192,17 +192,67 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def own_writer_processes() -> None:
+    """Make megatron's checkpoint writer start no process that can outlive the trainer.
+
+    Its torch_dist writer forks one process per write bucket and, once per process, starts a
+    multiprocessing Manager (a spawned server, plus a resource tracker) for a results queue meant for
+    asynchronous saves. Our saves are synchronous: the queue's producer and consumer are this process,
+    so a plain in-process queue does, and nothing is spawned. The forked writers get SIGKILL when the
+    trainer dies (PR_SET_PDEATHSIG), so a kill -9 during a save leaves no process behind."""
+    import ctypes
+    import queue
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    if getattr(fsa, "_pkm_owned", False):
+        return
+    fsa._results_queue = queue.Queue()
+    write_bucket = fsa.FileSystemWriterAsync.write_preloaded_data
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+    except OSError:  # not Linux/glibc: the forked writers finish their bucket and exit on their own
+        libc = None
+
+    trainer_pid = os.getpid()
+
+    def write_bucket_dying_with_parent(*args, **kwargs):
+        if libc is not None:
+            libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+            if os.getppid() != trainer_pid:  # the trainer died before prctl took effect
+                os._exit(1)
+        return write_bucket(*args, **kwargs)
+
+    fsa.FileSystemWriterAsync.write_preloaded_data = staticmethod(write_bucket_dying_with_parent)
+    fsa._pkm_owned = True
+
+
 class Checkpointer:
     def __init__(self, trainer):
         self.trainer = trainer
         self.root = Path(trainer.cfg.run_dir) / "checkpoints"
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step_{step:07d}"
+
+    def latest(self) -> Optional[Path]:
+        """The published checkpoint `latest` names, or None."""
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if path.is_dir() else None
 
     def save(self) -> Path:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
         tr = self.trainer
-        name = f"step_{tr.step:07d}"
+        own_writer_processes()
+        name = self.name(tr.step)
         final, tmp = self.root / name, self.root / f".tmp-{name}"
         if tr.env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
