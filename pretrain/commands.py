@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -26,10 +28,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.init_from:
         overrides.append(f"checkpoint.init_from={args.init_from}")
     cfg = load_config(args.config, overrides)  # config errors before any heavy import
-    from data_pipeline.preprocess import check_files
-
-    for prefix in cfg.data.paths:  # a missing or truncated dataset before anything is built
-        check_files(prefix)
+    check_inputs(cfg)
     from pretrain.distributed import shutdown
     from pretrain.trainer import Trainer
 
@@ -41,6 +40,34 @@ def run_pretrain(args: argparse.Namespace) -> int:
         return result.exit_code
     finally:
         shutdown()
+
+
+def check_inputs(cfg) -> None:
+    """What the run reads and writes, checked before anything is built: one-line errors naming the key."""
+    from data_pipeline.preprocess import check_files
+    from data_pipeline.tokenizer import BUNDLED
+    from pretrain.config import ConfigError
+
+    for key, path, kind in (("checkpoint.init_from", cfg.checkpoint.init_from, "dir"),
+                            ("checkpoint.resume", None if cfg.checkpoint.resume == "auto" else cfg.checkpoint.resume,
+                             "dir"),
+                            ("data.tokenizer", None if cfg.data.tokenizer in BUNDLED else cfg.data.tokenizer, "any")):
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{key}: {p} does not exist")
+        if kind == "dir" and not p.is_dir():
+            raise ConfigError(f"{key}: {p} is a file, not a checkpoint or model directory")
+    for prefix in cfg.data.paths:  # a missing or truncated dataset
+        check_files(prefix)
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run_dir: cannot create {run_dir} ({e.strerror})") from None
+    if not os.access(run_dir, os.W_OK):
+        raise ConfigError(f"run_dir: {run_dir} is not writable")
 
 
 def _print_summary(result, run) -> None:

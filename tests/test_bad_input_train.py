@@ -54,6 +54,19 @@ def test_bad_input_config_value(override: str, key: str):
     assert not Path("/nonexistent/never-created").exists()
 
 
+@pytest.mark.parametrize("override, named", [
+    ("checkpoint.resume=/nonexistent/ckpt", "checkpoint.resume: /nonexistent/ckpt does not exist"),
+    ("checkpoint.init_from=/nonexistent/model", "checkpoint.init_from: /nonexistent/model does not exist"),
+    ("checkpoint.init_from=README.md", "checkpoint.init_from: README.md is a file"),
+    ("data.tokenizer=/nonexistent.model", "data.tokenizer: /nonexistent.model does not exist"),
+    ("data.paths=[/nonexistent/corpus]", "/nonexistent/corpus.manifest.json"),
+    ("run_dir=README.md/run", "run_dir: cannot create README.md/run"),
+])
+def test_bad_input_paths(override: str, named: str):
+    r = run_pkm("pretrain", "--config", TINY_GPT, override, timeout=120)
+    assert_user_error(r, named)
+
+
 def test_bad_input_knn_zero_as_in_the_issue():
     r = run_pkm("pretrain", "--config", "configs/tiny_gpt.yaml", "model.pkm.knn=0", "run_dir=/nonexistent/x",
                 timeout=120)
