@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain.errors import PretrainError
 
@@ -209,6 +210,8 @@ def own_writer_processes() -> None:
     if getattr(fsa, "_pkm_owned", False):
         return
     fsa._results_queue = queue.Queue()
+    # its worker errors reach the trainer as the exception Checkpointer.save reports in one line
+    logging.getLogger(fsa.__name__).setLevel(logging.CRITICAL)
     write_bucket = fsa.FileSystemWriterAsync.write_preloaded_data
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -260,22 +263,34 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         dist.barrier()
-        state = sharded_state(tr)
-        dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
-        if tr.env.is_main:
-            (tmp / "rng").mkdir(exist_ok=True)
-        dist.barrier()
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{tr.env.rank}.pt")
-        dist.barrier()
-        if tr.env.is_main:
-            from pretrain.config import to_dict
+        try:
+            state = sharded_state(tr)
+            dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+            if tr.env.is_main:
+                (tmp / "rng").mkdir(exist_ok=True)
+            dist.barrier()
+            torch.save(_rng_state(), tmp / "rng" / f"rank_{tr.env.rank}.pt")
+            dist.barrier()
+            if tr.env.is_main:
+                from pretrain.config import to_dict
 
-            (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(tr.cfg), sort_keys=False))
-            _copy_tokenizer(tr.tokenizer, tmp / "tokenizer")
-            info = {"step": tr.step, "world_size": tr.env.world_size, "tp": tr.env.tp_size, "dp": tr.env.dp_size,
-                    "memory_parallel": tr.cfg.parallel.memory_parallel, "family": tr.cfg.model.family,
-                    "tokenizer": tr.tokenizer.identity, "memory_report": tr.memory_report}
-            write_manifest(tmp, info)
+                (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(tr.cfg), sort_keys=False))
+                _copy_tokenizer(tr.tokenizer, tmp / "tokenizer")
+                info = {"step": tr.step, "world_size": tr.env.world_size, "tp": tr.env.tp_size, "dp": tr.env.dp_size,
+                        "memory_parallel": tr.cfg.parallel.memory_parallel, "family": tr.cfg.model.family,
+                        "tokenizer": tr.tokenizer.identity, "memory_report": tr.memory_report}
+                write_manifest(tmp, info)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            # Disk full, quota, I/O errors (megatron's writer reports them as RuntimeError): nothing is
+            # published and the previous checkpoints stay as they were. Under torchrun, this rank's exit
+            # makes the agent stop the others.
+            free = shutil.disk_usage(self.root).free / 2**20
+            if tr.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_failure(e)
+            raise CheckpointError(f"{final}: could not write the checkpoint ({reason}; {free:.0f} MiB free "
+                                  "there); the previous checkpoints are intact") from None
+        if tr.env.is_main:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -341,6 +356,17 @@ class Checkpointer:
         if rng.is_file() and manifest.get("world_size") == tr.env.world_size:
             _set_rng_state(torch.load(rng, weights_only=False))
         log.info("resumed from %s at step %d", path, tr.step)
+
+
+def _first_failure(e: BaseException) -> str:
+    """The first worker failure inside a torch.distributed.checkpoint exception, as one line."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))
+        if isinstance(e, tuple):  # (exception, stack summary)
+            e = e[0]
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _unwrap(sd: dict) -> dict:
