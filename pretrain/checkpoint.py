@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain.errors import PretrainError
 
@@ -203,17 +204,69 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def own_writer_processes() -> None:
+    """Make megatron's checkpoint writer start no process that can outlive the trainer.
+
+    Its torch_dist writer forks one process per write bucket and, once per process, starts a
+    multiprocessing Manager (a spawned server, plus a resource tracker) for a results queue meant for
+    asynchronous saves. Our saves are synchronous: the queue's producer and consumer are this process,
+    so a plain in-process queue does, and nothing is spawned. The forked writers get SIGKILL when the
+    trainer dies (PR_SET_PDEATHSIG), so a kill -9 during a save leaves no process behind."""
+    import ctypes
+    import queue
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    if getattr(fsa, "_pkm_owned", False):
+        return
+    fsa._results_queue = queue.Queue()
+    # its worker errors reach the trainer as the exception Checkpointer.save reports in one line
+    logging.getLogger(fsa.__name__).setLevel(logging.CRITICAL)
+    write_bucket = fsa.FileSystemWriterAsync.write_preloaded_data
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+    except OSError:  # not Linux/glibc: the forked writers finish their bucket and exit on their own
+        libc = None
+
+    trainer_pid = os.getpid()
+
+    def write_bucket_dying_with_parent(*args, **kwargs):
+        if libc is not None:
+            libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+            if os.getppid() != trainer_pid:  # the trainer died before prctl took effect
+                os._exit(1)
+        return write_bucket(*args, **kwargs)
+
+    fsa.FileSystemWriterAsync.write_preloaded_data = staticmethod(write_bucket_dying_with_parent)
+    fsa._pkm_owned = True
+
+
 class Checkpointer:
     def __init__(self, trainer):
         self.trainer = trainer
         self.root = Path(trainer.cfg.run_dir) / "checkpoints"
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step_{step:07d}"
+
+    def latest(self) -> Optional[Path]:
+        """The published checkpoint `latest` names, or None."""
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if path.is_dir() else None
 
     def save(self) -> Path:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
         tr = self.trainer
-        name = f"step_{tr.step:07d}"
+        own_writer_processes()
+        name = self.name(tr.step)
         final, tmp = self.root / name, self.root / f".tmp-{name}"
         if tr.env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -221,22 +274,34 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         dist.barrier()
-        state = sharded_state(tr)
-        dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
-        if tr.env.is_main:
-            (tmp / "rng").mkdir(exist_ok=True)
-        dist.barrier()
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{tr.env.rank}.pt")
-        dist.barrier()
-        if tr.env.is_main:
-            from pretrain.config import to_dict
+        try:
+            state = sharded_state(tr)
+            dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+            if tr.env.is_main:
+                (tmp / "rng").mkdir(exist_ok=True)
+            dist.barrier()
+            torch.save(_rng_state(), tmp / "rng" / f"rank_{tr.env.rank}.pt")
+            dist.barrier()
+            if tr.env.is_main:
+                from pretrain.config import to_dict
 
-            (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(tr.cfg), sort_keys=False))
-            _copy_tokenizer(tr.tokenizer, tmp / "tokenizer")
-            info = {"step": tr.step, "world_size": tr.env.world_size, "tp": tr.env.tp_size, "dp": tr.env.dp_size,
-                    "memory_parallel": tr.cfg.parallel.memory_parallel, "family": tr.cfg.model.family,
-                    "tokenizer": tr.tokenizer.identity, "memory_report": tr.memory_report}
-            write_manifest(tmp, info)
+                (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(tr.cfg), sort_keys=False))
+                _copy_tokenizer(tr.tokenizer, tmp / "tokenizer")
+                info = {"step": tr.step, "world_size": tr.env.world_size, "tp": tr.env.tp_size, "dp": tr.env.dp_size,
+                        "memory_parallel": tr.cfg.parallel.memory_parallel, "family": tr.cfg.model.family,
+                        "tokenizer": tr.tokenizer.identity, "memory_report": tr.memory_report}
+                write_manifest(tmp, info)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            # Disk full, quota, I/O errors (megatron's writer reports them as RuntimeError): nothing is
+            # published and the previous checkpoints stay as they were. Under torchrun, this rank's exit
+            # makes the agent stop the others.
+            free = shutil.disk_usage(self.root).free / 2**20
+            if tr.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_failure(e)
+            raise CheckpointError(f"{final}: could not write the checkpoint ({reason}; {free:.0f} MiB free "
+                                  "there); the previous checkpoints are intact") from None
+        if tr.env.is_main:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -303,6 +368,17 @@ class Checkpointer:
         if rng.is_file() and manifest.get("world_size") == tr.env.world_size:
             _set_rng_state(torch.load(rng, weights_only=False))
         log.info("resumed from %s at step %d", path, tr.step)
+
+
+def _first_failure(e: BaseException) -> str:
+    """The first worker failure inside a torch.distributed.checkpoint exception, as one line."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))
+        if isinstance(e, tuple):  # (exception, stack summary)
+            e = e[0]
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _unwrap(sd: dict) -> dict:

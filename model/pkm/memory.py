@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import PKMConfig
+from model.errors import ModelError
 from model.pkm import cpu_kernels
 from model.pkm.product_keys import product_key_topk, sort_ids
 from model.pkm.value_table import MemoryParallel, ValueTable
@@ -160,8 +161,11 @@ class ProductKeyMemory(nn.Module):
     def __init__(self, dim: int, cfg: PKMConfig, parallel: MemoryParallel = MemoryParallel(),
                  init_seed: int = 0, stats_group=None):
         super().__init__()
-        if cfg.k_dim % 2:
-            raise ValueError(f"k_dim must be even, got {cfg.k_dim}")
+        if cfg.k_dim < 2 or cfg.k_dim % 2:
+            raise ModelError(f"PKM k_dim must be even and >= 2, got {cfg.k_dim}")
+        if not 1 <= cfg.knn <= cfg.n_keys or cfg.heads < 1:
+            raise ModelError(f"PKM needs 1 <= knn <= n_keys and heads >= 1, got knn={cfg.knn}, "
+                             f"n_keys={cfg.n_keys}, heads={cfg.heads}")
         self.cfg, self.dim = cfg, dim
         h, k, half = cfg.heads, cfg.k_dim, cfg.k_dim // 2
         self.query_proj = nn.Linear(dim, h * k, bias=True)
