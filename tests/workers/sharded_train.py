@@ -45,7 +45,7 @@ def main() -> int:
     assert table.weight.shape == (table.n_slots, table.dim // tr.env.memory.size), table.weight.shape
     guard = NoFullTable(table.n_slots, table.weight.numel())
     with guard:
-        code = tr.train()
+        code = tr.train().exit_code
     print(f"rank {tr.env.rank}: value shard {tuple(table.weight.shape)}, largest dense table-shaped tensor "
           f"{guard.largest} elements", flush=True)
     from pretrain.distributed import shutdown
