@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from model.pkm.memory import ProductKeyMemory
+from pretrain.distributed import all_reduce_tensor
 
 log = logging.getLogger("pkm.train")
 
@@ -60,9 +60,8 @@ class PKMUsage:
             reads, mass = self.reads[i].clone(), self.mass[i].clone()
             recent = (self.last_update[i] > step - window).float()
             if self.dp_group is not None:
-                for t in (reads, mass):
-                    dist.all_reduce(t, group=self.dp_group)
-                dist.all_reduce(recent, op=dist.ReduceOp.MAX, group=self.dp_group)
+                reads, mass = (all_reduce_tensor(t, "sum", self.dp_group) for t in (reads, mass))
+                recent = all_reduce_tensor(recent, "max", self.dp_group)
             n = reads.numel()
             total = mass.sum()
             if total > 0:
