@@ -23,13 +23,11 @@ A collective then fails on a host tensor. Tensors made before the guard started 
 Limits: `.to(device)` of a tensor already there returns the tensor itself, which then counts as
 placed (on a GPU the copy would be); a literal `device="cpu"` counts as intended. Both can only hide
 a mistake, never report a correct tensor. The mode costs a Python call per torch op (tests only).
-
-Groups listed in `host_groups` (e.g. megatron's gloo groups, meant for CPU tensors) are not checked.
 """
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -102,16 +100,13 @@ class DeviceGuard:
     required: None = the backend's own need (NCCL: cuda); "cuda" = check as if every group were NCCL
     (on a CPU run this emulates placement, see the module docstring)."""
 
-    def __init__(self, required: Optional[str] = None, host_groups: Iterable = ()):
+    def __init__(self, required: Optional[str] = None):
         self.required = required
-        self.host_groups = list(host_groups)
         self.checked = 0  # tensors checked (tests assert the guard saw collectives at all)
         self._saved: dict[str, object] = {}
         self._mode: Optional[_Placement] = None
 
     def _needed(self, group) -> Optional[str]:
-        if any(group is g for g in self.host_groups if g is not None):
-            return None
         if self.required is not None:
             return self.required
         return "cuda" if dist.is_initialized() and dist.get_backend(group) == "nccl" else None
