@@ -138,7 +138,8 @@ def _stage0_master(trainer, p: torch.nn.Parameter) -> torch.Tensor:
 
 
 def _get_master(trainer, p: torch.nn.Parameter) -> torch.Tensor:
-    """The fp32 master weight of a bf16 parameter, full (TP-local) shape, whatever the ZeRO stage."""
+    """The fp32 master weight of a bf16 parameter, full (TP-local) shape, whatever the ZeRO stage
+    (None under ZeRO for a weight the optimizer does not hold)."""
     if trainer.cfg.train.zero_stage > 0:
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -224,6 +225,7 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
     for key, sh in list(model_sd.items()):
         if isinstance(sh, ShardedTensor) and torch.is_tensor(sh.data) and _low_precision(sh.data):
             master = torch.zeros_like(sh.data, dtype=torch.float32) if for_load else _get_master(trainer, sh.data)
+            master = sh.data if master is None else master  # a weight outside the optimizer has no master
             model_sd[key] = replace(sh, data=master.detach().float(), dtype=torch.float32)
     value_steps = [int(sparse.state[m.values.weight]["step"]) if sparse is not None and m.values.weight in sparse.state else 0
                    for _, m in trainer.memories]
