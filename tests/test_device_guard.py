@@ -3,7 +3,8 @@ A CPU run cannot see NCCL's refusal of CPU tensors, so the trainer runs under
 `DeviceGuard(required="cuda")` (pretrain/device_guard.py), which tracks where each tensor would live on
 a GPU run and fails a collective on a tensor built without `device=`. Checked against the code before
 the fix: the DP=2 run failed at the trainer's global token sum (`torch.tensor([value])`), the TP=2 run
-at the dense grad-norm split (`torch.zeros(1)`)."""
+at the dense grad-norm split (`torch.zeros(1)`), and with only the trainer fixed the DP=2 run failed
+in the PKM usage summary (host counters reduced in place)."""
 from __future__ import annotations
 
 import os
