@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from model.pkm.memory import ProductKeyMemory
 from pretrain.distributed import all_reduce_tensor
