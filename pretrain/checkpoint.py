@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -122,13 +123,47 @@ def _link_zero_state(trainer) -> None:
     zero._lazy_init_hp_params_optimizer_state()
 
 
+def _low_precision(p: torch.Tensor) -> bool:
+    return p.dtype in (torch.bfloat16, torch.float16)
+
+
+def _stage0_master(trainer, p: torch.nn.Parameter) -> torch.Tensor:
+    """At ZeRO stage 0, DeepSpeed's bf16 wrapper keeps an fp32 master copy of each bf16 weight (its
+    `fp32_groups`, parallel to `fp16_groups`), and the Adam state is keyed by that copy; else `p`."""
+    opt = trainer.optimizer
+    for low, high in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ())):
+        for a, b in zip(low, high):
+            if a is p:
+                return b
+    return p
+
+
+def _get_master(trainer, p: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 master weight of a bf16 parameter, full (TP-local) shape, whatever the ZeRO stage
+    (None under ZeRO for a weight the optimizer does not hold)."""
+    if trainer.cfg.train.zero_stage > 0:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p)
+    return _stage0_master(trainer, p)
+
+
+def _set_master(trainer, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    if trainer.cfg.train.zero_stage > 0:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(p, value.to(p.device))
+    else:
+        _stage0_master(trainer, p).data.copy_(value)
+
+
 def _dense_moments(trainer, p: torch.nn.Parameter) -> Optional[dict[str, torch.Tensor]]:
     """Adam moments of a dense parameter, full (TP-local) shape, whatever the ZeRO stage."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     if trainer.cfg.train.zero_stage > 0:
         return {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
-    st = trainer.optimizer.state.get(p) if hasattr(trainer.optimizer, "state") else None
+    st = trainer.optimizer.state.get(_stage0_master(trainer, p)) if hasattr(trainer.optimizer, "state") else None
     if not st:
         return {k: torch.zeros_like(p, dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq")}
     return {k: st[k] for k in ("exp_avg", "exp_avg_sq")}
@@ -141,21 +176,13 @@ def _set_dense_moments(trainer, p: torch.nn.Parameter, moments: dict[str, torch.
         for k, v in moments.items():
             safe_set_full_optimizer_state(p, v, k)
         return
-    st = trainer.optimizer.state[p]
+    st = trainer.optimizer.state[_stage0_master(trainer, p)]
+    # DeepSpeed's bf16 wrapper creates its state with one zero-gradient step at start-up: keep that
+    # offset (0 for a plain optimizer, whose state is still empty here)
+    offset = float(st["step"]) if "step" in st else 0.0
     st["exp_avg"] = moments["exp_avg"].to(p.device).clone()
     st["exp_avg_sq"] = moments["exp_avg_sq"].to(p.device).clone()
-    st["step"] = torch.tensor(float(step))
-
-
-def _set_master_weights(trainer) -> None:
-    """Copy the just-loaded model weights into the optimizer's fp32 master copies, where it keeps its
-    own (ZeRO 1/2 partitions; DeepSpeed's bf16 optimizer): they were cloned from the initial weights
-    when the engine was built, and the first step after resume would otherwise update those and copy
-    them back over the loaded model. A no-op for parameters the optimizer updates in place."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    for p in trainer.model.parameters():
-        safe_set_full_fp32_param(p, p.detach().float())
+    st["step"] = torch.tensor(float(step) + offset)
 
 
 def _base_optimizer(trainer):
@@ -194,6 +221,13 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
             v = st.get(k) if (st and not for_load) else torch.zeros_like(w, dtype=torch.float32)
             optim[f"values.{k}.{name}"] = make_sharded_optimizer_tensor(sh, v.detach(), f"value_optimizer.{k}")
     state["optimizer"] = optim
+    # bf16 weights are saved (and loaded) as DeepSpeed's fp32 master copies: a resume is exact, and
+    # the checkpoint does not depend on the precision it was trained in
+    for key, sh in list(model_sd.items()):
+        if isinstance(sh, ShardedTensor) and torch.is_tensor(sh.data) and _low_precision(sh.data):
+            master = torch.zeros_like(sh.data, dtype=torch.float32) if for_load else _get_master(trainer, sh.data)
+            master = sh.data if master is None else master  # a weight outside the optimizer has no master
+            model_sd[key] = replace(sh, data=master.detach().float(), dtype=torch.float32)
     value_steps = [int(sparse.state[m.values.weight]["step"]) if sparse is not None and m.values.weight in sparse.state else 0
                    for _, m in trainer.memories]
     state["value_optimizer_steps"] = value_steps
@@ -345,8 +379,14 @@ class Checkpointer:
         tr = self.trainer
         template = sharded_state(tr, for_load=True)
         loaded = dist_checkpointing.load(template, str(path))
-        tr.model.load_state_dict({k[len("model."):]: v for k, v in _unwrap(loaded["model"]).items()}, strict=True)
-        _set_master_weights(tr)
+        weights = {k[len("model."):]: v for k, v in _unwrap(loaded["model"]).items()}
+        tr.model.load_state_dict(weights, strict=True)
+        for name, p in tr.model.named_parameters():
+            # ZeRO 1/2 steps fp32 master partitions of every weight, fp32 ones included (cloned from the
+            # initial weights when the engine was built: left alone, the first step after resume would
+            # update those and copy them over the loaded model); the stage-0 bf16 wrapper, of bf16 ones.
+            if tr.cfg.train.zero_stage > 0 or _low_precision(p):
+                _set_master(tr, p, weights[name])
         step = int(loaded["trainer"]["step"])
         for name, p in tr.model.named_parameters():
             _set_dense_moments(tr, p, {k: loaded["optimizer"][f"{k}.{name}"] for k in ("exp_avg", "exp_avg_sq")}, step)

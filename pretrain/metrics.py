@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from model.pkm.memory import ProductKeyMemory
+from pretrain.distributed import all_reduce_tensor
 
 log = logging.getLogger("pkm.train")
 
@@ -67,9 +68,8 @@ class PKMUsage:
             reads, mass = self.reads[i].clone(), self.mass[i].clone()
             recent = (self.last_update[i] > step - window).to(torch.int32)
             if self.dp_group is not None:
-                for t in (reads, mass):
-                    dist.all_reduce(t, group=self.dp_group)
-                dist.all_reduce(recent, op=dist.ReduceOp.MAX, group=self.dp_group)
+                reads, mass = (all_reduce_tensor(t, "sum", self.dp_group) for t in (reads, mass))
+                recent = all_reduce_tensor(recent, "max", self.dp_group)
             n = reads.numel()
             total = mass.sum()
             if total > 0:
@@ -90,10 +90,8 @@ class PKMUsage:
     def state_dict(self) -> dict:
         """Counters for a checkpoint. Reads and mass are per rank (each reads its own tokens): the data-
         parallel ranks' counts are summed into rank 0's, since a checkpoint keeps rank 0's common state."""
-        reads, mass = [r.clone() for r in self.reads], [m.clone() for m in self.mass]
-        if self.dp_group is not None:
-            for t in reads + mass:
-                dist.all_reduce(t, group=self.dp_group)
+        reads = [all_reduce_tensor(r, "sum", self.dp_group) for r in self.reads]
+        mass = [all_reduce_tensor(m, "sum", self.dp_group) for m in self.mass]
         return {"reads": reads, "mass": mass, "last_update": [t.clone() for t in self.last_update],
                 "summary": dict(self.last_summary)}
 

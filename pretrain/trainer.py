@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -207,6 +206,9 @@ class Trainer:
             mpu=MegatronMPU(), dist_init_required=False)
         for _, m in self.memories:  # DeepSpeed may re-create buffers when casting: keep them leaves
             m.values.weight.requires_grad_(True)
+        from model.precision import check_policy
+
+        check_policy(self.model)  # value tables and BatchNorm statistics stayed fp32 (model/precision.py)
         pkm = self.cfg.model.pkm
         self.value_optimizer = SparseValueOptimizer([m.values for _, m in self.memories], lr=pkm.value_lr,
                                                     betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
@@ -245,13 +247,11 @@ class Trainer:
         batch = collate([ds[i] for i in indices])
         return {k: v.to(self.env.device) for k, v in batch.items()}
 
-    def _global_sum(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
-        if self.env.dp_size > 1:
-            from megatron.core import parallel_state as ps
+    def _global_sum(self, *values: float) -> list[float]:
+        """Sums over the data-parallel group (TP ranks see the same tokens)."""
+        from megatron.core import parallel_state as ps
 
-            dist.all_reduce(t, group=ps.get_data_parallel_group())
-        return float(t[0])
+        return self.env.all_reduce_sum(values, ps.get_data_parallel_group())
 
     def train_step(self, micro_batches: list[list[int]]) -> StepResult:
         """One optimiser step over this rank's micro-batches. The loss is normalised by the token count
@@ -260,7 +260,7 @@ class Trainer:
 
         family = self.cfg.model.family
         batches = [self._batches(self.train_ds, mb) for mb in micro_batches]
-        tokens = self._global_sum(sum(float(b["loss_mask"].sum()) for b in batches))
+        tokens, = self._global_sum(sum(float(b["loss_mask"].sum()) for b in batches))
         scale = self.grad_accum * self.env.dp_size / max(tokens, 1.0)  # undone by the engine's 1/gas and DP mean
         loss_sum, grad_norm = 0.0, None
         for i, batch in enumerate(batches):
@@ -277,25 +277,27 @@ class Trainer:
         if self.cfg.train.zero_stage > 0:
             grad_norm = _float(self.engine.get_global_grad_norm())
         updated = self.value_optimizer.step()
-        return StepResult(self._global_sum(loss_sum) / max(tokens, 1.0), int(tokens), grad_norm, updated)
+        loss_sum, = self._global_sum(loss_sum)
+        return StepResult(loss_sum / max(tokens, 1.0), int(tokens), grad_norm, updated)
 
     @torch.no_grad()
     def _dense_grad_norm(self) -> float:
         """L2 norm of the (DP-averaged) dense gradient: TP-split weights summed over the TP group,
         replicated ones counted once."""
-        split, replicated = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        from megatron.core import parallel_state as ps
+
+        # summed where the gradients are (one host transfer at the end, not one per parameter)
+        split = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        replicated = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for p in self.model.parameters():
             if p.grad is not None:
-                sq = p.grad.detach().double().pow(2).sum().cpu()
+                sq = p.grad.detach().double().pow(2).sum()
                 if getattr(p, "tensor_model_parallel", False):
                     split += sq
                 else:
                     replicated += sq
-        if self.env.tp_size > 1:
-            from megatron.core import parallel_state as ps
-
-            dist.all_reduce(split, group=ps.get_tensor_model_parallel_group())
-        return float((split + replicated).sqrt())
+        split_sum, = self.env.all_reduce_sum([float(split)], ps.get_tensor_model_parallel_group())
+        return math.sqrt(split_sum + float(replicated))
 
     @torch.no_grad()
     def evaluate(self, ds, steps: int, offset: int) -> float:
@@ -317,7 +319,8 @@ class Trainer:
         for _, m in self.memories:
             m.record_lookups = True
         self.engine.train()
-        return self._global_sum(total) / max(self._global_sum(tokens), 1.0)
+        total, tokens = self._global_sum(total, tokens)
+        return total / max(tokens, 1.0)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
@@ -328,10 +331,8 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _preempt_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._preempt else 0.0])
-        if self.env.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag[0] > 0)
+        flag, = self.env.all_reduce_max([1.0 if self._preempt else 0.0])
+        return flag > 0
 
     def train(self) -> TrainResult:
         """Run to `train.train_steps`, then save. A run already at (or past) its last step is a no-op
