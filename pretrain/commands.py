@@ -40,6 +40,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _print_summary(trainer) -> None:
+    from pretrain.checkpoint import resolve_checkpoint
+
     f = trainer.final
     run = trainer.run_dir
     lines = [f"pretraining finished: {f['step']} steps",
@@ -47,6 +49,6 @@ def _print_summary(trainer) -> None:
     for k, v in f.get("usage", {}).items():
         lines.append(f"  {k}: {v:.2f}")
     lines += [f"  TensorBoard: tensorboard --logdir {run / 'tensorboard'}",
-              f"  checkpoint:  {run / 'checkpoints' / (run / 'checkpoints' / 'latest').read_text().strip()}",
+              f"  checkpoint:  {resolve_checkpoint(run)}",
               f"  log:         {run / 'logs' / 'train.log'}"]
     print("\n".join(lines), flush=True)

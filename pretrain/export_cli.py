@@ -12,7 +12,8 @@ def register(sub) -> None:
         "hf", help="as a self-contained Hugging Face repository",
         description="Write model.safetensors, config.json (auto_map), the modeling code, the tokenizer and a "
                     "model card; load with AutoModelFor*.from_pretrained(OUT_DIR, trust_remote_code=True).")
-    hf.add_argument("checkpoint", help="a checkpoint directory of `pkm pretrain` (any TP/DP layout)")
+    hf.add_argument("checkpoint", help="a checkpoint of `pkm pretrain` (any TP/DP layout): RUN_DIR/checkpoints/"
+                    "step_XXXXXXX, or a checkpoints/ or run directory for its latest checkpoint")
     hf.add_argument("out_dir")
     hf.add_argument("--tokenizer", help="tokenizer to ship (default: the one saved with the checkpoint)")
     hf.add_argument("--max-shard-size", default="2GB", help="shard model.safetensors above this size")
@@ -56,14 +57,10 @@ def run_export_hf(args: argparse.Namespace) -> int:
             validate_repo_id(args.push_to_hub)
         except HFValidationError as e:
             raise PretrainError(f"--push-to-hub {args.push_to_hub!r}: {e}") from None
-    state_dict, run_config, info = load_consolidated(args.checkpoint)
-    from pathlib import Path
+    from pretrain.checkpoint import checkpoint_tokenizer, resolve_checkpoint
 
-    from pretrain.checkpoint import checkpoint_tokenizer
-
-    ckpt = Path(args.checkpoint)
-    if (ckpt / "latest").is_file():  # a checkpoints/ root: the newest published checkpoint
-        ckpt = ckpt / (ckpt / "latest").read_text().strip()
+    ckpt = resolve_checkpoint(args.checkpoint)
+    state_dict, run_config, info = load_consolidated(ckpt)
     tokenizer = args.tokenizer or checkpoint_tokenizer(ckpt)
     card = card_info(run_config, info)
     out = export_hf(state_dict, run_config.model, tokenizer, args.out_dir, card,
