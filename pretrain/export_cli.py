@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from data_pipeline.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
+
 
 def register(sub) -> None:
     exp = sub.add_parser("export", help="export a trained model", description="Export a trained PKM model.")
@@ -29,13 +31,13 @@ def register(sub) -> None:
                     "held-out accuracy side by side. PKM value tables get --value-lr.")
     ft.add_argument("models", nargs="+", help="model directories (e.g. a PKM-BERT and its memory-free base)")
     ft.add_argument("--out", default="runs/finetune", help="Trainer output directory")
-    ft.add_argument("--steps", type=int, default=300)
-    ft.add_argument("--batch-size", type=int, default=16)
-    ft.add_argument("--lr", type=float, default=5e-5)
-    ft.add_argument("--value-lr", type=float, default=1e-3)
-    ft.add_argument("--max-length", type=int, default=64)
-    ft.add_argument("--train-size", type=int, default=0, help="training examples per class (0 = all)")
-    ft.add_argument("--eval-size", type=int, default=500, help="held-out examples per class")
+    ft.add_argument("--steps", type=positive_int, default=300)
+    ft.add_argument("--batch-size", type=positive_int, default=16)
+    ft.add_argument("--lr", type=positive_float, default=5e-5)
+    ft.add_argument("--value-lr", type=non_negative_float, default=1e-3)
+    ft.add_argument("--max-length", type=positive_int, default=64)
+    ft.add_argument("--train-size", type=non_negative_int, default=0, help="training examples per class (0 = all)")
+    ft.add_argument("--eval-size", type=positive_int, default=500, help="held-out examples per class")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--json", action="store_true", help="print the reports as one JSON line at the end")
     ft.set_defaults(func=run_finetune)
