@@ -77,10 +77,12 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     import logging
 
     from data_pipeline.errors import DataError
+    from data_pipeline.outputs import check_writable
     from data_pipeline.readers import expand_inputs, iter_chunks, parse_chunk
     from data_pipeline.tokenizer_train import train_sentencepiece
 
     sources = expand_inputs(args.input)
+    check_writable(args.output + ".model")
     bad = []  # records not trained on (undecodable, empty, malformed): counted and reported
 
     def texts():
@@ -139,6 +141,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from data_pipeline.errors import DataError
     from data_pipeline.preprocess import is_complete, read_manifest
 
+    for ext in (".bin", ".idx", ".manifest.json"):  # a file of the dataset given instead of its prefix
+        if args.prefix.endswith(ext) and os.path.isfile(args.prefix[:-len(ext)] + ".manifest.json"):
+            args.prefix = args.prefix[:-len(ext)]
     m = read_manifest(args.prefix)
     if not is_complete(args.prefix):
         raise DataError(f"{args.prefix}: .bin/.idx missing or not the size the manifest records (interrupted run?)")

@@ -40,6 +40,21 @@ def ensure_dir(path: str | Path) -> Path:
     return path
 
 
+def check_writable(path: str | Path) -> Path:
+    """Fail early, creating nothing, when output `path` (a file or directory, existing or not) could not
+    be written: a command checks this before its long part, and writes at the end."""
+    path = Path(path)
+    probe = path.absolute()
+    while not probe.exists() and not probe.is_symlink():
+        probe = probe.parent
+    if probe != path.absolute() and not probe.is_dir():
+        raise OutputError(f"{path}: cannot be created ({probe} is a file, not a directory)")
+    target = probe if probe.is_dir() else probe.parent
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot be written ({target} is not writable)")
+    return path
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

@@ -121,5 +121,7 @@ def _explain(message: str, vocab_size: int, output_prefix: str) -> str:
     large = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
     if large:
         return f"--vocab-size {vocab_size}: too large for this corpus; use at most {large.group(1)} (or more text)"
+    if "output->Write" in message:  # it could not write its (temporary) model files
+        return f"{output_prefix}.model: cannot write the tokenizer (disk full?)"
     detail = re.sub(r"^INTERNAL: \S+\(\d+\) \[.*?\] ", "", message.strip())
     return f"sentencepiece training for {output_prefix} failed: {detail}"

@@ -89,6 +89,7 @@ def _cmd_online(args: argparse.Namespace) -> int:
 
     import torch
 
+    from data_pipeline.outputs import check_writable
     from pretrain.log import setup_logging
     from pretrain.online_eval import report
     from pretrain.online_eval.corpus import load_corpus, tokenize
@@ -98,6 +99,7 @@ def _cmd_online(args: argparse.Namespace) -> int:
     setup_logging()
     log = logging.getLogger("pkm.online_eval")
     configs = configs_from_args(args)
+    check_writable(args.out)  # before the model loads and the runs take their time
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
