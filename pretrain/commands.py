@@ -26,6 +26,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.init_from:
         overrides.append(f"checkpoint.init_from={args.init_from}")
     cfg = load_config(args.config, overrides)  # config errors before any heavy import
+    from data_pipeline.outputs import check_writable
+
+    check_writable(cfg.run_dir)
     from pretrain.distributed import shutdown
     from pretrain.trainer import Trainer
 

@@ -13,9 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_GPT, assert_user_error, run_pkm
+from tests.conftest import ROOT, TINY_GPT, assert_user_error, run_pkm as _run_pkm
 
 AUSTEN = ROOT / "data_pipeline" / "assets" / "austen"
+
+
+def run_pkm(*args, **kw):
+    """The real entry point, with a timeout a regression hits fast (e.g. a bad config that trains)."""
+    return _run_pkm(*args, timeout=180, **kw)
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -183,7 +188,8 @@ def test_bad_input_numeric_options(argv, option):
 
 def test_bad_input_unwritable_outputs(bad_files):
     under = bad_files["a_file"] / "sub"
-    for argv in (["eval", "online", "--model", "smollm2", "--out", under],
+    for argv in (["pretrain", "--config", TINY_GPT, f"run_dir={under}"],
+                 ["eval", "online", "--model", "smollm2", "--out", under],
                  ["eval", "lm-eval-data", "--out", under / "books.jsonl"],
                  ["launch", "deepspeed", "--hosts", "a", "--slots", "1", "--config", TINY_GPT, f"run_dir={under}"],
                  ["launch", "slurm", "--nodes", "1", "--config", TINY_GPT, f"run_dir={under}"]):
@@ -205,3 +211,44 @@ def test_bad_input_lm_eval_data_full_disk(tmp_path):
         assert _leftovers(full) == []
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# pkm finetune: model directories of the wrong kind, checked before any model spends its budget
+
+
+def test_bad_input_finetune_model_dir_of_the_wrong_kind(tmp_path, bad_files):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = tmp_path / "run"
+    _fake_step(run / "checkpoints")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    out = tmp_path / "ft"
+    assert_user_error(run_pkm("finetune", tmp_path / "nope", "--out", out), tmp_path / "nope")
+    assert_user_error(run_pkm("finetune", bad_files["a_file"], "--out", out), bad_files["a_file"])
+    assert_user_error(run_pkm("finetune", empty, "--out", out), empty, "no config.json")
+    assert_user_error(run_pkm("finetune", run, "--out", out), run, "pkm export hf")
+    # the second model is refused before the first one is finetuned
+    assert_user_error(run_pkm("finetune", hf, empty, "--out", out), empty)
+    assert_user_error(run_pkm("finetune", hf, "--out", out), hf, "cannot load")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# pkm eval online: the corpus and the model path are checked before the model loads
+
+
+def test_bad_input_eval_online_corpus_and_model(tmp_path, bad_files):
+    binary_jsonl = tmp_path / "docs.jsonl"
+    binary_jsonl.write_bytes(bad_files["binary"].read_bytes())
+    out = tmp_path / "eval"
+    for corpus in (binary_jsonl, bad_files["binary"], tmp_path / "nope", bad_files["empty"]):
+        assert_user_error(run_pkm("eval", "online", "--model", tmp_path / "no-model", "--corpus", corpus,
+                                  "--out", out), corpus)
+    run = tmp_path / "run"
+    step = _fake_step(run / "checkpoints")
+    line = assert_user_error(run_pkm("eval", "online", "--model", run, "--max-docs", "1", "--out", out), run)
+    assert f"e.g. {step}" in line
+    assert not out.exists()

@@ -103,17 +103,16 @@ def _cmd_online(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    corpus = load_corpus(args.corpus, args.json_key, args.max_docs)  # a bad corpus before the model loads
+    calibration = load_corpus(args.rms_calibration, args.json_key) if args.rms_calibration else None
     t0 = time.time()
     model, tok = load_causal_lm(args.model, tokenizer=args.tokenizer, device=device, dtype=args.dtype)
     log.info("loaded %s (%s, %.1fM parameters) in %.1f s", args.model, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, time.time() - t0)
     vocab = model.get_input_embeddings().num_embeddings
-    docs = tokenize(load_corpus(args.corpus, args.json_key, args.max_docs), tok, args.doc_start,
-                    args.max_tokens, vocab)
-    calibration = None
-    if args.rms_calibration:
-        calibration = tokenize(load_corpus(args.rms_calibration, args.json_key), tok, args.doc_start,
-                               args.max_tokens, vocab)
+    docs = tokenize(corpus, tok, args.doc_start, args.max_tokens, vocab)
+    if calibration is not None:
+        calibration = tokenize(calibration, tok, args.doc_start, args.max_tokens, vocab)
     log.info("%d documents, %d tokens; %d runs", len(docs), sum(d.n_scored for d in docs), len(configs))
     results = compare(model, docs, configs, interleave=args.interleave, calibration=calibration,
                       progress=not args.no_progress)

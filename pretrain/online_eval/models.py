@@ -45,7 +45,7 @@ def load_causal_lm(source: str, tokenizer: Optional[str] = None, device: str = "
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pretrain.checkpoint import is_native_checkpoint
+    from pretrain.checkpoint import is_native_checkpoint, resolve_checkpoint
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
@@ -57,6 +57,7 @@ def load_causal_lm(source: str, tokenizer: Optional[str] = None, device: str = "
     tmp = None
     try:
         if is_native_checkpoint(path):
+            path = resolve_checkpoint(path)  # a path that names no checkpoint: one error, before any log line
             tmp = tempfile.TemporaryDirectory(prefix="pkm-online-eval-")
             log.info("exporting native checkpoint %s to %s", path, tmp.name)
             path = export_native(path, Path(tmp.name))
