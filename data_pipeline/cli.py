@@ -121,9 +121,11 @@ def _cmd_tokenizer_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from data_pipeline.outputs import check_writable
     from data_pipeline.preprocess import preprocess
     from data_pipeline.tokenizer import load_tokenizer
 
+    check_writable(args.output + ".bin")  # before the corpus is read
     tok = load_tokenizer(args.tokenizer)
     m = preprocess(args.input, args.output, tok, workers=args.workers, on_error=args.on_error,
                    json_key=args.json_key, text_mode=args.text_mode, family=args.family,

@@ -191,6 +191,7 @@ def test_bad_input_unwritable_outputs(bad_files):
     for argv in (["pretrain", "--config", TINY_GPT, f"run_dir={under}"],
                  ["eval", "online", "--model", "smollm2", "--out", under],
                  ["eval", "lm-eval-data", "--out", under / "books.jsonl"],
+                 ["data", "preprocess", "--input", AUSTEN / "persuasion.txt", "--output", under / "ds"],
                  ["launch", "deepspeed", "--hosts", "a", "--slots", "1", "--config", TINY_GPT, f"run_dir={under}"],
                  ["launch", "slurm", "--nodes", "1", "--config", TINY_GPT, f"run_dir={under}"]):
         r = run_pkm(*argv)
@@ -252,3 +253,35 @@ def test_bad_input_eval_online_corpus_and_model(tmp_path, bad_files):
     line = assert_user_error(run_pkm("eval", "online", "--model", run, "--max-docs", "1", "--out", out), run)
     assert f"e.g. {step}" in line
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the same paths on a real run (the tiny PKM-GPT, 2 steps)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    run = tmp / "run"
+    r = _run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={run}", "train.train_steps=2",
+                 "logging.tensorboard=false", f"data.cache_dir={tmp / 'cache'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_bad_input_export_run_dir_without_latest(tiny_run, tmp_path):
+    """A run directory exports its latest checkpoint; without `latest` the error says which to pass."""
+    out = tmp_path / "hf"
+    r = _run_pkm("export", "hf", tiny_run, out)
+    assert r.returncode == 0 and f"exported to {out}" in r.stdout, r.stderr[-3000:]
+    latest = tiny_run / "checkpoints" / "latest"
+    saved = latest.read_text()
+    latest.unlink()
+    try:
+        for arg in (tiny_run, tiny_run / "checkpoints"):
+            r = run_pkm("export", "hf", arg, tmp_path / "hf2")
+            assert_user_error(r, tiny_run / "checkpoints", f"e.g. {tiny_run / 'checkpoints' / saved.strip()}")
+        assert not (tmp_path / "hf2").exists()
+    finally:
+        latest.write_text(saved)
