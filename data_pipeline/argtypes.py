@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 
 def _number(kind, low, inclusive: bool, what: str):
@@ -31,3 +32,11 @@ def port(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1..65535)")
     return value
+
+
+def file_prefix(text: str) -> str:
+    """An output PREFIX to which extensions are added (PREFIX.model, PREFIX.bin): not a directory."""
+    if text.endswith(os.sep) or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a prefix for the files inside it, "
+                                         f"e.g. {os.path.join(text, 'name')}")
+    return text

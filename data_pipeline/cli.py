@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from data_pipeline.argtypes import non_negative_int, positive_int
+from data_pipeline.argtypes import file_prefix, non_negative_int, positive_int
 
 
 def register(subparsers) -> None:
@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="<tokenizer command>")
     t = tsub.add_parser("train", help="train a sentencepiece model (GPT or BERT recipe)")
     t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="corpus files or globs (same formats as preprocess)")
-    t.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
+    t.add_argument("--output", required=True, metavar="PREFIX", type=file_prefix, help="writes PREFIX.model and PREFIX.vocab")
     t.add_argument("--recipe", choices=("gpt", "bert"), default="gpt",
                    help="gpt: BPE, byte fallback, split digits, <eod>; bert: unigram with [PAD] [UNK] [CLS] [SEP] [MASK]")
     t.add_argument("--vocab-size", type=positive_int, default=32000)
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help="files or globs: .jsonl/.json(.gz), .txt(.gz), .parquet, a `datasets` dir saved to disk, "
                         "or datasets:<builder>:<files> for datasets.load_dataset on local files")
-    p.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json")
+    p.add_argument("--output", required=True, metavar="PREFIX", type=file_prefix, help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json")
     p.add_argument("--tokenizer", default=None,
                    help="sentencepiece .model or HF tokenizer directory (default: bundled demo GPT tokenizer)")
     p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer worker processes")

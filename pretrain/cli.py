@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     errors = _user_errors()
-    if args.command in _INTERRUPTIBLE:
-        signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt) if args.command in _INTERRUPTIBLE else None
     try:
         rc = args.func(args)
     except errors as e:
@@ -69,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         name = e.args[0] if e.args else "SIGINT"
         print(f"pkm: interrupted ({name})", file=sys.stderr)
         return 128 + getattr(signal, name, signal.SIGINT)
+    finally:
+        if previous is not None:  # main() called from Python (tests): leave the caller's handler as it was
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
 
 

@@ -59,9 +59,11 @@ def run_export_hf(args: argparse.Namespace) -> int:
             validate_repo_id(args.push_to_hub)
         except HFValidationError as e:
             raise PretrainError(f"--push-to-hub {args.push_to_hub!r}: {e}") from None
+    from data_pipeline.outputs import check_writable
     from pretrain.checkpoint import checkpoint_tokenizer, resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
+    check_writable(args.out_dir)  # before the checkpoint is read and gathered
     state_dict, run_config, info = load_consolidated(ckpt)
     tokenizer = args.tokenizer or checkpoint_tokenizer(ckpt)
     card = card_info(run_config, info)

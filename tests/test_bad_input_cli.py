@@ -180,6 +180,8 @@ def test_bad_input_config_file_of_the_wrong_kind(tmp_path, bad_files, kind, comm
     (["launch", "deepspeed", "--hosts", "a", "--slots", "1", "--master-port", "99999", "--config", "c"], "--master-port"),
     (["launch", "torchrun", "--nnodes", "1", "--node-rank", "0", "--rdzv-endpoint", "h:1", "--shutdown-timeout", "-1",
       "--config", "c"], "--shutdown-timeout"),
+    (["data", "preprocess", "--input", "x.txt", "--output", "tests/"], "tests/ is a directory"),
+    (["data", "tokenizer", "train", "--input", "x.txt", "--output", "tests"], "tests is a directory"),
     (["data", "preprocess", "--input", "x.txt"], "--output"),  # a missing argument: one line too
 ])
 def test_bad_input_numeric_options(argv, option):
@@ -272,6 +274,7 @@ def tiny_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_bad_input_export_run_dir_without_latest(tiny_run, tmp_path):
     """A run directory exports its latest checkpoint; without `latest` the error says which to pass."""
+    (tmp_path / "a_file").write_text("x")
     out = tmp_path / "hf"
     r = _run_pkm("export", "hf", tiny_run, out)
     assert r.returncode == 0 and f"exported to {out}" in r.stdout, r.stderr[-3000:]
@@ -285,3 +288,5 @@ def test_bad_input_export_run_dir_without_latest(tiny_run, tmp_path):
         assert not (tmp_path / "hf2").exists()
     finally:
         latest.write_text(saved)
+    r = run_pkm("export", "hf", tiny_run, tmp_path / "a_file" / "hf")  # an output that cannot be written
+    assert_user_error(r, tmp_path / "a_file")
