@@ -83,13 +83,24 @@ def train_sentencepiece(texts: Iterable[str], output_prefix: str, recipe: str = 
         tmp = str(tmp_dir / "m")
         lines = tqdm(_lines(texts), desc="tokenizer: reading lines", unit=" lines", mininterval=2.0,
                      disable=None)
+        raised = []  # sentencepiece turns an exception in our iterator (Ctrl-C, a bad input) into a RuntimeError
+
+        def sentences():
+            try:
+                yield from lines
+            except BaseException as e:
+                raised.append(e)
+                raise
+
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines), model_prefix=tmp, vocab_size=vocab_size,
+                sentence_iterator=sentences(), model_prefix=tmp, vocab_size=vocab_size,
                 input_sentence_size=input_sentence_size, num_threads=num_threads or os.cpu_count() or 1,
                 **kwargs,
             )
         except RuntimeError as e:
+            if raised:
+                raise raised[0] from None
             raise DataError(_explain(str(e), vocab_size, output_prefix)) from None
         finally:
             lines.close()

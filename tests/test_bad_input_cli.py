@@ -52,6 +52,18 @@ def test_bad_input_tokenizer_train_without_text_names_the_input(tmp_path, bad_fi
     assert _leftovers(out) == []  # no .model/.vocab, no temporary directory
 
 
+def test_bad_input_tokenizer_train_broken_later_input(tmp_path):
+    """A broken file after a good one fails inside sentencepiece's read loop: still named, in our words."""
+    good, broken = tmp_path / "good.jsonl", tmp_path / "broken.parquet"
+    good.write_text('{"text": "plenty of words to read here"}\n')
+    broken.write_bytes(b"PAR1 not really parquet")
+    out = tmp_path / "tok"
+    r = run_pkm("data", "tokenizer", "train", "--input", good, broken, "--output", out / "my", "--vocab-size", "400")
+    line = assert_user_error(r, broken, "cannot read parquet")
+    assert "INTERNAL" not in line and "sentencepiece" not in line
+    assert _leftovers(out) == []
+
+
 def test_bad_input_tokenizer_train_vocab_size(tmp_path):
     out = tmp_path / "tok"
     r = run_pkm("data", "tokenizer", "train", "--input", AUSTEN / "persuasion.txt", "--output", out / "my",
