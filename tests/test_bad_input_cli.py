@@ -302,3 +302,21 @@ def test_bad_input_export_run_dir_without_latest(tiny_run, tmp_path):
         latest.write_text(saved)
     r = run_pkm("export", "hf", tiny_run, tmp_path / "a_file" / "hf")  # an output that cannot be written
     assert_user_error(r, tmp_path / "a_file")
+
+
+# ---------------------------------------------------------------------------------------------
+# pkm data inspect: a file of the dataset instead of its prefix, and a truncated dataset
+
+
+def test_bad_input_inspect_given_a_dataset_file(tmp_path):
+    prefix = tmp_path / "ds"
+    r = run_pkm("data", "preprocess", "--input", AUSTEN / "persuasion.txt", "--output", prefix, "--workers", "1",
+                "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for given in (f"{prefix}.bin", f"{prefix}.idx", f"{prefix}.manifest.json"):
+        r = run_pkm("data", "inspect", given)
+        assert r.returncode == 0 and r.stdout.startswith(f"{prefix}: gpt dataset"), r.stderr[-2000:]
+    bin_ = Path(f"{prefix}.bin")
+    bin_.write_bytes(bin_.read_bytes()[:100])
+    assert_user_error(run_pkm("data", "inspect", bin_), prefix, "not the size the manifest records")
+    assert_user_error(run_pkm("data", "inspect", tmp_path / "nope.bin"), tmp_path / "nope")
