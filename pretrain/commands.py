@@ -29,6 +29,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from data_pipeline.outputs import check_writable
 
     check_writable(cfg.run_dir)
+    if cfg.checkpoint.resume not in (None, "auto"):  # a path that names no checkpoint: before start-up
+        from pretrain.checkpoint import resolve_checkpoint
+
+        resolve_checkpoint(cfg.checkpoint.resume)
     from pretrain.distributed import shutdown
     from pretrain.trainer import Trainer
 

@@ -302,6 +302,12 @@ def test_bad_input_export_run_dir_without_latest(tiny_run, tmp_path):
         latest.write_text(saved)
     r = run_pkm("export", "hf", tiny_run, tmp_path / "a_file" / "hf")  # an output that cannot be written
     assert_user_error(r, tmp_path / "a_file")
+    # resuming from a path that names no checkpoint: refused before the model is built
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    r = run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={tmp_path / 'new'}", "--resume", empty)
+    assert_user_error(r, empty / "checkpoints", "no checkpoint saved there yet")
+    assert not (tmp_path / "new").exists()
 
 
 # ---------------------------------------------------------------------------------------------
