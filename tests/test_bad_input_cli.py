@@ -324,5 +324,5 @@ def test_bad_input_inspect_given_a_dataset_file(tmp_path):
         assert r.returncode == 0 and r.stdout.startswith(f"{prefix}: gpt dataset"), r.stderr[-2000:]
     bin_ = Path(f"{prefix}.bin")
     bin_.write_bytes(bin_.read_bytes()[:100])
-    assert_user_error(run_pkm("data", "inspect", bin_), prefix, "not the size the manifest records")
+    assert_user_error(run_pkm("data", "inspect", bin_), f"{prefix}.bin", "but its manifest records")
     assert_user_error(run_pkm("data", "inspect", tmp_path / "nope.bin"), tmp_path / "nope")
