@@ -203,6 +203,9 @@ def test_executor_slurm_job_array_on_two_nodes(slurm_cluster, single_node, tmp_p
     for line in ["#SBATCH --partition=debug", "#SBATCH --time=00:20:00", "#SBATCH --account=pkmtest",
                  "#SBATCH --comment=pkm-preprocess-test", "#SBATCH --cpus-per-task=1", "#SBATCH --array=0-3"]:
         assert line in script, line
-    tasks = [rec for rec in (slurm_cluster.jobcomp(i) for i in range(int(array_id), int(merge_id))) for rec in rec]
-    nodes = {rec["NodeList"] for rec in tasks if rec.get("JobName", "").startswith("pkm-preprocess-austen")}
-    assert nodes == {"node1", "node2"}, tasks
+    # the controller's completion records (what sacct would show): four array tasks over both nodes
+    records = [dict(w.split("=", 1) for w in line.split() if "=" in w)
+               for line in (slurm_cluster.root / "log" / "jobcomp.txt").read_text().splitlines()]
+    tasks = [r for r in records if r.get("ArrayJobId") == array_id]
+    assert sorted(r["ArrayTaskId"] for r in tasks) == ["0", "1", "2", "3"], tasks
+    assert {r["JobState"] for r in tasks} == {"COMPLETED"} and {r["NodeList"] for r in tasks} == {"node1", "node2"}, tasks
