@@ -36,9 +36,9 @@ from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
 from data_pipeline.errors import DataError
-from data_pipeline.preprocess import (ChunkWriter, Tally, _paths, _process, _remove_leftovers, _init_worker,
-                                      build_manifest, check_options, check_tokenizer, dataset_dtype, new_builder,
-                                      prepare_output_dir, publish, run_options)
+from data_pipeline.preprocess import (ChunkWriter, Tally, build_manifest, check_options, check_tokenizer,
+                                      dataset_dtype, dataset_paths, init_worker, new_builder, prepare_output_dir,
+                                      process_chunk, publish, remove_leftovers, run_options)
 from data_pipeline.readers import expand_inputs, iter_chunks
 from data_pipeline.slurm_job import SlurmJob
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
@@ -126,7 +126,7 @@ def _part_tally(pp: str) -> dict | None:
             part = json.load(f)
     except (OSError, ValueError):
         return None
-    p = _paths(pp)
+    p = dataset_paths(pp)
     ok = all(os.path.isfile(p[k]) and os.path.getsize(p[k]) == part["files"][k] for k in ("bin", "idx"))
     return part if ok else None
 
@@ -137,15 +137,15 @@ def tokenize_part(plan: dict, index: int) -> None:
     if _part_tally(pp) is not None:
         return
     src = plan["sources"][index]
-    _remove_leftovers(pp)
+    remove_leftovers(pp)
     tok = load_tokenizer(plan["tokenizer"])
     if tok.identity["sha256"] != plan["tokenizer_sha256"]:
         raise DataError(f"tokenizer {plan['tokenizer']} changed since this preprocessing run started "
                         f"(sha256 {tok.identity['sha256'][:12]}, planned {plan['tokenizer_sha256'][:12]})")
     opts = plan["options"]
-    _init_worker(tok, plan["family"], plan["dtype"], plan["max_sentence_tokens"])
+    init_worker(tok, plan["family"], plan["dtype"], plan["max_sentence_tokens"])
     tmp_prefix = f"{pp}.tmp{os.getpid()}"
-    tmp = _paths(tmp_prefix)
+    tmp = dataset_paths(tmp_prefix)
     builder = new_builder(tmp["bin"], plan["dtype"])
     tally = Tally([src])
     writer = ChunkWriter(builder, tally, opts["on_error"])
@@ -153,15 +153,15 @@ def tokenize_part(plan: dict, index: int) -> None:
     try:
         for chunk in iter_chunks([src], json_key=opts["json_key"], text_mode=opts["text_mode"],
                                  chunk_bytes=PART_CHUNK_BYTES):
-            writer.add(_process(chunk))
+            writer.add(process_chunk(chunk))
         builder.finalize(tmp["idx"])
     except BaseException:
         builder.data_file.close()
-        _remove_leftovers(pp)
+        remove_leftovers(pp)
         raise
     part = {"source": src, "index": index, "tally": tally.to_json(), "elapsed_s": round(time.time() - t0, 3),
             "files": {"bin": os.path.getsize(tmp["bin"]), "idx": os.path.getsize(tmp["idx"])}}
-    final = _paths(pp)
+    final = dataset_paths(pp)
     os.replace(tmp["bin"], final["bin"])
     os.replace(tmp["idx"], final["idx"])
     with open(tmp_prefix + ".json", "w", encoding="utf-8") as f:
@@ -183,9 +183,9 @@ def merge_parts(prefix: str, **extra) -> dict:
                             "the unfinished tasks")
         parts.append(part)
     tok = load_tokenizer(plan["tokenizer"])
-    _remove_leftovers(prefix)
+    remove_leftovers(prefix)
     tmp_prefix = f"{prefix}.tmp{os.getpid()}"
-    tmp = _paths(tmp_prefix)
+    tmp = dataset_paths(tmp_prefix)
     t0 = time.time()
     builder = new_builder(tmp["bin"], plan["dtype"])
     tally = Tally(plan["sources"])
@@ -201,13 +201,13 @@ def merge_parts(prefix: str, **extra) -> dict:
         builder.finalize(tmp["idx"])
     except BaseException:
         builder.data_file.close()
-        _remove_leftovers(prefix)
+        remove_leftovers(prefix)
         raise
     finally:
         gc.unfreeze()
     merge_s = time.time() - t0
     if tally.total("documents") == 0:
-        _remove_leftovers(prefix)
+        remove_leftovers(prefix)
         raise DataError(f"{prefix}: no documents in {', '.join(plan['sources'])} "
                         f"({tally.skipped_total} bad records skipped)")
     with open(_plan_path(prefix), encoding="utf-8") as f:

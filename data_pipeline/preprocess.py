@@ -142,11 +142,11 @@ class ChunkWriter:
 _W: dict = {}
 
 
-def _init_worker(tokenizer: Tokenizer, family: str, dtype: str, max_sentence_tokens: int) -> None:
+def init_worker(tokenizer: Tokenizer, family: str, dtype: str, max_sentence_tokens: int) -> None:
     _W.update(tok=tokenizer, family=family, dtype=np.dtype(dtype), max_sentence_tokens=max_sentence_tokens)
 
 
-def _process(chunk) -> ChunkResult:
+def process_chunk(chunk) -> ChunkResult:
     tok, family, dtype = _W["tok"], _W["family"], _W["dtype"]
     records = parse_chunk(chunk)
     texts = [t for _, t in records.docs]
@@ -183,12 +183,12 @@ def _process(chunk) -> ChunkResult:
 
 
 # ---------------------------------------------------------------- main side
-def _paths(prefix: str) -> dict:
+def dataset_paths(prefix: str) -> dict:
     return {"bin": prefix + ".bin", "idx": prefix + ".idx", "manifest": prefix + ".manifest.json"}
 
 
 def read_manifest(prefix: str) -> dict:
-    path = _paths(prefix)["manifest"]
+    path = dataset_paths(prefix)["manifest"]
     if not os.path.isfile(path):
         raise DataError(f"{path}: no manifest (not made by `pkm data preprocess`, or the run did not finish)")
     try:
@@ -203,7 +203,7 @@ def read_manifest(prefix: str) -> dict:
 
 def is_complete(prefix: str) -> bool:
     """True when PREFIX.{bin,idx} exist with the sizes the manifest recorded."""
-    p = _paths(prefix)
+    p = dataset_paths(prefix)
     try:
         m = read_manifest(prefix)
     except DataError:
@@ -211,7 +211,7 @@ def is_complete(prefix: str) -> bool:
     return all(os.path.isfile(p[k]) and os.path.getsize(p[k]) == m["files"][k] for k in ("bin", "idx"))
 
 
-def _remove_leftovers(prefix: str) -> None:
+def remove_leftovers(prefix: str) -> None:
     for path in glob.glob(glob.escape(prefix) + ".tmp*"):
         os.remove(path)
 
@@ -278,7 +278,7 @@ def build_manifest(tally: Tally, tok: Tokenizer, family: str, dtype, options: di
 
 def publish(tmp_prefix: str, output_prefix: str, manifest: dict) -> None:
     """Write the manifest under its temporary name, then rename .bin, .idx and the manifest last."""
-    tmp, final = _paths(tmp_prefix), _paths(output_prefix)
+    tmp, final = dataset_paths(tmp_prefix), dataset_paths(output_prefix)
     with open(tmp["manifest"], "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     if os.path.exists(final["manifest"]):
@@ -306,9 +306,9 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
     check_tokenizer(tok, family)
     sources = expand_inputs(list(inputs))
     prepare_output_dir(output_prefix)
-    _remove_leftovers(output_prefix)
+    remove_leftovers(output_prefix)
     tmp_prefix = f"{output_prefix}.tmp{os.getpid()}"
-    tmp = _paths(tmp_prefix)
+    tmp = dataset_paths(tmp_prefix)
     dtype = dataset_dtype(tok)
     known_size = sum(os.path.getsize(s) for s in sources if os.path.isfile(s))
     if chunk_bytes is None:  # >= 8 chunks per worker so they share the work evenly; 64 KiB..1 MiB
@@ -320,7 +320,7 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
         # parent's objects frozen: the workers' garbage collector then never writes to (and
         # copies) the inherited pages, so their memory does not creep up over a long run.
         gc.freeze()
-        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
+        pool = mp.get_context("fork").Pool(workers, initializer=init_worker, initargs=init_args)
         gc.unfreeze()
     try:
         builder = new_builder(tmp["bin"], dtype)
@@ -346,13 +346,13 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
     chunks = iter_chunks(sources, json_key=json_key, text_mode=text_mode, chunk_bytes=chunk_bytes)
     try:
         if pool is None:
-            _init_worker(*init_args)
+            init_worker(*init_args)
             for chunk in chunks:
-                consume(_process(chunk))
+                consume(process_chunk(chunk))
         else:
             pending: deque = deque()
             for chunk in chunks:
-                pending.append(pool.apply_async(_process, (chunk,)))
+                pending.append(pool.apply_async(process_chunk, (chunk,)))
                 while len(pending) > 2 * workers:  # bounded: memory flat whatever the corpus size
                     consume(pending.popleft().get())
             while pending:
@@ -363,7 +363,7 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
         if pool is not None:
             pool.terminate()
         builder.data_file.close()
-        _remove_leftovers(output_prefix)
+        remove_leftovers(output_prefix)
         raise
     finally:
         bar.close()
@@ -373,7 +373,7 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
 
     n_docs = len(builder.document_indices) - 1
     if n_docs == 0:
-        _remove_leftovers(output_prefix)
+        remove_leftovers(output_prefix)
         raise DataError(f"{output_prefix}: no documents in {', '.join(sources)} ({tally.skipped_total} bad records skipped)")
     manifest = build_manifest(tally, tok, family, dtype, run_options(json_key, text_mode, on_error, family, max_sentence_tokens),
                               {"bin": os.path.getsize(tmp["bin"]), "idx": os.path.getsize(tmp["idx"])},
