@@ -16,6 +16,10 @@ writing work (not the interpreter's imports); peak memory is the summed PSS of t
                is not needed (nor fetched): its script only adds argument parsing around this loop.
 - datasets_map: datasets.load_dataset("json") + Dataset.map(batched=True, num_proc=N) with the same
                tokenizer (output: Arrow cache files, not .bin/.idx).
+- datatrove_local: `pkm data preprocess --executor local` (data_pipeline.distributed_preprocess) on the
+               same input cut into SHARDS files, SHARDS tasks, N at a time, then the merge; compared
+               with `ours_files` (ours, N workers, on the same files): `datatrove_local_vs_ours`.
+               `merge_gb_per_s` is the merge step's .bin bytes per second at 4x.
 
     python benchmarks/preprocess.py [--quick] [--workers N] [--json]
 """
@@ -137,6 +141,20 @@ def run_ours(inp: str, out: str, workers: int, tok) -> int:
     return preprocess([inp], out, tok, workers=workers, progress=False)["tokens"]
 
 
+def run_ours_files(inp: str, out: str, workers: int, tok) -> int:
+    from data_pipeline.preprocess import preprocess
+
+    return preprocess(shard_paths(inp), out, tok, workers=workers, progress=False)["tokens"]
+
+
+def run_datatrove_local(inp: str, out: str, workers: int, tok) -> int:
+    from data_pipeline.distributed_preprocess import preprocess_distributed
+
+    m = preprocess_distributed(shard_paths(inp), out, tok, executor="local", tasks=SHARDS, workers=workers)
+    print("MERGE " + json.dumps({"bin_bytes": m["files"]["bin"], "merge_s": m["merge_s"]}), flush=True)
+    return m["tokens"]
+
+
 def run_datasets_map(inp: str, out: str, workers: int, tok) -> int:
     import datasets
 
@@ -159,7 +177,21 @@ def run_datasets_map(inp: str, out: str, workers: int, tok) -> int:
     return sum(len(x) for b in mapped.iter(batch_size=10_000) for x in b["input_ids"])
 
 
-METHODS = {"ours": run_ours, "megatron": run_megatron, "datasets_map": run_datasets_map}
+METHODS = {"ours": run_ours, "megatron": run_megatron, "datasets_map": run_datasets_map,
+           "ours_files": run_ours_files, "datatrove_local": run_datatrove_local}
+SHARDS = 4  # the datatrove comparison's input files (= tasks)
+
+
+def shard_paths(inp: str) -> list[str]:
+    return [f"{inp}.{i}.jsonl" for i in range(SHARDS)]
+
+
+def write_shards(inp: str) -> None:
+    """Cut the input into SHARDS files of whole lines (same bytes, same order)."""
+    lines = open(inp, encoding="utf-8").read().splitlines(keepends=True)
+    for i, path in enumerate(shard_paths(inp)):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(lines[i * len(lines) // SHARDS:(i + 1) * len(lines) // SHARDS])
 
 
 def child(methods: str, inp: str, out: str, workers: int) -> None:
@@ -172,6 +204,8 @@ def child(methods: str, inp: str, out: str, workers: int) -> None:
 
     tok = load_tokenizer(None)
     for method in methods.split(","):
+        if method == "datatrove_local":  # imported here, after ours ran: ours' memory is measured as before
+            import data_pipeline.distributed_preprocess  # noqa: F401
         with PeakPSS() as mem:
             c0, t0 = cpu_seconds(), time.perf_counter()
             n = METHODS[method](inp, f"{out}_{method}", workers, tok)
@@ -195,7 +229,11 @@ def run_child(methods: list[str], inp: str, out: str, workers: int) -> dict:
     res = [json.loads(l[7:]) for l in r.stdout.splitlines() if l.startswith("RESULT ")]
     if r.returncode != 0 or len(res) != len(methods):
         raise SystemExit(f"{methods} failed:\n{r.stderr[-3000:]}")
-    return {x["method"]: x for x in res}
+    out = {x["method"]: x for x in res}
+    for line in r.stdout.splitlines():
+        if line.startswith("MERGE "):
+            out["datatrove_local"]["merge"] = json.loads(line[6:])
+    return out
 
 
 def make_input(path: str, copies: float) -> int:
@@ -238,6 +276,8 @@ def main() -> None:
             for _ in range(4):
                 f.write(open(inp1, encoding="utf-8").read())
         size4 = os.path.getsize(inp4)
+        write_shards(inp1)
+        write_shards(inp4)
         print(f"input: Austen paragraphs as jsonl, 1x = {size1 / 2**20:.1f} MiB, 4x = {size4 / 2**20:.1f} MiB; "
               f"tokenizer: bundled sentencepiece GPT (8192); workers: {args.workers}")
         results: dict = {}
@@ -247,11 +287,13 @@ def main() -> None:
                 if m not in results or v["seconds"] < results[m]["seconds"]:
                     results[m] = v
 
-        # ours alone in a fresh process (its peak memory is the one compared at 1x and 4x); the two
-        # baselines share one process to save interpreter start-ups. Repeats interleave the methods,
+        # ours first in a fresh process (its peak memory is the one compared at 1x and 4x), then ours
+        # on the datatrove input's files and the datatrove path in the same process (at 4x the
+        # datatrove path alone after ours, as at 1x); the two baselines share one process to save
+        # interpreter start-ups. Repeats interleave the methods,
         # so load changes on a shared machine hit all of them alike; the best run of each is kept.
         for r in range(repeats):
-            keep_best(run_child(["ours"], inp1, os.path.join(tmp, f"a{r}"), args.workers))
+            keep_best(run_child(["ours", "ours_files", "datatrove_local"], inp1, os.path.join(tmp, f"a{r}"), args.workers))
             keep_best(run_child(["megatron", "datasets_map"], inp1, os.path.join(tmp, f"b{r}"), args.workers))
             for f in os.listdir(tmp):
                 if f.endswith("_hf_cache"):
@@ -262,14 +304,27 @@ def main() -> None:
             print(f"  {m:13s} 1x: {v['tokens']:>10,d} tokens in {v['seconds']:6.2f} s = {tps[m] / 1e3:8.0f}k tokens/s "
                   f"({per_cpu[m] / 1e3:.0f}k tokens per CPU-second), peak PSS {v['peak_pss_mb']:7.1f} MiB")
         assert len({v["tokens"] for v in results.values()}) == 1, "methods disagree on the token count"
-        big = run_child(["ours"], inp4, os.path.join(tmp, "c"), args.workers)["ours"]
+        res4 = run_child(["ours", "datatrove_local"], inp4, os.path.join(tmp, "c"), args.workers)
+        big, dt4 = res4["ours"], res4["datatrove_local"]
         print(f"  {'ours':13s} 4x: {big['tokens']:>10,d} tokens in {big['seconds']:6.2f} s = "
               f"{big['tokens'] / big['seconds'] / 1e3:8.0f}k tokens/s, peak PSS {big['peak_pss_mb']:7.1f} MiB")
+        merge = dt4["merge"]
+        print(f"  {'datatrove':13s} 4x: {dt4['tokens']:>10,d} tokens in {dt4['seconds']:6.2f} s = "
+              f"{dt4['tokens'] / dt4['seconds'] / 1e3:8.0f}k tokens/s, peak PSS {dt4['peak_pss_mb']:7.1f} MiB; "
+              f"merge {merge['bin_bytes'] / 2**20:.1f} MiB in {merge['merge_s']:.3f} s")
         out = {
             "vs_megatron": round(tps["ours"] / tps["megatron"], 3),
             "vs_datasets_map": round(tps["ours"] / tps["datasets_map"], 3),
             "peak_rss_4x_over_1x": round(big["peak_pss_mb"] / results["ours"]["peak_pss_mb"], 3),
-            "peak_pss_mib": {"ours_1x": round(results["ours"]["peak_pss_mb"], 1), "ours_4x": round(big["peak_pss_mb"], 1)},
+            "datatrove_local_vs_ours": round(tps["datatrove_local"] / tps["ours_files"], 3),
+            "datatrove_local_vs_ours_cpu": round(per_cpu["datatrove_local"] / per_cpu["ours_files"], 3),
+            "datatrove_peak_rss_4x_over_1x": round(dt4["peak_pss_mb"] / results["datatrove_local"]["peak_pss_mb"], 3),
+            "merge_gb_per_s": round(merge["bin_bytes"] / max(merge["merge_s"], 1e-9) / 1e9, 3),
+            "merge_bin_mib": round(merge["bin_bytes"] / 2**20, 1),
+            "datatrove_tasks": SHARDS,
+            "peak_pss_mib": {"ours_1x": round(results["ours"]["peak_pss_mb"], 1), "ours_4x": round(big["peak_pss_mb"], 1),
+                             "datatrove_1x": round(results["datatrove_local"]["peak_pss_mb"], 1),
+                             "datatrove_4x": round(dt4["peak_pss_mb"], 1)},
             "tokens_per_s": {m: round(v) for m, v in tps.items()},
             # load-independent cross-check on a shared machine: tokens per CPU-second, ours / theirs
             "vs_megatron_cpu": round(per_cpu["ours"] / per_cpu["megatron"], 3),
@@ -281,6 +336,9 @@ def main() -> None:
         print(f"ours vs megatron: {out['vs_megatron']:.2f}x ({out['vs_megatron_cpu']:.2f}x per CPU-second), "
               f"vs datasets.map: {out['vs_datasets_map']:.2f}x ({out['vs_datasets_map_cpu']:.2f}x per CPU-second); "
               f"peak memory (PSS) 4x/1x: {out['peak_rss_4x_over_1x']:.2f}")
+        print(f"datatrove local ({SHARDS} tasks) vs ours on the same {SHARDS} files: {out['datatrove_local_vs_ours']:.2f}x "
+              f"({out['datatrove_local_vs_ours_cpu']:.2f}x per CPU-second), peak memory 4x/1x "
+              f"{out['datatrove_peak_rss_4x_over_1x']:.2f}; merge {out['merge_gb_per_s']:.3f} GB/s")
         if args.json:
             print(json.dumps(out))
     finally:

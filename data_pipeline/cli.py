@@ -3,6 +3,7 @@
     pkm data tokenizer train --input FILES... --output PREFIX [--recipe gpt|bert] [--vocab-size N]
     pkm data tokenizer info [TOKENIZER]
     pkm data preprocess --input FILES... --output PREFIX [--tokenizer T] [--workers N] [--on-error skip|fail]
+        [--executor local|slurm --tasks N [--slurm-partition P --slurm-time T ...]]
     pkm data inspect PREFIX [--show N]
     pkm data build-helpers
 
@@ -49,7 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--output", required=True, metavar="PREFIX", type=file_prefix, help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json")
     p.add_argument("--tokenizer", default=None,
                    help="sentencepiece .model or HF tokenizer directory (default: bundled demo GPT tokenizer)")
-    p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer worker processes")
+    p.add_argument("--workers", type=non_negative_int, default=None,
+                   help="tokenizer worker processes (default: cores - 1; 0: in this process); with --executor: "
+                        "tasks run at a time (slurm default: no limit)")
     p.add_argument("--on-error", choices=("skip", "fail"), default="fail",
                    help="bad records: stop at the first one (fail), or skip them and list them in the manifest")
     p.add_argument("--json-key", default="text", help="field holding the document text in jsonl/parquet/datasets inputs")
@@ -59,6 +62,17 @@ def register(subparsers) -> None:
                    help="gpt appends an EOD token per document; bert stores one sequence per sentence")
     p.add_argument("--max-sentence-tokens", type=positive_int, default=256, help="bert: longer sentences are cut")
     p.add_argument("--no-progress", action="store_true")
+    x = p.add_argument_group("many processes or nodes (datatrove); see README 'Preprocessing a large corpus on a cluster'")
+    x.add_argument("--executor", choices=("local", "slurm"), default=None,
+                   help="run as datatrove tasks (one or more input files each) on this machine or as a SLURM "
+                        "job array, then merge; a rerun redoes only unfinished tasks (default: one process + workers)")
+    x.add_argument("--tasks", type=positive_int, default=None, help="datatrove tasks (input files are shared out over them)")
+    x.add_argument("--slurm-partition", default=None)
+    x.add_argument("--slurm-time", default=None, help="time limit per array task, as sbatch --time")
+    x.add_argument("--slurm-account", default=None)
+    x.add_argument("--slurm-cpus-per-task", type=positive_int, default=None, help="cores per array task (default 1)")
+    x.add_argument("--slurm-sbatch", action="append", default=[], metavar="OPTION",
+                   help="an extra sbatch option, e.g. --slurm-sbatch=--qos=high (repeatable)")
     p.set_defaults(func=_cmd_preprocess)
 
     n = sub.add_parser("inspect", help="summarise a preprocessed dataset (manifest, and decoded documents)")
@@ -120,18 +134,50 @@ def _cmd_tokenizer_info(args: argparse.Namespace) -> int:
     return 0
 
 
+_SLURM_FLAGS = ("slurm_partition", "slurm_time", "slurm_account", "slurm_cpus_per_task", "slurm_sbatch")
+
+
 def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from data_pipeline.errors import DataError
     from data_pipeline.outputs import check_writable
-    from data_pipeline.preprocess import preprocess
     from data_pipeline.tokenizer import load_tokenizer
 
+    if args.executor is None and args.tasks is not None:
+        raise DataError("--tasks needs --executor local or --executor slurm")
+    if args.executor != "slurm":
+        for name in _SLURM_FLAGS:
+            if getattr(args, name):
+                raise DataError(f"--{name.replace('_', '-')} needs --executor slurm")
+    if args.executor is not None and args.tasks is None:
+        raise DataError(f"--executor {args.executor} needs --tasks N")
     check_writable(args.output + ".bin")  # before the corpus is read
+    default_workers = -1 if args.executor == "slurm" else max(1, (os.cpu_count() or 2) - 1)
+    workers = default_workers if args.workers is None else args.workers
     tok = load_tokenizer(args.tokenizer)
-    m = preprocess(args.input, args.output, tok, workers=args.workers, on_error=args.on_error,
-                   json_key=args.json_key, text_mode=args.text_mode, family=args.family,
-                   max_sentence_tokens=args.max_sentence_tokens, progress=not args.no_progress)
+    common = dict(on_error=args.on_error, json_key=args.json_key, text_mode=args.text_mode, family=args.family,
+                  max_sentence_tokens=args.max_sentence_tokens)
+    if args.executor is not None:
+        from data_pipeline.distributed_preprocess import preprocess_distributed
+        from data_pipeline.slurm_job import SlurmJob
+
+        job = SlurmJob(time=args.slurm_time, partition=args.slurm_partition, account=args.slurm_account,
+                       cpus_per_task=args.slurm_cpus_per_task, sbatch_lines=args.slurm_sbatch)
+        m = preprocess_distributed(args.input, args.output, tok, executor=args.executor, tasks=args.tasks,
+                                   workers=workers, job=job, **common)
+        if args.executor == "slurm":
+            print(f"Submitted SLURM job array {m['array_job']} ({m['tasks_left']} of {args.tasks} tasks"
+                  f"{', resuming' if m['resumed'] else ''}) and merge job {m['merge_job']}")
+            print(f"  output:     {args.output}.bin/.idx/.manifest.json, when job {m['merge_job']} has finished")
+            print(f"  task logs:  {m['logs']}/logs/ (SLURM's in {m['slurm_logs']})")
+            print("  a failed task: fix the cause, run the same command again (finished tasks are kept)")
+            return 0
+    else:
+        from data_pipeline.preprocess import preprocess
+
+        m = preprocess(args.input, args.output, tok, workers=workers, progress=not args.no_progress, **common)
     print(f"{args.output}: {m['documents']} documents, {m['tokens']} tokens, {m['skipped_total']} skipped "
-          f"({m['tokens_per_s'] / 1e3:.0f}k tokens/s with {args.workers} workers)")
+          f"({m['tokens_per_s'] / 1e3:.0f}k tokens/s with {workers} workers"
+          f"{f' over {args.tasks} tasks' if args.executor else ''})")
     for s in m["skipped"][:20]:
         print(f"  skipped {s['source']}:{s['line']}: {s['reason']}")
     if m["skipped_total"] > 20:

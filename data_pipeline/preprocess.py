@@ -51,15 +51,102 @@ class ChunkResult:
     bad: list = field(default_factory=list)
 
 
+@dataclass
+class Tally:
+    """What a dataset (or one part of it) holds, per source: documents, sequences, tokens, bytes,
+    skipped records. The single-node path fills one; each part of a distributed run fills one and
+    the merge adds them up in input order, so both give the same manifest."""
+    sources: list
+    per_source: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)  # the first MAX_LISTED_SKIPS bad records (dicts)
+    skipped_by_reason: Counter = field(default_factory=Counter)
+    skipped_total: int = 0
+
+    def __post_init__(self):
+        for s in self.sources:
+            self.per_source.setdefault(s, Counter())
+
+    def bad(self, b: BadRecord, on_error: str) -> None:
+        if on_error == "fail":
+            raise DataError(f"{b.where()}: {b.reason} (use --on-error skip to skip and report bad records)")
+        self.skipped_total += 1
+        self.skipped_by_reason[b.kind] += 1
+        self.per_source[b.source]["skipped"] += 1
+        if len(self.skipped) < MAX_LISTED_SKIPS:
+            self.skipped.append(b.to_json())
+
+    def add(self, other: "Tally") -> None:
+        for s, c in other.per_source.items():
+            self.per_source[s].update(c)
+        self.skipped.extend(other.skipped[:MAX_LISTED_SKIPS - len(self.skipped)])
+        self.skipped_by_reason.update(other.skipped_by_reason)
+        self.skipped_total += other.skipped_total
+
+    def total(self, key: str) -> int:
+        return sum(c[key] for c in self.per_source.values())
+
+    def to_json(self) -> dict:
+        return {"sources": self.sources, "per_source": {s: dict(c) for s, c in self.per_source.items()},
+                "skipped": self.skipped, "skipped_by_reason": dict(self.skipped_by_reason),
+                "skipped_total": self.skipped_total}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Tally":
+        return cls(d["sources"], {s: Counter(c) for s, c in d["per_source"].items()}, d["skipped"],
+                   Counter(d["skipped_by_reason"]), d["skipped_total"])
+
+
+class IntArray(array.array):
+    """array.array (4/8 bytes per entry, so the index of a huge corpus stays small) whose `extend`
+    copies a numpy array in one go: megatron's `IndexedDatasetBuilder.add_index` extends with them."""
+
+    def extend(self, values) -> None:
+        if isinstance(values, np.ndarray):
+            self.frombytes(values.astype(np.dtype(self.typecode), copy=False).tobytes())
+        else:
+            super().extend(values)
+
+
+def new_builder(bin_path: str, dtype):
+    """megatron-core's IndexedDatasetBuilder with compact index arrays."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(bin_path, dtype=np.dtype(dtype).type)
+    builder.sequence_lengths = IntArray("i")
+    builder.document_indices = IntArray("q", [0])
+    return builder
+
+
+class ChunkWriter:
+    """Appends chunk results to a builder, in the order given, and tallies them."""
+
+    def __init__(self, builder, tally: Tally, on_error: str):
+        self.builder, self.tally, self.on_error = builder, tally, on_error
+
+    def add(self, r: ChunkResult) -> None:
+        for b in r.bad:
+            self.tally.bad(b, self.on_error)
+        builder = self.builder
+        builder.data_file.write(r.tokens.tobytes())
+        builder.sequence_lengths.frombytes(r.seq_lengths.tobytes())
+        ends = np.cumsum(r.doc_seqs, dtype=np.int64) + builder.document_indices[-1]
+        builder.document_indices.frombytes(ends.tobytes())
+        c = self.tally.per_source[r.source]
+        c["documents"] += len(r.doc_seqs)
+        c["sequences"] += len(r.seq_lengths)
+        c["tokens"] += len(r.tokens)
+        c["bytes"] += r.nbytes
+
+
 # ---------------------------------------------------------------- worker side
 _W: dict = {}
 
 
-def _init_worker(tokenizer: Tokenizer, family: str, dtype: str, max_sentence_tokens: int) -> None:
+def init_worker(tokenizer: Tokenizer, family: str, dtype: str, max_sentence_tokens: int) -> None:
     _W.update(tok=tokenizer, family=family, dtype=np.dtype(dtype), max_sentence_tokens=max_sentence_tokens)
 
 
-def _process(chunk) -> ChunkResult:
+def process_chunk(chunk) -> ChunkResult:
     tok, family, dtype = _W["tok"], _W["family"], _W["dtype"]
     records = parse_chunk(chunk)
     texts = [t for _, t in records.docs]
@@ -96,12 +183,12 @@ def _process(chunk) -> ChunkResult:
 
 
 # ---------------------------------------------------------------- main side
-def _paths(prefix: str) -> dict:
+def dataset_paths(prefix: str) -> dict:
     return {"bin": prefix + ".bin", "idx": prefix + ".idx", "manifest": prefix + ".manifest.json"}
 
 
 def read_manifest(prefix: str) -> dict:
-    path = _paths(prefix)["manifest"]
+    path = dataset_paths(prefix)["manifest"]
     if not os.path.isfile(path):
         raise DataError(f"{path}: no manifest (not made by `pkm data preprocess`, or the run did not finish)")
     try:
@@ -123,9 +210,81 @@ def is_complete(prefix: str) -> bool:
     return True
 
 
-def _remove_leftovers(prefix: str) -> None:
+def remove_leftovers(prefix: str) -> None:
     for path in glob.glob(glob.escape(prefix) + ".tmp*"):
         os.remove(path)
+
+
+def check_options(on_error: str, family: str, workers: int) -> None:
+    if on_error not in ("skip", "fail"):
+        raise DataError(f"on_error {on_error!r}: expected 'skip' or 'fail'")
+    if family not in ("gpt", "bert"):
+        raise DataError(f"family {family!r}: expected 'gpt' or 'bert'")
+    if workers < 0:
+        raise DataError(f"--workers {workers}: expected 0 or more")
+
+
+def check_tokenizer(tok: Tokenizer, family: str) -> None:
+    if family == "gpt" and tok.eod_id is None:
+        raise DataError(f"tokenizer {tok.path}: no end-of-document token (<eod>, </s> or [SEP]) to append")
+
+
+def prepare_output_dir(output_prefix: str) -> None:
+    """Create the output's directory and check that files can be written there (one-line error if not)."""
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = f"{output_prefix}.tmp{os.getpid()}.probe"
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"--output {output_prefix}: cannot write in {out_dir} ({e.strerror or e})") from None
+
+
+def dataset_dtype(tok: Tokenizer):
+    """megatron's DType.optimal_dtype: uint16 ids when the vocabulary allows."""
+    return np.uint16 if tok.vocab_size < 65500 else np.int32
+
+
+def build_manifest(tally: Tally, tok: Tokenizer, family: str, dtype, options: dict, files: dict,
+                   elapsed: float, **extra) -> dict:
+    """The manifest of a finished dataset (PREFIX.manifest.json); `extra` keys are added as they are."""
+    n_tokens = tally.total("tokens")
+    return {
+        "format": MANIFEST_FORMAT,
+        "family": family,
+        "tokenizer": tok.identity,
+        "vocab_size": tok.vocab_size,
+        "eod_id": tok.eod_id if family == "gpt" else None,
+        "append_eod": family == "gpt",
+        "dtype": np.dtype(dtype).name,
+        "documents": tally.total("documents"),
+        "sequences": tally.total("sequences"),
+        "tokens": n_tokens,
+        "sources": [{"path": os.path.abspath(s) if not s.startswith("datasets:") else s, **{k: tally.per_source[s][k] for k in
+                     ("documents", "sequences", "tokens", "bytes", "skipped")}} for s in tally.sources],
+        "skipped_total": tally.skipped_total,
+        "skipped_by_reason": dict(tally.skipped_by_reason),
+        "skipped": tally.skipped,
+        "options": options,
+        "files": files,
+        **extra,
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": round(n_tokens / max(elapsed, 1e-9), 1),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def publish(tmp_prefix: str, output_prefix: str, manifest: dict) -> None:
+    """Write the manifest under its temporary name, then rename .bin, .idx and the manifest last."""
+    tmp, final = dataset_paths(tmp_prefix), dataset_paths(output_prefix)
+    with open(tmp["manifest"], "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    if os.path.exists(final["manifest"]):
+        os.remove(final["manifest"])  # the old dataset stops looking complete before its files change
+    os.replace(tmp["bin"], final["bin"])
+    os.replace(tmp["idx"], final["idx"])
+    os.replace(tmp["manifest"], final["manifest"])
 
 
 def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer | str | None = None,
@@ -141,21 +300,15 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
     """
     from tqdm import tqdm
 
-    if on_error not in ("skip", "fail"):
-        raise DataError(f"on_error {on_error!r}: expected 'skip' or 'fail'")
-    if family not in ("gpt", "bert"):
-        raise DataError(f"family {family!r}: expected 'gpt' or 'bert'")
+    check_options(on_error, family, workers)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    if family == "gpt" and tok.eod_id is None:
-        raise DataError(f"tokenizer {tok.path}: no end-of-document token (<eod>, </s> or [SEP]) to append")
+    check_tokenizer(tok, family)
     sources = expand_inputs(list(inputs))
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
-    _remove_leftovers(output_prefix)
-    final = _paths(output_prefix)
-    tmp = _paths(f"{output_prefix}.tmp{os.getpid()}")
-    # megatron's DType.optimal_dtype: uint16 ids when the vocabulary allows
-    dtype = np.uint16 if tok.vocab_size < 65500 else np.int32
+    prepare_output_dir(output_prefix)
+    remove_leftovers(output_prefix)
+    tmp_prefix = f"{output_prefix}.tmp{os.getpid()}"
+    tmp = dataset_paths(tmp_prefix)
+    dtype = dataset_dtype(tok)
     known_size = sum(os.path.getsize(s) for s in sources if os.path.isfile(s))
     if chunk_bytes is None:  # >= 8 chunks per worker so they share the work evenly; 64 KiB..1 MiB
         chunk_bytes = min(1 << 20, max(64 << 10, known_size // (8 * max(1, workers))))
@@ -166,47 +319,25 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
         # parent's objects frozen: the workers' garbage collector then never writes to (and
         # copies) the inherited pages, so their memory does not creep up over a long run.
         gc.freeze()
-        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
+        pool = mp.get_context("fork").Pool(workers, initializer=init_worker, initargs=init_args)
         gc.unfreeze()
     try:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+        builder = new_builder(tmp["bin"], dtype)
     except BaseException:
         if pool is not None:
             pool.terminate()
         raise
 
-    builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype)
-    # array.array instead of lists: 4/8 bytes per entry, so the index of a huge corpus stays small
-    builder.sequence_lengths = array.array("i")
-    builder.document_indices = array.array("q", [0])
-    per_source: dict[str, Counter] = {s: Counter() for s in sources}
-    skipped: list[dict] = []
-    skipped_by_reason: Counter = Counter()
-    n_skipped = 0
+    tally = Tally(sources)
+    writer = ChunkWriter(builder, tally, on_error)
     bar = tqdm(total=known_size or None, unit="B", unit_scale=True, desc=f"preprocess {os.path.basename(output_prefix)}",
                disable=not progress or None, mininterval=1.0)
     t0 = time.time()
     n_tokens = 0
 
     def consume(r: ChunkResult) -> None:
-        nonlocal n_tokens, n_skipped
-        for b in r.bad:
-            if on_error == "fail":
-                raise DataError(f"{b.where()}: {b.reason} (use --on-error skip to skip and report bad records)")
-            n_skipped += 1
-            skipped_by_reason[b.kind] += 1
-            per_source[b.source]["skipped"] += 1
-            if len(skipped) < MAX_LISTED_SKIPS:
-                skipped.append(b.to_json())
-        builder.data_file.write(r.tokens.tobytes())
-        builder.sequence_lengths.frombytes(r.seq_lengths.tobytes())
-        ends = np.cumsum(r.doc_seqs, dtype=np.int64) + builder.document_indices[-1]
-        builder.document_indices.frombytes(ends.tobytes())
-        c = per_source[r.source]
-        c["documents"] += len(r.doc_seqs)
-        c["sequences"] += len(r.seq_lengths)
-        c["tokens"] += len(r.tokens)
-        c["bytes"] += r.nbytes
+        nonlocal n_tokens
+        writer.add(r)
         n_tokens += len(r.tokens)
         bar.update(r.nbytes)
         bar.set_postfix_str(f"{n_tokens / max(time.time() - t0, 1e-9) / 1e3:.0f}k tok/s", refresh=False)
@@ -214,13 +345,13 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
     chunks = iter_chunks(sources, json_key=json_key, text_mode=text_mode, chunk_bytes=chunk_bytes)
     try:
         if pool is None:
-            _init_worker(*init_args)
+            init_worker(*init_args)
             for chunk in chunks:
-                consume(_process(chunk))
+                consume(process_chunk(chunk))
         else:
             pending: deque = deque()
             for chunk in chunks:
-                pending.append(pool.apply_async(_process, (chunk,)))
+                pending.append(pool.apply_async(process_chunk, (chunk,)))
                 while len(pending) > 2 * workers:  # bounded: memory flat whatever the corpus size
                     consume(pending.popleft().get())
             while pending:
@@ -231,7 +362,7 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
         if pool is not None:
             pool.terminate()
         builder.data_file.close()
-        _remove_leftovers(output_prefix)
+        remove_leftovers(output_prefix)
         raise
     finally:
         bar.close()
@@ -240,43 +371,21 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
     elapsed = time.time() - t0
 
     n_docs = len(builder.document_indices) - 1
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "family": family,
-        "tokenizer": tok.identity,
-        "vocab_size": tok.vocab_size,
-        "eod_id": tok.eod_id if family == "gpt" else None,
-        "append_eod": family == "gpt",
-        "dtype": np.dtype(dtype).name,
-        "documents": n_docs,
-        "sequences": len(builder.sequence_lengths),
-        "tokens": n_tokens,
-        "sources": [{"path": os.path.abspath(s) if not s.startswith("datasets:") else s, **{k: per_source[s][k] for k in
-                     ("documents", "sequences", "tokens", "bytes", "skipped")}} for s in sources],
-        "skipped_total": n_skipped,
-        "skipped_by_reason": dict(skipped_by_reason),
-        "skipped": skipped,
-        "options": {"json_key": json_key, "text_mode": text_mode, "on_error": on_error,
-                    "max_sentence_tokens": max_sentence_tokens if family == "bert" else None},
-        "files": {"bin": os.path.getsize(tmp["bin"]), "idx": os.path.getsize(tmp["idx"])},
-        "workers": workers,
-        "elapsed_s": round(elapsed, 3),
-        "tokens_per_s": round(n_tokens / max(elapsed, 1e-9), 1),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
     if n_docs == 0:
-        _remove_leftovers(output_prefix)
-        raise DataError(f"{output_prefix}: no documents in {', '.join(sources)} ({n_skipped} bad records skipped)")
-    with open(tmp["manifest"], "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    if os.path.exists(final["manifest"]):
-        os.remove(final["manifest"])  # the old dataset stops looking complete before its files change
-    os.replace(tmp["bin"], final["bin"])
-    os.replace(tmp["idx"], final["idx"])
-    os.replace(tmp["manifest"], final["manifest"])
+        remove_leftovers(output_prefix)
+        raise DataError(f"{output_prefix}: no documents in {', '.join(sources)} ({tally.skipped_total} bad records skipped)")
+    manifest = build_manifest(tally, tok, family, dtype, run_options(json_key, text_mode, on_error, family, max_sentence_tokens),
+                              {"bin": os.path.getsize(tmp["bin"]), "idx": os.path.getsize(tmp["idx"])},
+                              elapsed, workers=workers)
+    publish(tmp_prefix, output_prefix, manifest)
     log.info("%s: %d documents, %d tokens, %d skipped, %.0f tokens/s", output_prefix, n_docs, n_tokens,
-             n_skipped, manifest["tokens_per_s"])
+             tally.skipped_total, manifest["tokens_per_s"])
     return manifest
+
+
+def run_options(json_key: str, text_mode: str, on_error: str, family: str, max_sentence_tokens: int) -> dict:
+    return {"json_key": json_key, "text_mode": text_mode, "on_error": on_error,
+            "max_sentence_tokens": max_sentence_tokens if family == "bert" else None}
 
 
 def demo_files() -> list[str]:
@@ -320,7 +429,7 @@ def check_files(prefix: str) -> dict:
     or replaced file is named here, not met as a numpy error mid-run). Returns the manifest."""
     m = read_manifest(prefix)
     for kind in ("bin", "idx"):
-        path = _paths(prefix)[kind]
+        path = dataset_paths(prefix)[kind]
         if not os.path.isfile(path):
             raise DataError(f"{path}: missing (the dataset's manifest lists it)")
         size, expected = os.path.getsize(path), m["files"][kind]

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from data_pipeline.outputs import atomic_output
+from data_pipeline.slurm_job import SlurmJob
 from launch.errors import LaunchError
 from launch.torchrun import TORCHRUN_ENV, TorchrunOptions, torchrun_options
 from launch.training import PREEMPTED_EXIT_CODE, Entry
@@ -57,6 +58,11 @@ class SlurmOptions:
     max_requeues: int = 20  # requeues after preemption before the job gives up
     sbatch_lines: list[str] = field(default_factory=list)  # extra "#SBATCH ..." options, e.g. "--qos=high"
 
+    def job(self) -> SlurmJob:
+        """The part of the description `pkm data preprocess --executor slurm` shares (same options, same lines)."""
+        return SlurmJob(time=self.time, partition=self.partition, account=self.account,
+                        cpus_per_task=self.cpus_per_task, job_name=self.job_name, sbatch_lines=self.sbatch_lines)
+
     def job_name_for(self, run_dir: Path) -> str:
         return self.job_name or f"pkm-{Path(run_dir).name}"
 
@@ -74,10 +80,10 @@ class SlurmOptions:
                               f"{self.gpus_per_node}: a GPU job runs one worker per GPU")
         if not 1 <= self.signal_seconds <= 65535:
             raise LaunchError(f"--signal-seconds must be 1..65535 (SLURM's limit), got {self.signal_seconds}")
-        if self.cpus_per_task is not None and self.cpus_per_task < 1:
-            raise LaunchError(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
         if self.max_requeues < 0:
             raise LaunchError(f"--max-requeues must be 0 or more, got {self.max_requeues}")
+        for problem in self.job().problems():
+            raise LaunchError(problem)
 
 
 def slurm_dir(run_dir: Path) -> Path:
@@ -101,23 +107,13 @@ def render_sbatch(opts: SlurmOptions, entry: Entry, run_dir: Path, python: str, 
         if re.search(r"\s", str(path)):
             raise LaunchError(f"the {name} '{path}' contains whitespace, which #SBATCH lines cannot hold")
     job_name = opts.job_name_for(run_dir)
-    if not re.fullmatch(r"[A-Za-z0-9._+-]+", job_name):
-        raise LaunchError(f"job name '{job_name}' may hold only letters, digits and . _ + -")
+    for problem in SlurmJob(job_name=job_name).problems():
+        raise LaunchError(problem)
 
     resources_lines = []
     if opts.gpus_per_node:
         resources_lines.append(f"--gpus-per-node={opts.gpus_per_node}")
-    if opts.time:
-        resources_lines.append(f"--time={opts.time}")
-    if opts.partition:
-        resources_lines.append(f"--partition={opts.partition}")
-    if opts.account:
-        resources_lines.append(f"--account={opts.account}")
-    for line in opts.sbatch_lines:
-        line = line.strip()
-        if not line.startswith("-") or "\n" in line:
-            raise LaunchError(f"--sbatch '{line}' is not an sbatch option (like --qos=high)")
-        resources_lines.append(line)
+    resources_lines += opts.job().sbatch_options()
 
     torchrun = TorchrunOptions(
         nnodes=_var("NNODES"),

@@ -6,6 +6,7 @@ heavy imports (torch, megatron) happen inside the command functions so `pkm laun
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -79,7 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 _INTERRUPTIBLE = ("data", "export", "finetune", "eval")
 
 
+_MAIN_PID = os.getpid()
+
+
 def _interrupt(signum, frame):
+    if os.getpid() != _MAIN_PID:
+        # A forked worker (tokenizer pools, datatrove tasks) inherits this handler: it must die as
+        # SIGTERM intends, or Pool.terminate() waits forever on a worker blocked in a queue lock.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
