@@ -465,8 +465,9 @@ class CheckpointReader:
             rows, count = checkpoint_row_blocks(n_slots, dim)
             for b in range(count):
                 block = torch.empty(rows, dim, dtype=table.dtype)
+                # One block of the whole table, not a cover of it: the access check must not apply.
                 dist_checkpointing.load({"t": ShardedTensor.from_rank_offsets(key, block, (0, b, count))},
-                                        str(self.path))
+                                        str(self.path), validate_access_integrity=False)
                 yield block
                 del block
 
