@@ -76,9 +76,9 @@ def test_shape_only_tables_hold_no_storage():
 @pytest.mark.dist
 @pytest.mark.slow
 def test_export_streams_tables_in_blocks_of_rows(megatron_single_process, tmp_path, monkeypatch):
-    """A world-2 checkpoint (table split in 2) exported with 8 checkpoint blocks of rows: no tensor with
-    the table's rows and more than one block's elements is ever made; the export holds the
-    checkpoint's table exactly and loads in transformers."""
+    """A world-2 checkpoint (table split in 2) written and exported with 8 checkpoint blocks of rows: no
+    tensor with all the table's rows is ever made (not even when reading a saved chunk); the export
+    holds the checkpoint's table exactly and loads in transformers."""
     from safetensors import safe_open
 
     import model.pkm.value_table as vt
@@ -86,11 +86,13 @@ def test_export_streams_tables_in_blocks_of_rows(megatron_single_process, tmp_pa
     from pretrain.checkpoint import CheckpointReader, checkpoint_tokenizer
     from tests.test_sharding import run, value_table
 
+    n_slots, dim = 48 ** 2, 64  # test_sharding's n_keys, tiny_gpt's hidden size
+    monkeypatch.setenv("PKM_TEST_CHECKPOINT_BLOCK_BYTES", str(n_slots * dim * 4 // 8))
+    monkeypatch.setattr(vt, "CHECKPOINT_BLOCK_BYTES", n_slots * dim * 4 // 8)
     d = run("tiny_gpt.yaml", 2, tmp_path / "run", "parallel.tensor_parallel=1", "parallel.memory_parallel=dp",
             "train.micro_batch_size=4", "train.train_steps=2")
     table = value_table(d)
-    n_slots, dim = table.shape
-    monkeypatch.setattr(vt, "CHECKPOINT_BLOCK_BYTES", n_slots * dim * 4 // 8)
+    assert table.shape == (n_slots, dim)
     rows, count = vt.checkpoint_row_blocks(n_slots, dim)
     assert count == 8
     ckpt = d / "checkpoints" / (d / "checkpoints" / "latest").read_text().strip()
@@ -114,12 +116,11 @@ def test_export_streams_tables_in_blocks_of_rows(megatron_single_process, tmp_pa
 
 
 class _NoTableRows(TorchDispatchMode):
-    """Fails any op whose output has more than `rows` rows of an n_slots-row table (a full table, or a
-    larger piece than one block)."""
+    """Fails any op whose output has all n_slots rows of a table (only blocks of rows are allowed)."""
 
-    def __init__(self, n_slots: int, rows: int):
+    def __init__(self, n_slots: int):
         super().__init__()
-        self.n_slots, self.rows = n_slots, rows
+        self.n_slots = n_slots
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

@@ -47,6 +47,10 @@ def main() -> int:
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
+    if os.environ.get("PKM_TEST_CHECKPOINT_BLOCK_BYTES"):  # several row blocks even for a tiny table
+        import model.pkm.value_table as vt
+
+        vt.CHECKPOINT_BLOCK_BYTES = int(os.environ["PKM_TEST_CHECKPOINT_BLOCK_BYTES"])
     cfg = load_config(sys.argv[1], sys.argv[2:])
     n_slots, shard_dim = shard_shape(cfg)
     guard = NoFullTable(n_slots, n_slots * shard_dim)
