@@ -9,7 +9,9 @@ The pipeline, every stage a real process (`torchrun` of `pkm pretrain`, gloo, CP
 The driver samples each rank's VmHWM (the kernel's peak resident set) from /proc every 0.1 s.
 Model: GPT, 2 layers, hidden = value dim 1024, 8 heads, seq 32, one PKM at layer 1 with n_keys 1024
 (1,048,576 slots x 1024 = 1.07e9 value parameters, 4.3 GB fp32); --quick: hidden 256, n_keys 256
-(16.8e6 value parameters), the same pipeline.
+(16.8e6 value parameters), the same pipeline. The FFN is as wide as the hidden size (not 4x) so the
+dense model (~21e6 parameters, its Adam moments gathered whole at each save) stays small beside the
+table whose handling is measured.
 --json keys:
   value_params          parameters of the value table
   table_gb              its fp32 size (1e9 bytes)
@@ -60,7 +62,8 @@ def free_port() -> int:
 
 
 def overrides(size: dict, run_dir: Path, cache: Path, world: int, steps: int, resume: Path | None) -> list[str]:
-    out = ["model.num_layers=2", f"model.hidden_size={size['hidden']}", f"model.num_attention_heads={size['heads']}",
+    out = ["model.num_layers=2", f"model.hidden_size={size['hidden']}", f"model.ffn_hidden_size={size['hidden']}",
+           f"model.num_attention_heads={size['heads']}",
            "model.seq_length=32", "model.pkm.layers=[1]", f"model.pkm.n_keys={size['n_keys']}", "model.pkm.heads=2",
            "model.pkm.knn=8", "model.pkm.k_dim=64", "parallel.tensor_parallel=1", "parallel.memory_parallel=dp",
            "train.zero_stage=1", "train.precision=fp32", "train.global_batch_size=4",
