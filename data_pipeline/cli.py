@@ -118,12 +118,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from data_pipeline.errors import DataError
-    from data_pipeline.preprocess import is_complete, read_manifest
+    from data_pipeline.preprocess import check_files
 
-    m = read_manifest(args.prefix)
-    if not is_complete(args.prefix):
-        raise DataError(f"{args.prefix}: .bin/.idx missing or not the size the manifest records (interrupted run?)")
+    m = check_files(args.prefix)
     if args.json:
         print(json.dumps(m, indent=1))
     else:

@@ -116,12 +116,11 @@ def read_manifest(prefix: str) -> dict:
 
 def is_complete(prefix: str) -> bool:
     """True when PREFIX.{bin,idx} exist with the sizes the manifest recorded."""
-    p = _paths(prefix)
     try:
-        m = read_manifest(prefix)
+        check_files(prefix)
     except DataError:
         return False
-    return all(os.path.isfile(p[k]) and os.path.getsize(p[k]) == m["files"][k] for k in ("bin", "idx"))
+    return True
 
 
 def _remove_leftovers(prefix: str) -> None:
@@ -314,3 +313,24 @@ def check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> dict:
             f"(vocab {tokenizer.vocab_size}, sha256 {have['sha256'][:12]}): re-run `pkm data preprocess "
             f"--tokenizer {have['path']}` or train with data.tokenizer={made['path']}")
     return m
+
+
+def check_files(prefix: str) -> dict:
+    """The manifest of a complete dataset: `.bin`/`.idx` present with the sizes it records (a truncated
+    or replaced file is named here, not met as a numpy error mid-run). Returns the manifest."""
+    m = read_manifest(prefix)
+    for kind in ("bin", "idx"):
+        path = _paths(prefix)[kind]
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: missing (the dataset's manifest lists it)")
+        size, expected = os.path.getsize(path), m["files"][kind]
+        if size != expected:
+            raise DataError(f"{path}: {size} bytes, but its manifest records {expected} (truncated or "
+                            "overwritten: re-run `pkm data preprocess`)")
+    return m
+
+
+def check_dataset(prefix: str, tokenizer: Tokenizer) -> dict:
+    """What training checks before it opens a dataset: its files, then its tokenizer. Returns the manifest."""
+    check_files(prefix)
+    return check_tokenizer_matches(prefix, tokenizer)

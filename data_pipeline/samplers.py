@@ -23,7 +23,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
-from data_pipeline.preprocess import check_tokenizer_matches, ensure_demo_corpus, read_manifest
+from data_pipeline.preprocess import check_dataset, check_tokenizer_matches, ensure_demo_corpus, read_manifest
 from data_pipeline.tokenizer import Tokenizer
 
 __all__ = ["build_datasets", "GlobalBatchSampler", "collate", "check_tokenizer_matches"]
@@ -81,7 +81,7 @@ def build_datasets(cfg: DataConfig, family: str, seq_length: int, tokenizer: Tok
         raise DataError(f"family {family!r}: expected 'gpt' or 'bert'")
     cache_dir = cfg.cache_dir or cache_dir
     paths = list(cfg.paths) or [_demo_prefix(cache_dir, family, tokenizer)]
-    manifests = [check_tokenizer_matches(p, tokenizer) for p in paths]
+    manifests = [check_dataset(p, tokenizer) for p in paths]
     for p, m in zip(paths, manifests):
         if m["family"] != family:
             raise DataError(f"{p}: preprocessed for {m['family']} (--family {m['family']}) but the model is {family}")

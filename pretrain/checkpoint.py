@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain.errors import PretrainError
 
@@ -121,13 +123,47 @@ def _link_zero_state(trainer) -> None:
     zero._lazy_init_hp_params_optimizer_state()
 
 
+def _low_precision(p: torch.Tensor) -> bool:
+    return p.dtype in (torch.bfloat16, torch.float16)
+
+
+def _stage0_master(trainer, p: torch.nn.Parameter) -> torch.Tensor:
+    """At ZeRO stage 0, DeepSpeed's bf16 wrapper keeps an fp32 master copy of each bf16 weight (its
+    `fp32_groups`, parallel to `fp16_groups`), and the Adam state is keyed by that copy; else `p`."""
+    opt = trainer.optimizer
+    for low, high in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ())):
+        for a, b in zip(low, high):
+            if a is p:
+                return b
+    return p
+
+
+def _get_master(trainer, p: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 master weight of a bf16 parameter, full (TP-local) shape, whatever the ZeRO stage
+    (None under ZeRO for a weight the optimizer does not hold)."""
+    if trainer.cfg.train.zero_stage > 0:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p)
+    return _stage0_master(trainer, p)
+
+
+def _set_master(trainer, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    if trainer.cfg.train.zero_stage > 0:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(p, value.to(p.device))
+    else:
+        _stage0_master(trainer, p).data.copy_(value)
+
+
 def _dense_moments(trainer, p: torch.nn.Parameter) -> Optional[dict[str, torch.Tensor]]:
     """Adam moments of a dense parameter, full (TP-local) shape, whatever the ZeRO stage."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     if trainer.cfg.train.zero_stage > 0:
         return {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
-    st = trainer.optimizer.state.get(p) if hasattr(trainer.optimizer, "state") else None
+    st = trainer.optimizer.state.get(_stage0_master(trainer, p)) if hasattr(trainer.optimizer, "state") else None
     if not st:
         return {k: torch.zeros_like(p, dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq")}
     return {k: st[k] for k in ("exp_avg", "exp_avg_sq")}
@@ -140,10 +176,13 @@ def _set_dense_moments(trainer, p: torch.nn.Parameter, moments: dict[str, torch.
         for k, v in moments.items():
             safe_set_full_optimizer_state(p, v, k)
         return
-    st = trainer.optimizer.state[p]
+    st = trainer.optimizer.state[_stage0_master(trainer, p)]
+    # DeepSpeed's bf16 wrapper creates its state with one zero-gradient step at start-up: keep that
+    # offset (0 for a plain optimizer, whose state is still empty here)
+    offset = float(st["step"]) if "step" in st else 0.0
     st["exp_avg"] = moments["exp_avg"].to(p.device).clone()
     st["exp_avg_sq"] = moments["exp_avg_sq"].to(p.device).clone()
-    st["step"] = torch.tensor(float(step))
+    st["step"] = torch.tensor(float(step) + offset)
 
 
 def _base_optimizer(trainer):
@@ -199,6 +238,13 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
                 make_sharded_optimizer_tensor(sh, _rows_of(moments[k], sh), f"value_optimizer.{k}")
                 for sh in model_sd[f"model.{name}.values.weight"]]
     state["optimizer"] = optim
+    # bf16 weights are saved (and loaded) as DeepSpeed's fp32 master copies: a resume is exact, and
+    # the checkpoint does not depend on the precision it was trained in
+    for key, sh in list(model_sd.items()):
+        if isinstance(sh, ShardedTensor) and torch.is_tensor(sh.data) and _low_precision(sh.data):
+            master = torch.zeros_like(sh.data, dtype=torch.float32) if for_load else _get_master(trainer, sh.data)
+            master = sh.data if master is None else master  # a weight outside the optimizer has no master
+            model_sd[key] = replace(sh, data=master.detach().float(), dtype=torch.float32)
     state["value_optimizer_steps"] = [int(sparse.state[m.values.weight]["step"]) for _, m in trainer.memories]
     state["dense_optimizer_step"] = trainer.step
     return state
@@ -206,9 +252,10 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
 
 def _streaming_save_strategy():
     """megatron's torch_dist format, written by torch's own FileSystemWriter, which copies a view (a
-    value table's row block) into its own storage one tensor at a time as it writes. megatron's
-    default writer (built for async saves) clones every view up front: a second copy of every table
-    shard and its moments on each rank."""
+    value table's row block) into its own storage one tensor at a time as it writes, in this process.
+    megatron's default writer (built for async saves) clones every view up front (a second copy of
+    every table shard and its moments on each rank), forks writer processes and starts a
+    multiprocessing Manager for its results queue."""
     from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
                                                                    _replace_state_dict_keys_with_sharded_keys,
                                                                    mcore_to_pyt_state_dict)
@@ -233,11 +280,23 @@ class Checkpointer:
         self.trainer = trainer
         self.root = Path(trainer.cfg.run_dir) / "checkpoints"
 
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step_{step:07d}"
+
+    def latest(self) -> Optional[Path]:
+        """The published checkpoint `latest` names, or None."""
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
     def save(self) -> Path:
         from megatron.core import dist_checkpointing
 
         tr = self.trainer
-        name = f"step_{tr.step:07d}"
+        name = self.name(tr.step)
         final, tmp = self.root / name, self.root / f".tmp-{name}"
         if tr.env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -245,22 +304,34 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         dist.barrier()
-        state = sharded_state(tr)
-        dist_checkpointing.save(state, str(tmp), sharded_strategy=_streaming_save_strategy())
-        if tr.env.is_main:
-            (tmp / "rng").mkdir(exist_ok=True)
-        dist.barrier()
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{tr.env.rank}.pt")
-        dist.barrier()
-        if tr.env.is_main:
-            from pretrain.config import to_dict
+        try:
+            state = sharded_state(tr)
+            dist_checkpointing.save(state, str(tmp), sharded_strategy=_streaming_save_strategy())
+            if tr.env.is_main:
+                (tmp / "rng").mkdir(exist_ok=True)
+            dist.barrier()
+            torch.save(_rng_state(), tmp / "rng" / f"rank_{tr.env.rank}.pt")
+            dist.barrier()
+            if tr.env.is_main:
+                from pretrain.config import to_dict
 
-            (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(tr.cfg), sort_keys=False))
-            _copy_tokenizer(tr.tokenizer, tmp / "tokenizer")
-            info = {"step": tr.step, "world_size": tr.env.world_size, "tp": tr.env.tp_size, "dp": tr.env.dp_size,
-                    "memory_parallel": tr.cfg.parallel.memory_parallel, "family": tr.cfg.model.family,
-                    "tokenizer": tr.tokenizer.identity, "memory_report": tr.memory_report}
-            write_manifest(tmp, info)
+                (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(tr.cfg), sort_keys=False))
+                _copy_tokenizer(tr.tokenizer, tmp / "tokenizer")
+                info = {"step": tr.step, "world_size": tr.env.world_size, "tp": tr.env.tp_size, "dp": tr.env.dp_size,
+                        "memory_parallel": tr.cfg.parallel.memory_parallel, "family": tr.cfg.model.family,
+                        "tokenizer": tr.tokenizer.identity, "memory_report": tr.memory_report}
+                write_manifest(tmp, info)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            # Disk full, quota, I/O errors (megatron's writer reports them as RuntimeError): nothing is
+            # published and the previous checkpoints stay as they were. Under torchrun, this rank's exit
+            # makes the agent stop the others.
+            free = shutil.disk_usage(self.root).free / 2**20
+            if tr.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_failure(e)
+            raise CheckpointError(f"{final}: could not write the checkpoint ({reason}; {free:.0f} MiB free "
+                                  "there); the previous checkpoints are intact") from None
+        if tr.env.is_main:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -304,7 +375,11 @@ class Checkpointer:
         tr = self.trainer
         template = sharded_state(tr, for_load=True)
         loaded = dist_checkpointing.load(template, str(path))
-        tr.model.load_state_dict(_model_tensors(loaded["model"], tr.model), strict=True)
+        weights = _model_tensors(loaded["model"], tr.model)
+        tr.model.load_state_dict(weights, strict=True)
+        for name, p in tr.model.named_parameters():
+            if _low_precision(p):
+                _set_master(tr, p, weights[name])
         step = int(loaded["trainer"]["step"])
         for name, p in tr.model.named_parameters():
             _set_dense_moments(tr, p, {k: loaded["optimizer"][f"{k}.{name}"] for k in ("exp_avg", "exp_avg_sq")}, step)
@@ -345,6 +420,17 @@ def _is_meta(v) -> bool:
 def _sharded_key(v) -> Optional[str]:
     """The checkpoint key of a sharded state dict entry (a value table's is a list of row blocks)."""
     return getattr(v[0] if isinstance(v, list) and v else v, "key", None)
+
+
+def _first_failure(e: BaseException) -> str:
+    """The first worker failure inside a torch.distributed.checkpoint exception, as one line."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))
+        if isinstance(e, tuple):  # (exception, stack summary)
+            e = e[0]
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _copy_tokenizer(tok, dest: Path) -> None:

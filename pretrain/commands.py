@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -26,27 +28,57 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.init_from:
         overrides.append(f"checkpoint.init_from={args.init_from}")
     cfg = load_config(args.config, overrides)  # config errors before any heavy import
+    check_inputs(cfg)
     from pretrain.distributed import shutdown
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg)
     try:
-        code = trainer.train()
-        if code == 0 and trainer.env.is_main:
-            _print_summary(trainer)
-        return code
+        result = trainer.train()
+        if result.exit_code == 0 and trainer.env.is_main:
+            _print_summary(result, trainer.run_dir)
+        return result.exit_code
     finally:
         shutdown()
 
 
-def _print_summary(trainer) -> None:
-    f = trainer.final
-    run = trainer.run_dir
-    lines = [f"pretraining finished: {f['step']} steps",
-             f"  loss: {f['first_loss']:.4f} at the first step -> {f['final_loss']:.4f} at the last"]
-    for k, v in f.get("usage", {}).items():
+def check_inputs(cfg) -> None:
+    """What the run reads and writes, checked before anything is built: one-line errors naming the key."""
+    from data_pipeline.preprocess import check_files
+    from data_pipeline.tokenizer import BUNDLED
+    from pretrain.config import ConfigError
+
+    for key, path, kind in (("checkpoint.init_from", cfg.checkpoint.init_from, "dir"),
+                            ("checkpoint.resume", None if cfg.checkpoint.resume == "auto" else cfg.checkpoint.resume,
+                             "dir"),
+                            ("data.tokenizer", None if cfg.data.tokenizer in BUNDLED else cfg.data.tokenizer, "any")):
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{key}: {p} does not exist")
+        if kind == "dir" and not p.is_dir():
+            raise ConfigError(f"{key}: {p} is a file, not a checkpoint or model directory")
+    for prefix in cfg.data.paths:  # a missing or truncated dataset
+        check_files(prefix)
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run_dir: cannot create {run_dir} ({e.strerror})") from None
+    if not os.access(run_dir, os.W_OK):
+        raise ConfigError(f"run_dir: {run_dir} is not writable")
+
+
+def _print_summary(result, run) -> None:
+    if result.steps_run == 0:
+        lines = [f"nothing to train: the run is already at step {result.step} (train.train_steps)"]
+    else:
+        lines = [f"pretraining finished: {result.step} steps",
+                 f"  loss: {result.first_loss:.4f} at the first step -> {result.final_loss:.4f} at the last"]
+    for k, v in result.usage.items():
         lines.append(f"  {k}: {v:.2f}")
     lines += [f"  TensorBoard: tensorboard --logdir {run / 'tensorboard'}",
-              f"  checkpoint:  {run / 'checkpoints' / (run / 'checkpoints' / 'latest').read_text().strip()}",
+              f"  checkpoint:  {result.checkpoint}",
               f"  log:         {run / 'logs' / 'train.log'}"]
     print("\n".join(lines), flush=True)

@@ -25,30 +25,30 @@ class ConfigError(ValueError):
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel: int = 1
+    tensor_parallel: int = field(default=1, metadata={"ge": 1})
     # Which ranks split each PKM value table: "none" (replicated), "tp", "dp" or "all" (tp x dp).
     memory_parallel: Literal["none", "tp", "dp", "all"] = "all"
 
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 8
-    global_batch_size: int = 8
-    train_steps: int = 300
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 30
+    micro_batch_size: int = field(default=8, metadata={"ge": 1})
+    global_batch_size: int = field(default=8, metadata={"ge": 1})
+    train_steps: int = field(default=300, metadata={"ge": 0})
+    lr: float = field(default=1e-3, metadata={"ge": 0.0})
+    min_lr: float = field(default=1e-4, metadata={"ge": 0.0})
+    warmup_steps: int = field(default=30, metadata={"ge": 0})
     lr_decay: Literal["cosine", "constant", "linear"] = "cosine"
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    seed: int = 1234
+    weight_decay: float = field(default=0.01, metadata={"ge": 0.0})
+    adam_beta1: float = field(default=0.9, metadata={"ge": 0.0, "lt": 1.0})
+    adam_beta2: float = field(default=0.98, metadata={"ge": 0.0, "lt": 1.0})
+    adam_eps: float = field(default=1e-8, metadata={"gt": 0.0})
+    clip_grad: float = field(default=1.0, metadata={"ge": 0.0})  # 0 = no clipping
+    seed: int = field(default=1234, metadata={"ge": 0, "lt": 2**31})  # numpy takes 32-bit seeds
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
-    zero_stage: int = 0
-    eval_interval: int = 100
-    eval_steps: int = 5
+    zero_stage: int = field(default=0, metadata={"ge": 0, "le": 2})
+    eval_interval: int = field(default=100, metadata={"ge": 0})  # 0 = no evaluation
+    eval_steps: int = field(default=5, metadata={"ge": 1})
     # CPU runs: glibc keeps freed memory for reuse (pretrain/cpu_alloc.py; ~1.4x faster PKM steps,
     # the process keeps its peak heap). No effect on GPU or off glibc.
     cpu_keep_freed_memory: bool = True
@@ -56,16 +56,17 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_interval: int = 0  # 0 = only at the end
-    keep_last: int = 2
+    save_interval: int = field(default=0, metadata={"ge": 0})  # 0 = only at the end
+    keep_last: int = field(default=2, metadata={"ge": 1})
     resume: Optional[str] = None  # None, "auto", or a checkpoint directory
     init_from: Optional[str] = None  # HF BERT/GPT-2/Llama dir or a memory-free checkpoint of ours
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 10
-    usage_window: int = 100  # steps over which "slots read" and "slots updated" are counted
+    log_interval: int = field(default=10, metadata={"ge": 1})
+    # "slots updated in the last N steps": a row counts if updated at one of steps t-N+1..t
+    usage_window: int = field(default=100, metadata={"ge": 1})
     tensorboard: bool = True
     progress: bool = True
 
@@ -230,19 +231,68 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     return cfg
 
 
+def check_ranges(cfg: Any, where: str = "") -> None:
+    """Every number of a config dataclass tree within the range its field declares
+    (`metadata={"ge": .., "gt": .., "le": .., "lt": ..}`); lists are checked element by element."""
+    bounds = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b))
+    for f in dataclasses.fields(cfg):
+        value, path = getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, path)
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            if v != v:  # NaN
+                raise ConfigError(f"{path}: must be a number, got nan")
+            for key, sign, ok in bounds:
+                if key in f.metadata and not ok(v, f.metadata[key]):
+                    raise ConfigError(f"{path}: must be {sign} {f.metadata[key]}, got {value!r}")
+
+
 def validate(cfg: RunConfig, after_init: bool = False) -> None:
-    m, p, t = cfg.model, cfg.model.pkm, cfg.train
+    """Ranges of every field, then what fields must satisfy together. One-line ConfigErrors naming the key."""
+    check_ranges(cfg)
+    m, p, t, d = cfg.model, cfg.model.pkm, cfg.train, cfg.data
+    if not str(cfg.run_dir).strip():
+        raise ConfigError("run_dir: must not be empty")
     # With checkpoint.init_from the architecture comes from the checkpoint: checked again once loaded.
     for i in ([] if cfg.checkpoint.init_from and not after_init else p.layers):
         if not 0 <= i < m.num_layers:
             raise ConfigError(f"model.pkm.layers: layer {i} does not exist (model.num_layers={m.num_layers})")
+    if len(set(p.layers)) != len(p.layers):
+        raise ConfigError(f"model.pkm.layers: {p.layers} lists a layer twice")
     if p.k_dim % 2:
         raise ConfigError(f"model.pkm.k_dim: must be even, got {p.k_dim}")
     if p.knn > p.n_keys:
         raise ConfigError(f"model.pkm.knn: {p.knn} is larger than model.pkm.n_keys={p.n_keys}")
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"model.hidden_size: {m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
+    if m.num_query_groups and m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(f"model.num_query_groups: {m.num_query_groups} does not divide "
+                          f"num_attention_heads={m.num_attention_heads}")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
+        raise ConfigError(f"model.max_position_embeddings: {m.max_position_embeddings} is smaller than "
+                          f"seq_length={m.seq_length}")
+    if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
+        raise ConfigError(f"model.position_embedding: rope needs an even head dimension, got "
+                          f"{m.hidden_size // m.num_attention_heads}")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size={t.micro_batch_size}")
-    if t.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"train.zero_stage: {t.zero_stage} is not 0, 1 or 2")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr: {t.min_lr} is larger than train.lr={t.lr}")
+    if d.weights is not None and len(d.weights) != len(d.paths):
+        raise ConfigError(f"data.weights: {len(d.weights)} weights for {len(d.paths)} data.paths")
+    split = str(d.split).split(",")
+    try:
+        parts = [float(x) for x in split]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0:
+        raise ConfigError(f"data.split: {d.split!r} must be three non-negative numbers 'train,valid,test' "
+                          "with a positive train share")
+    if t.eval_interval > 0 and parts[1] <= 0:
+        raise ConfigError(f"data.split: {d.split!r} has no validation share but train.eval_interval="
+                          f"{t.eval_interval} (set train.eval_interval=0)")

@@ -1,5 +1,9 @@
 """Distributed set-up: process group from torchrun or SLURM variables, megatron parallel state,
-the PKM memory-parallel layout, and the `mpu` adapter DeepSpeed expects."""
+the PKM memory-parallel layout, the `mpu` adapter DeepSpeed expects, and the one home of collectives
+over small host values (loss and token sums, flags, counters): `all_reduce_values` and
+`all_reduce_tensor` place their tensors on the device the group's backend needs (CUDA for NCCL), so
+no caller builds a bare `torch.tensor([...])` for a collective (tests check it with
+pretrain/device_guard.py)."""
 from __future__ import annotations
 
 import datetime
@@ -7,7 +11,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,6 +40,49 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def all_reduce_sum(self, values: Sequence[float], group=None) -> list[float]:
+        """Sums of small host values over `group` (None: every rank), as Python floats (float64)."""
+        return all_reduce_values(values, "sum", group)
+
+    def all_reduce_max(self, values: Sequence[float], group=None) -> list[float]:
+        return all_reduce_values(values, "max", group)
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def backend_device(group=None) -> torch.device:
+    """The device a collective over `group` takes its tensors on: the current CUDA device for NCCL,
+    the CPU for gloo (and without a process group)."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def all_reduce_values(values: Sequence[float], op: str = "sum", group=None) -> list[float]:
+    """All-reduce a few host numbers (float64, on the backend's device); returns Python floats. In one
+    process (or a group of one) the values come back as they are, without a collective."""
+    values = [float(v) for v in values]
+    if _group_size(group) == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=backend_device(group))
+    dist.all_reduce(t, op=_OPS[op], group=group)
+    return t.tolist()
+
+
+def all_reduce_tensor(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """All-reduce a tensor that may live elsewhere (e.g. host-side counters): it travels to the
+    backend's device and the result comes back on `t`'s device and dtype (a new tensor)."""
+    if _group_size(group) == 1:
+        return t.clone()
+    work = t.to(backend_device(group), copy=True)
+    dist.all_reduce(work, op=_OPS[op], group=group)
+    return work.to(t.device)
 
 
 def launcher_env() -> dict[str, str]:

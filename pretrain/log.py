@@ -20,10 +20,17 @@ def setup_logging(log_file: str | Path | None = None, rank: int | None = None, l
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(level if rank == 0 else logging.WARNING)
-    console.setFormatter(logging.Formatter(f"[rank{rank}] " + _FORMAT if rank else _FORMAT, "%H:%M:%S"))
-    root.addHandler(console)
+    # Progress (INFO) to stdout, problems (WARNING and up) to stderr: stderr of a run that fails
+    # for a user mistake holds its warnings and the one-line error, not the start-up log.
+    fmt = logging.Formatter(f"[rank{rank}] " + _FORMAT if rank else _FORMAT, "%H:%M:%S")
+    progress = logging.StreamHandler(sys.stdout)
+    progress.setLevel(level if rank == 0 else logging.WARNING)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    for h in (progress, problems):
+        h.setFormatter(fmt)
+        root.addHandler(h)
     if log_file is not None:
         path = Path(log_file)
         if rank:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -21,10 +21,30 @@ import yaml
 from pretrain.config import RunConfig, to_dict
 from pretrain.errors import PretrainError
 from pretrain.log import quiet_third_party, setup_logging
+from pretrain.metrics import MetricsWriter, PKMUsage, step_line, step_scalars
 
 log = logging.getLogger("pkm.train")
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved on SIGUSR1/SIGTERM; requeue and resume
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch's tokens
+    tokens: int  # loss tokens in the global batch
+    grad_norm: Optional[float]
+    updated_rows: list[torch.Tensor]  # per PKM layer, the value rows this step updated
+
+
+@dataclass
+class TrainResult:
+    exit_code: int  # 0, or PREEMPTED_EXIT_CODE after a preemption save
+    step: int
+    steps_run: int  # by this invocation (0 for a run that had already finished)
+    first_loss: Optional[float]  # of this invocation
+    final_loss: Optional[float]
+    usage: dict = field(default_factory=dict)
+    checkpoint: Optional[Path] = None
 
 
 class Trainer:
@@ -59,9 +79,10 @@ class Trainer:
         self._build_tokenizer_and_model()
         self._build_data()
         self._build_engine()
-        self.step = 0
+        self.step = 0  # optimizer steps taken (the step a checkpoint is named after)
         self.last_loss: Optional[float] = None
         self.last_eval_loss: Optional[float] = None
+        self.usage = PKMUsage(self.memories, env.stats_group)
         self._preempt = False
         from pretrain.checkpoint import Checkpointer
 
@@ -146,11 +167,9 @@ class Trainer:
                  len(self.memories), slots, _mb(dense_opt), _mb(2 * values))
 
     def _build_data(self) -> None:
-        from data_pipeline.samplers import GlobalBatchSampler, build_datasets, check_tokenizer_matches
+        from data_pipeline.samplers import GlobalBatchSampler, build_datasets
 
         cfg, t = self.cfg, self.cfg.train
-        for prefix in cfg.data.paths:
-            check_tokenizer_matches(prefix, self.tokenizer)
         evals = t.train_steps // t.eval_interval + 1 if t.eval_interval > 0 else 0
         num_samples = {"train": t.train_steps * t.global_batch_size,
                        "valid": max(1, evals * t.eval_steps * t.global_batch_size),
@@ -187,6 +206,9 @@ class Trainer:
             mpu=MegatronMPU(), dist_init_required=False)
         for _, m in self.memories:  # DeepSpeed may re-create buffers when casting: keep them leaves
             m.values.weight.requires_grad_(True)
+        from model.precision import check_policy
+
+        check_policy(self.model)  # value tables and BatchNorm statistics stayed fp32 (model/precision.py)
         pkm = self.cfg.model.pkm
         self.value_optimizer = SparseValueOptimizer([m.values for _, m in self.memories], lr=pkm.value_lr,
                                                     betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
@@ -201,12 +223,15 @@ class Trainer:
                 # for model cards and summaries, not needed to continue:
                 "last_loss": self.last_loss, "last_eval_loss": self.last_eval_loss,
                 "tokens_seen": self.step * self.cfg.train.global_batch_size * self.cfg.model.seq_length,
-                "usage": getattr(getattr(self, "usage", None), "last_summary", {})}
+                "usage": self.usage.last_summary,
+                "usage_state": self.usage.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.last_loss, self.last_eval_loss = state.get("last_loss"), state.get("last_eval_loss")
         self.sampler.load_state_dict(state["sampler"])
+        if "usage_state" in state:  # checkpoints before the usage window was saved restart it
+            self.usage.load_state_dict(state["usage_state"])
         self.scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # load_state_dict restores the schedule's position, not the optimizer's lr
@@ -222,56 +247,57 @@ class Trainer:
         batch = collate([ds[i] for i in indices])
         return {k: v.to(self.env.device) for k, v in batch.items()}
 
-    def _global_sum(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
-        if self.env.dp_size > 1:
-            from megatron.core import parallel_state as ps
+    def _global_sum(self, *values: float) -> list[float]:
+        """Sums over the data-parallel group (TP ranks see the same tokens)."""
+        from megatron.core import parallel_state as ps
 
-            dist.all_reduce(t, group=ps.get_data_parallel_group())
-        return float(t[0])
+        return self.env.all_reduce_sum(values, ps.get_data_parallel_group())
 
-    def train_step(self, micro_batches: list[list[int]]) -> tuple[float, int]:
+    def train_step(self, micro_batches: list[list[int]]) -> StepResult:
         """One optimiser step over this rank's micro-batches. The loss is normalised by the token count
         of the whole global batch, so any TP/DP layout computes the same gradients."""
         from model.build import lm_forward
 
         family = self.cfg.model.family
         batches = [self._batches(self.train_ds, mb) for mb in micro_batches]
-        tokens = self._global_sum(sum(float(b["loss_mask"].sum()) for b in batches))
+        tokens, = self._global_sum(sum(float(b["loss_mask"].sum()) for b in batches))
         scale = self.grad_accum * self.env.dp_size / max(tokens, 1.0)  # undone by the engine's 1/gas and DP mean
-        loss_sum = 0.0
+        loss_sum, grad_norm = 0.0, None
         for i, batch in enumerate(batches):
             per_token = lm_forward(self.engine, family, batch)
             summed = (per_token.float() * batch["loss_mask"]).sum()
             self.engine.backward(summed * scale)
             self.usage.observe()
             if i == len(batches) - 1 and self.cfg.train.zero_stage == 0:
-                self.grad_norm = self._dense_grad_norm()  # ZeRO reports its own; stage 0 does not
+                grad_norm = self._dense_grad_norm()  # ZeRO reports its own; stage 0 does not
+            # DeepSpeed counts micro-batches: it only clips and steps the dense weights at the
+            # accumulation boundary (the last micro-batch); before that this call is a no-op.
             self.engine.step()
             loss_sum += float(summed.detach())
         if self.cfg.train.zero_stage > 0:
-            self.grad_norm = _float(self.engine.get_global_grad_norm())
+            grad_norm = _float(self.engine.get_global_grad_norm())
         updated = self.value_optimizer.step()
-        self.usage.mark_updated(self.step, updated)
-        return self._global_sum(loss_sum) / max(tokens, 1.0), int(tokens)
+        loss_sum, = self._global_sum(loss_sum)
+        return StepResult(loss_sum / max(tokens, 1.0), int(tokens), grad_norm, updated)
 
     @torch.no_grad()
     def _dense_grad_norm(self) -> float:
         """L2 norm of the (DP-averaged) dense gradient: TP-split weights summed over the TP group,
         replicated ones counted once."""
-        split, replicated = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        from megatron.core import parallel_state as ps
+
+        # summed where the gradients are (one host transfer at the end, not one per parameter)
+        split = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        replicated = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for p in self.model.parameters():
             if p.grad is not None:
-                sq = p.grad.detach().double().pow(2).sum().cpu()
+                sq = p.grad.detach().double().pow(2).sum()
                 if getattr(p, "tensor_model_parallel", False):
                     split += sq
                 else:
                     replicated += sq
-        if self.env.tp_size > 1:
-            from megatron.core import parallel_state as ps
-
-            dist.all_reduce(split, group=ps.get_tensor_model_parallel_group())
-        return float((split + replicated).sqrt())
+        split_sum, = self.env.all_reduce_sum([float(split)], ps.get_tensor_model_parallel_group())
+        return math.sqrt(split_sum + float(replicated))
 
     @torch.no_grad()
     def evaluate(self, ds, steps: int, offset: int) -> float:
@@ -293,7 +319,8 @@ class Trainer:
         for _, m in self.memories:
             m.record_lookups = True
         self.engine.train()
-        return self._global_sum(total) / max(self._global_sum(tokens), 1.0)
+        total, tokens = self._global_sum(total, tokens)
+        return total / max(tokens, 1.0)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
@@ -304,18 +331,15 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _preempt_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._preempt else 0.0])
-        if self.env.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag[0] > 0)
+        flag, = self.env.all_reduce_max([1.0 if self._preempt else 0.0])
+        return flag > 0
 
-    def train(self) -> int:
-        """Run to `train.train_steps`. Returns 0, or PREEMPTED_EXIT_CODE after a preemption save."""
-        from pretrain.metrics import MetricsWriter, PKMUsage
-        from megatron.core import parallel_state as ps
-
+    def train(self) -> TrainResult:
+        """Run to `train.train_steps`, then save. A run already at (or past) its last step is a no-op
+        that says so: what a requeued or restarted job does after finishing."""
         cfg, t, lg = self.cfg, self.cfg.train, self.cfg.logging
-        self.usage = PKMUsage(self.memories, ps.get_data_parallel_group() if self.env.dp_size > 1 else None)
+        if self.step >= t.train_steps:
+            return self._already_finished()
         writer = MetricsWriter(self.run_dir, self.env.is_main, lg.tensorboard)
         self._install_signal_handlers()
         self.engine.train()
@@ -326,33 +350,28 @@ class Trainer:
 
             bar = tqdm(total=t.train_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
         batches = iter(self.sampler)
-        window_start, window_tokens, first_loss = time.perf_counter(), 0, None
+        window_start, window_steps, first_loss, start_step = time.perf_counter(), 0, None, self.step
         exit_code = 0
         while self.step < t.train_steps:
-            micro_batches = next(batches)
-            loss, _ = self.train_step(micro_batches)
+            result = self.train_step(next(batches))
             self.step += 1
-            self.last_loss = loss
-            window_tokens += tokens_per_step
-            first_loss = loss if first_loss is None else first_loss
+            self.usage.mark_updated(self.step, result.updated_rows)
+            self.last_loss = result.loss
+            window_steps += 1
+            first_loss = result.loss if first_loss is None else first_loss
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                bar.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
             if self.step % lg.log_interval == 0 or self.step == t.train_steps:
                 elapsed = time.perf_counter() - window_start
-                steps_in_window = max(1, lg.log_interval if self.step % lg.log_interval == 0 else self.step % lg.log_interval)
-                scalars = {"lm loss": loss, "loss": loss, "learning rate": self.scheduler.get_last_lr()[0],
-                           "grad norm": self.grad_norm,
-                           "tokens per second": window_tokens / elapsed,
-                           "iteration time": 1000.0 * elapsed / steps_in_window}
+                scalars = step_scalars(result.loss, self.scheduler.get_last_lr()[0], result.grad_norm,
+                                       window_steps * tokens_per_step, window_steps, elapsed)
                 scalars.update(self.usage.summary(self.step, lg.usage_window))
                 writer.write(self.step, scalars)
-                log.info("step %d/%d | loss %.4f | lr %.3g | grad norm %.3f | %.0f tok/s | %.0f ms/step",
-                         self.step, t.train_steps, loss, scalars["learning rate"], scalars["grad norm"] or 0.0,
-                         scalars["tokens per second"], scalars["iteration time"])
+                log.info(step_line(self.step, t.train_steps, scalars))
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{scalars['tokens per second']:.0f}")
-                window_start, window_tokens = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{scalars['tokens per second']:.0f}")
+                window_start, window_steps = time.perf_counter(), 0
             if t.eval_interval > 0 and (self.step % t.eval_interval == 0 or self.step == t.train_steps):
                 vloss = self.evaluate(self.valid_ds, t.eval_steps, self.step // t.eval_interval)
                 self.last_eval_loss = vloss
@@ -368,12 +387,19 @@ class Trainer:
                 self.checkpointer.save()
         if bar is not None:
             bar.close()
-        if exit_code == 0:
-            self.checkpointer.save()
-            self.final = {"first_loss": first_loss, "final_loss": loss, "step": self.step,
-                          "usage": self.usage.last_summary}
+        saved = self.checkpointer.save() if exit_code == 0 else None
         writer.close()
-        return exit_code
+        return TrainResult(exit_code, self.step, self.step - start_step, first_loss, self.last_loss,
+                           self.usage.last_summary, saved)
+
+    def _already_finished(self) -> TrainResult:
+        t = self.cfg.train
+        latest = self.checkpointer.latest()
+        if latest is None or latest.name != self.checkpointer.name(self.step):
+            latest = self.checkpointer.save()  # e.g. train.train_steps=0: the initial weights
+        log.info("nothing to train: the run is at step %d and train.train_steps=%d (checkpoint %s)",
+                 self.step, t.train_steps, latest)
+        return TrainResult(0, self.step, 0, None, self.last_loss, self.usage.last_summary, latest)
 
 
 def _float(x) -> Optional[float]:

@@ -61,11 +61,40 @@ def kill_trees(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def wait_all(procs: list[subprocess.Popen], run_dir: Path) -> list[str]:
+def _descendants(procs: list[subprocess.Popen]) -> set[int]:
+    out = set()
+    for p in procs:
+        try:
+            out.update(c.pid for c in psutil.Process(p.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _survivors(pids: set[int]) -> list[str]:
+    """Processes among `pids` still running (checkpoint writers, resource trackers...), after a grace period."""
+    time.sleep(3)
+    alive = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{pid}: {' '.join(p.cmdline())[:100]}")
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def wait_all(procs: list[subprocess.Popen], run_dir: Path, watch: set[int] | None = None) -> list[str]:
+    """Wait for every node; `watch` collects the pids of every process they start meanwhile."""
     deadline = time.monotonic() + TIMEOUT
     try:
         for p in procs:
-            p.wait(timeout=max(1, deadline - time.monotonic()))
+            while p.poll() is None:
+                assert time.monotonic() < deadline, "the job did not finish in time"
+                if watch is not None:
+                    watch.update(_descendants(procs))
+                time.sleep(0.2)
     finally:
         kill_trees(procs)
     outs = [(run_dir.parent / f"{run_dir.name}-node{r}.out").read_text(errors="replace") for r in (0, 1)]
@@ -79,8 +108,8 @@ def losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
+        if "lm loss" in rec:
+            out[rec["step"]] = rec["lm loss"]
     return out
 
 
@@ -113,11 +142,13 @@ def _worker_pids(agent: subprocess.Popen) -> list[int]:
 def test_killed_worker_restarts_group_and_resumes(uninterrupted, tmp_path):
     run_dir = tmp_path / "fault"
     procs = start_nodes(run_dir, max_restarts=1)
+    seen: set[int] = set()
     latest, deadline = run_dir / "checkpoints" / "latest", time.monotonic() + TIMEOUT
     try:
         # Kill once a checkpoint exists and training went on past it.
         while not (latest.exists() and max(losses(run_dir), default=0) >= 7):
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no checkpoint to resume from"
+            seen.update(_descendants(procs))
             time.sleep(0.1)
         victims = _worker_pids(procs[1])
         assert len(victims) == 1, victims
@@ -126,7 +157,14 @@ def test_killed_worker_restarts_group_and_resumes(uninterrupted, tmp_path):
     except BaseException:
         kill_trees(procs)
         raise
-    outs = wait_all(procs, run_dir)
+    outs = wait_all(procs, run_dir, watch=seen)
+    survivors = _survivors(seen)
+    for pid in seen:  # leave nothing behind even when the assertion fails
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not survivors, f"processes of the run outlived it: {survivors}"
 
     train_log = (run_dir / "logs" / "train.log").read_text()
     resumed = re.findall(r"resumed from \S+step_(\d+) at step (\d+)", train_log)

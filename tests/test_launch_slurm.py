@@ -48,8 +48,8 @@ def losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
+        if "lm loss" in rec:
+            out[rec["step"]] = rec["lm loss"]
     return out
 
 

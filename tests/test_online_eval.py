@@ -633,3 +633,21 @@ def test_smollm2_reads_a_book_better_dynamically():
                               progress=False)
     assert 5 < static.perplexity < 60
     assert dynamic.perplexity < static.perplexity
+
+
+def test_run_names_carry_what_differs_in_the_sweep():
+    """`--adapt all pkm-values --lr 3e-4 1e-2` made two runs named dynamic/txl/all/adamw (and two
+    .../pkm-values/adamw) with different results: every name in a comparison must be unique."""
+    from pretrain.cli import build_parser
+    from pretrain.online_eval.cli import configs_from_args
+    from pretrain.online_eval.config import run_names
+
+    args = build_parser().parse_args(["eval", "online", "--model", "smollm2", "--adapt", "all", "pkm-values",
+                                      "--optimizer", "adamw", "--lr", "3e-4", "1e-2"])
+    names = run_names(configs_from_args(args))
+    assert names == ["static/txl", "dynamic/txl/all/adamw/lr=0.0003", "dynamic/txl/all/adamw/lr=0.01",
+                     "dynamic/txl/pkm-values/adamw/lr=0.0003", "dynamic/txl/pkm-values/adamw/lr=0.01"]
+    from pretrain.online_eval.config import OnlineEvalConfig
+
+    same = [OnlineEvalConfig(), OnlineEvalConfig()]
+    assert run_names(same) == ["static/txl#1", "static/txl#2"]

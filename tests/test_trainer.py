@@ -185,7 +185,7 @@ def test_init_from_memory_free_run_and_consolidate(gpt_run: Path, tmp_path: Path
     r = pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'with_pkm'}", "train.train_steps=2",
             "--init-from", str(ckpt), f"data.cache_dir={gpt_run.parent / 'cache'}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "initialised from our checkpoint" in r.stderr
+    assert "initialised from our checkpoint" in r.stdout
     # the memory-free run continued from its step-3 loss level, not from scratch
     assert losses(tmp_path / "with_pkm")[1] < losses(base)[1] - 0.05
     # a missing weight is a clear error: a 3-layer model cannot come from a 2-layer checkpoint

@@ -127,7 +127,7 @@ def product_topk(sub_scores: torch.Tensor, knn: int, ra: torch.Tensor, rb: torch
     The same result as product_keys._search's torch ops, in one pass."""
     heads, _, n, _ = sub_scores.shape
     scores = sub_scores.new_empty(heads, n, knn)
-    ids = torch.empty(heads, 2, n, knn, dtype=torch.long)
+    ids = torch.empty(heads, 2, n, knn, dtype=torch.long, device=sub_scores.device)
     with _torch_threads():
         _product_topk(sub_scores.numpy(), knn, ra.numpy(), rb.numpy(), scores.numpy(), ids.numpy())
     return scores, ids
@@ -141,7 +141,7 @@ def weighted_bag_backward(grad: torch.Tensor, table: torch.Tensor, weights: torc
     weighted sum of output-gradient rows) written once. Returns (grad weights [N, k], slots, rows)."""
     n, k = weights.shape
     slots, counts = torch.unique_consecutive(flat, return_counts=True)
-    starts = torch.zeros(slots.numel() + 1, dtype=torch.long)
+    starts = torch.zeros(slots.numel() + 1, dtype=torch.long, device=slots.device)
     torch.cumsum(counts, 0, out=starts[1:])
     grad_weights = weights.new_empty(n * k)
     rows = table.new_empty(slots.numel(), table.shape[1])

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import PKMConfig
+from model.errors import ModelError
 from model.pkm import cpu_kernels
 from model.pkm.product_keys import product_key_topk, sort_ids
 from model.pkm.value_table import MemoryParallel, ValueTable
+from model.precision import compute_dtype, keep_at_least_fp32
 
 
 @dataclass
@@ -59,17 +61,27 @@ class MaskedBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
+    def _apply(self, fn, recurse=True):
+        # the running statistics stay at least fp32 when the module is cast (model/precision.py)
+        stats = {k: self._buffers.pop(k) for k in ("running_mean", "running_var")}
+        super()._apply(fn, recurse)
+        self._buffers.update({k: keep_at_least_fp32(fn, t) for k, t in stats.items()})
+        return self
+
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # statistics and the normalisation in fp32 at least (bf16 activations come back bf16)
+        dtype = compute_dtype(x.dtype, self.running_mean.dtype)
+        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
         if keep is None and (not self.training or (self.group is None and x.shape[0] > 1)):
             # Nothing to mask or sum over ranks: the fused kernel does the same (batch statistics,
             # unbiased running variance, momentum) in two passes instead of ~15 elementwise ones.
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                self.training, self.momentum, self.eps)
+            return F.batch_norm(x.to(dtype), self.running_mean, self.running_var, weight, bias,
+                                self.training, self.momentum, self.eps).to(x.dtype)
         if not self.training:
             mean, var = self.running_mean, self.running_var
         else:
             xs = x if keep is None else x[keep]
-            xs = xs.to(torch.promote_types(xs.dtype, torch.float32))  # fp32 at least, fp64 stays fp64
+            xs = xs.to(dtype)
             stats = torch.cat([xs.sum(0), (xs * xs).sum(0), xs.new_tensor([xs.shape[0]])])
             if self.group is not None:
                 stats = _SumOverGroup.apply(stats, self.group)
@@ -81,10 +93,10 @@ class MaskedBatchNorm(nn.Module):
                 unbiased = var * (count / (count - 1).clamp_min(1.0))
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
-        y = (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + self.eps) * self.weight + self.bias
+        y = (x.to(dtype) - mean.to(dtype)) * torch.rsqrt(var.to(dtype) + self.eps) * weight + bias
         if keep is not None:
             y = y * keep.unsqueeze(1).to(y.dtype)  # padded queries are zero: they read nothing useful
-        return y
+        return y.to(x.dtype)
 
 
 class _WeightedBag(torch.autograd.Function):
@@ -160,8 +172,11 @@ class ProductKeyMemory(nn.Module):
     def __init__(self, dim: int, cfg: PKMConfig, parallel: MemoryParallel = MemoryParallel(),
                  init_seed: int = 0, stats_group=None):
         super().__init__()
-        if cfg.k_dim % 2:
-            raise ValueError(f"k_dim must be even, got {cfg.k_dim}")
+        if cfg.k_dim < 2 or cfg.k_dim % 2:
+            raise ModelError(f"PKM k_dim must be even and >= 2, got {cfg.k_dim}")
+        if not 1 <= cfg.knn <= cfg.n_keys or cfg.heads < 1:
+            raise ModelError(f"PKM needs 1 <= knn <= n_keys and heads >= 1, got knn={cfg.knn}, "
+                             f"n_keys={cfg.n_keys}, heads={cfg.heads}")
         self.cfg, self.dim = cfg, dim
         h, k, half = cfg.heads, cfg.k_dim, cfg.k_dim // 2
         self.query_proj = nn.Linear(dim, h * k, bias=True)
@@ -197,8 +212,10 @@ class ProductKeyMemory(nn.Module):
         if self.query_layernorm is not None:
             q = self.query_layernorm(q)
         q = F.dropout(q, cfg.query_dropout, self.training)
-        scores, indices = product_key_topk(q, self.keys, cfg.knn)
-        weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(x.dtype)
+        # scores, top-k and softmax in fp32 at least; the weights in the table's dtype (fp32 sums)
+        dtype = compute_dtype(q.dtype)
+        scores, indices = product_key_topk(q.to(dtype), self.keys.to(dtype), cfg.knn)
+        weights = F.softmax(scores, dim=-1).to(self.values.weight.dtype)
         n = x.shape[0]
         return indices.reshape(n, -1), weights.reshape(n, -1)
 
@@ -212,7 +229,7 @@ class ProductKeyMemory(nn.Module):
             out = weighted_bag(indices, weights, self.values.weight)
         else:
             out = self.values(indices, weights)
-        out = F.dropout(out, self.cfg.value_dropout, self.training)
+        out = F.dropout(out.to(x.dtype), self.cfg.value_dropout, self.training)
         if self.record_lookups:
             self.last_lookup = PKMLookup(indices.detach(), weights.detach(), keep)
         return out.view(shape)

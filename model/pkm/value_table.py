@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import ModelError
+from model.precision import TABLE_DTYPE, keep_at_least_fp32
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class ValueTable(nn.Module):
     """`n_slots` value vectors of width `dim`, stored as this rank's column shard (see module doc)."""
 
     def __init__(self, n_slots: int, dim: int, parallel: MemoryParallel = MemoryParallel(),
-                 init_seed: int = 0, dtype: torch.dtype = torch.float32, device=None):
+                 init_seed: int = 0, dtype: torch.dtype = TABLE_DTYPE, device=None):
         super().__init__()
         if dim % parallel.size:
             raise ModelError(f"PKM value dim {dim} (model.hidden_size) is not divisible by the "
@@ -241,9 +242,11 @@ class ValueTable(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Module.to()/.cuda()/.double() rebuild buffers through autograd, which would leave the table a
-        # non-leaf (its gradient lost): keep it a leaf that requires grad, whatever device or dtype.
+        # non-leaf (its gradient lost): keep it a leaf that requires grad. Casts to bf16/fp16 leave it
+        # fp32 (model/precision.py).
+        weight = self._buffers.pop("weight")
         super()._apply(fn, recurse)
-        self._buffers["weight"] = self._buffers["weight"].detach().requires_grad_(True)
+        self._buffers["weight"] = keep_at_least_fp32(fn, weight.detach()).detach().requires_grad_(True)
         return self
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:

@@ -87,3 +87,25 @@ class OnlineEvalConfig:
         if self.doc_start not in ("auto", "none") and not str(self.doc_start).isdigit():
             raise PretrainError(f"online eval: doc_start={self.doc_start!r} must be auto, none or a token id")
         return self
+
+
+def run_names(configs: list[OnlineEvalConfig]) -> list[str]:
+    """One name per run, unique within the comparison: `cfg.name`, followed, where several runs share
+    it, by each field whose value differs among them (`dynamic/txl/all/adamw/lr=0.0003`)."""
+    names = [c.name for c in configs]
+    out = list(names)
+    for base in set(names):
+        group = [i for i, n in enumerate(names) if n == base]
+        if len(group) < 2:
+            continue
+        fields = [f.name for f in dataclasses.fields(OnlineEvalConfig)
+                  if len({repr(getattr(configs[i], f.name)) for i in group}) > 1]
+        for i in group:
+            out[i] = "/".join([base] + [f"{f}={getattr(configs[i], f)}" for f in fields])
+    repeated = {n for n in out if out.count(n) > 1}  # identical configurations: numbered
+    seen: dict[str, int] = {}
+    for i, n in enumerate(out):
+        if n in repeated:
+            seen[n] = seen.get(n, 0) + 1
+            out[i] = f"{n}#{seen[n]}"
+    return out

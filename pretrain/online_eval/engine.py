@@ -34,7 +34,7 @@ from torch import nn
 
 from pretrain.errors import PretrainError
 from pretrain.online_eval.adapters import Adaptation
-from pretrain.online_eval.config import OnlineEvalConfig
+from pretrain.online_eval.config import OnlineEvalConfig, run_names
 from pretrain.online_eval.corpus import TokenizedDocument
 from pretrain.online_eval.costs import FlopModel, PeakMemory, causal_keys, now
 from pretrain.online_eval.optim import OnlineOptimizer
@@ -388,15 +388,16 @@ def compare(model: nn.Module, docs: Sequence[TokenizedDocument], configs: Sequen
     total = sum(d.n_scored for d in docs) * len(configs)
     bar = tqdm(total=total, unit="tok", desc="online eval", disable=not progress, dynamic_ncols=True)
     runs = []
-    for i, cfg in enumerate(configs):
+    for i, (cfg, name) in enumerate(zip(configs, run_names(list(configs)))):
         m = models[i] if models is not None and models[i] is not None else None
         if m is None:
             m = model if (not interleave or cfg.mode == "static") else copy.deepcopy(model)
         runs.append(OnlineRun(m, docs, cfg, calibration=calibration, on_chunk=bar.update))
+        runs[-1].result.name = name
     try:
         if not interleave:
             for r in runs:
-                bar.set_postfix_str(r.cfg.name)
+                bar.set_postfix_str(r.result.name)
                 r.run()
                 log.info("%s: %.4f nats/token, ppl %.3f, %.1f s", r.result.name, r.result.nats_per_token,
                          r.result.perplexity, r.result.wall_s)
