@@ -2,7 +2,7 @@
 
 `pretrain.config` is torch-free, so a config is loaded and checked here on the login node: a config
 that does not load, or a world size the config's tensor/data parallel layout cannot use, is an error
-before a job is submitted.
+before a job is submitted, and so is a layout the trainer would refuse (`pretrain.layout`).
 """
 from __future__ import annotations
 
@@ -64,6 +64,8 @@ def plan_training(config: str | os.PathLike, overrides: list[str], nodes: int, p
     restarted or requeued job continues from its latest checkpoint.
     """
     from pretrain.config import ConfigError, load_config
+    from pretrain.errors import PretrainError
+    from pretrain.layout import check_layout
 
     if nodes < 1:
         raise LaunchError(f"the node count must be at least 1, got {nodes}")
@@ -89,6 +91,10 @@ def plan_training(config: str | os.PathLike, overrides: list[str], nodes: int, p
             f"{nodes} node(s) x {procs_per_node} process(es) = {world} ranks, which "
             f"parallel.tensor_parallel={tp} does not divide {where}; use a node count whose rank count "
             f"is a multiple of {tp}")
+    try:  # the trainer's own layout check (heads, query groups, ffn by TP; the value-table split)
+        check_layout(cfg.model, cfg.parallel, world)
+    except PretrainError as e:
+        raise LaunchError(f"{e} {where}, at {nodes} node(s) x {procs_per_node} process(es); nothing was started") from None
     dp = world // tp
     mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
     if gbs % (mbs * dp):

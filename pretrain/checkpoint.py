@@ -378,7 +378,10 @@ class Checkpointer:
         weights = _model_tensors(loaded["model"], tr.model)
         tr.model.load_state_dict(weights, strict=True)
         for name, p in tr.model.named_parameters():
-            if _low_precision(p):
+            # ZeRO 1/2 steps fp32 master partitions of every weight, fp32 ones included (cloned from the
+            # initial weights when the engine was built: left alone, the first step after resume would
+            # update those and copy them over the loaded model); the stage-0 bf16 wrapper, of bf16 ones.
+            if tr.cfg.train.zero_stage > 0 or _low_precision(p):
                 _set_master(tr, p, weights[name])
         step = int(loaded["trainer"]["step"])
         for name, p in tr.model.named_parameters():

@@ -20,6 +20,7 @@ from model import cpu_shim
 from model.pkm.value_table import MemoryParallel
 from pretrain.config import ParallelConfig
 from pretrain.errors import PretrainError
+from pretrain.layout import check_layout  # noqa: F401  (re-exported: the trainer and tests import it from here)
 
 log = logging.getLogger("pkm.dist")
 
@@ -129,31 +130,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def check_layout(model, parallel: ParallelConfig, world_size: int) -> None:
-    """One-line PretrainErrors for a TP x DP layout this model cannot take, raised by every rank alike
-    before anything is built (megatron would fail later with a traceback, or ranks would disagree)."""
-    tp = parallel.tensor_parallel
-    if tp < 1 or world_size % tp:
-        raise PretrainError(f"parallel.tensor_parallel={tp} does not divide the world size {world_size} "
-                            f"(TP x DP must equal the number of processes)")
-    if model.num_attention_heads % tp:
-        raise PretrainError(f"model.num_attention_heads={model.num_attention_heads} is not divisible by "
-                            f"parallel.tensor_parallel={tp} (each TP rank holds whole attention heads)")
-    if model.num_query_groups and model.num_query_groups % tp:
-        raise PretrainError(f"model.num_query_groups={model.num_query_groups} is not divisible by "
-                            f"parallel.tensor_parallel={tp}")
-    ffn = model.ffn_hidden_size or 4 * model.hidden_size
-    if ffn % tp:
-        raise PretrainError(f"model.ffn_hidden_size={ffn} is not divisible by parallel.tensor_parallel={tp}")
-    dp = world_size // tp
-    mode = parallel.memory_parallel
-    size = {"none": 1, "tp": tp, "dp": dp, "all": tp * dp}[mode]
-    if model.pkm.layers and model.hidden_size % size:
-        raise PretrainError(f"model.hidden_size={model.hidden_size} is not divisible by the memory-parallel size "
-                            f"{size} (parallel.memory_parallel={mode} over TP {tp} x DP {dp}): each rank holds "
-                            f"hidden_size / {size} columns of the PKM value tables")
 
 
 def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> DistEnv:

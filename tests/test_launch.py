@@ -174,3 +174,60 @@ def test_cli_deepspeed_hostfile(tmp_path):
     assert (tmp_path / "r" / "deepspeed" / "hostfile").read_text() == "gpu1 slots=4\ngpu2 slots=4\n"
     assert f"-m deepspeed.launcher.runner --hostfile={tmp_path / 'r' / 'deepspeed' / 'hostfile'} --master_addr=gpu1" in proc.stdout
     assert "--module pretrain.cli pretrain --config" in proc.stdout
+
+
+# --- the trainer's layout check, run before anything is submitted (issue #16) ------------------
+# Each case is a layout `pretrain.layout.check_layout` refuses on every rank at start-up; `pkm launch`
+# must refuse it on the login node, with the world size the job will have, before writing a script.
+LAUNCH_LAYOUT_CASES = [
+    # (id, overrides, nodes x workers per node, what the one line must name)
+    ("memory-parallel-split", ["model.hidden_size=66", "model.num_attention_heads=6",
+                               "parallel.memory_parallel=all"], (2, 2),
+     ["model.hidden_size=66", "memory-parallel size 4", "parallel.memory_parallel=all"]),
+    ("memory-parallel-dp", ["model.hidden_size=66", "model.num_attention_heads=6",
+                            "parallel.memory_parallel=dp", "train.micro_batch_size=2"], (4, 1),
+     ["model.hidden_size=66", "memory-parallel size 4"]),
+    ("heads-by-tp", ["model.hidden_size=96", "model.num_attention_heads=3", "parallel.tensor_parallel=2"], (2, 1),
+     ["model.num_attention_heads=3", "parallel.tensor_parallel=2"]),
+    ("query-groups-by-tp", ["model.num_query_groups=1", "parallel.tensor_parallel=2"], (1, 2),
+     ["model.num_query_groups=1", "parallel.tensor_parallel=2"]),
+    ("ffn-by-tp", ["model.ffn_hidden_size=255", "parallel.tensor_parallel=2"], (2, 1),
+     ["model.ffn_hidden_size=255", "parallel.tensor_parallel=2"]),
+]
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "torchrun"])
+@pytest.mark.parametrize("overrides,shape,names", [c[1:] for c in LAUNCH_LAYOUT_CASES],
+                         ids=[c[0] for c in LAUNCH_LAYOUT_CASES])
+def test_launch_check_refuses_layouts_the_trainer_refuses(tmp_path, launcher, overrides, shape, names):
+    from tests.conftest import assert_user_error, run_pkm
+
+    nodes, per_node = shape
+    run_dir = tmp_path / "r"
+    if launcher == "slurm":
+        args = ["launch", "slurm", "--nodes", nodes, "--procs-per-node", per_node]
+    else:
+        args = ["launch", "torchrun", "--nnodes", nodes, "--node-rank", "0", "--rdzv-endpoint", "127.0.0.1:29400",
+                "--nproc-per-node", per_node]
+    r = run_pkm(*args, "--config", TINY, f"run_dir={run_dir}", *overrides, "--dry-run", timeout=120)
+    assert_user_error(r, *names)
+    assert r.stdout == "", r.stdout  # no script, no command printed
+    assert not run_dir.exists()
+
+
+def test_launch_check_is_the_trainers_check():
+    """One check, not two copies: the launcher and the trainer call the same torch-free function."""
+    import pretrain.distributed
+    import pretrain.layout
+
+    assert pretrain.distributed.check_layout is pretrain.layout.check_layout
+
+
+def test_launch_check_accepts_a_layout_the_trainer_takes(tmp_path):
+    """The same model split TP2 x DP2 with hidden 64 over 4 ranks is fine: the check is not too strict."""
+    from tests.conftest import run_pkm
+
+    r = run_pkm("launch", "slurm", "--nodes", 2, "--procs-per-node", 2, "--config", TINY, f"run_dir={tmp_path / 'r'}",
+                "parallel.tensor_parallel=2", "parallel.memory_parallel=all", "train.micro_batch_size=4",
+                "--dry-run", timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -396,3 +396,74 @@ def test_eval_mode_uses_running_stats_and_is_deterministic():
     layer.eval()
     a, b = layer(x[:3]), layer(x)[:3]
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # no batch statistics in eval
+
+
+# --- dropouts and the query LayerNorm (issue #16: no test covered them) ------------------------
+DROPOUTS = ["input_dropout", "query_dropout", "value_dropout"]
+
+
+@pytest.mark.parametrize("which", DROPOUTS)
+def test_dropout_is_active_in_train_mode_and_gradients_flow(which):
+    layer = _layer(dtype=torch.float32, **{which: 0.5}).train()
+    x = torch.randn(32, 16, requires_grad=True)
+    torch.manual_seed(1)
+    a = layer(x)
+    torch.manual_seed(2)
+    b = layer(x)
+    assert not torch.equal(a, b), f"{which}=0.5 changed nothing in train mode"
+    b.sum().backward()
+    for name, p in [("input", x), ("query_proj", layer.query_proj.weight), ("keys", layer.keys),
+                    ("values", layer.values.weight)]:
+        assert p.grad is not None and p.grad.to_dense().abs().sum() > 0, f"no gradient reaches {name} with {which}"
+
+
+def test_value_dropout_zeroes_or_rescales_the_output():
+    """Value dropout acts on the memory's output only: each element is 0 or the undropped value / (1-p)."""
+    p = 0.25
+    plain, dropped = _layer(dtype=torch.float64), _layer(dtype=torch.float64, value_dropout=p)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    ref, out = plain.train()(x), dropped.train()(x)
+    zero = out == 0
+    assert 0.1 < zero.double().mean().item() < 0.4, zero.double().mean().item()
+    torch.testing.assert_close(out[~zero], ref[~zero] / (1 - p), rtol=1e-12, atol=1e-12)
+
+
+def test_input_dropout_cuts_the_gradient_of_dropped_inputs():
+    layer = _layer(dtype=torch.float64, input_dropout=0.5).train()
+    x = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    dropped = (x.grad == 0).double().mean().item()
+    assert 0.35 < dropped < 0.65, f"{dropped:.2f} of the input gradients are zero with input_dropout=0.5"
+
+
+def test_dropout_off_in_eval_mode_and_zero_dropout_is_no_dropout():
+    x = torch.randn(32, 16)
+    plain = _layer(dtype=torch.float32)
+    dropped = _layer(dtype=torch.float32, input_dropout=0.3, query_dropout=0.3, value_dropout=0.3)
+    zero = _layer(dtype=torch.float32, input_dropout=0.0, query_dropout=0.0, value_dropout=0.0)
+    ref = plain.eval()(x)  # fresh running statistics, the same in all three
+    torch.manual_seed(1)
+    a = dropped.eval()(x)
+    torch.manual_seed(2)
+    b = dropped(x)
+    assert torch.equal(a, b) and torch.equal(a, ref), "eval mode must not drop anything"
+    # p = 0 in train mode: deterministic whatever the RNG state, and equal to the layer without dropout
+    plain.train(), zero.train()
+    torch.manual_seed(3)
+    c = zero(x)
+    torch.manual_seed(4)
+    assert torch.equal(c, zero(x)) and torch.equal(c, plain(x))
+
+
+def test_query_layernorm_normalises_each_head_and_trains():
+    layer = _layer(dtype=torch.float64, query_layernorm=True, query_batchnorm=False)
+    assert isinstance(layer.query_layernorm, nn.LayerNorm) and layer.query_layernorm.normalized_shape == (8,)
+    x = torch.randn(16, 16, dtype=torch.float64)
+    seen = {}
+    layer.query_layernorm.register_forward_hook(lambda m, i, o: seen.update(q=i[0], out=o))
+    layer(x).sum().backward()
+    q = seen["q"]  # [tokens, heads, k_dim]: normalised over each head's k_dim (affine still 1, 0)
+    assert q.shape == (16, 2, 8)
+    want = (q - q.mean(-1, keepdim=True)) / torch.sqrt(q.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(seen["out"], want, atol=1e-12, rtol=0)
+    assert layer.query_layernorm.weight.grad.abs().sum() > 0 and layer.query_layernorm.bias.grad.abs().sum() > 0

@@ -60,7 +60,7 @@ def main() -> int:
     table = mem.values
     assert table.weight.shape == (n_slots, shard_dim), table.weight.shape
     with guard:
-        code = tr.train()
+        code = tr.train().exit_code
     print(f"rank {tr.env.rank}: value shard {tuple(table.weight.shape)}, largest dense table-shaped tensor "
           f"{guard.largest} elements", flush=True)
     from pretrain.distributed import shutdown
