@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 
+from data_pipeline.argtypes import file_prefix, non_negative_int, positive_int
+
 
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="tokenizers, preprocessing into .bin/.idx, dataset inspection")
@@ -23,16 +25,16 @@ def register(subparsers) -> None:
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="<tokenizer command>")
     t = tsub.add_parser("train", help="train a sentencepiece model (GPT or BERT recipe)")
     t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="corpus files or globs (same formats as preprocess)")
-    t.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
+    t.add_argument("--output", required=True, metavar="PREFIX", type=file_prefix, help="writes PREFIX.model and PREFIX.vocab")
     t.add_argument("--recipe", choices=("gpt", "bert"), default="gpt",
                    help="gpt: BPE, byte fallback, split digits, <eod>; bert: unigram with [PAD] [UNK] [CLS] [SEP] [MASK]")
-    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--vocab-size", type=positive_int, default=32000)
     t.add_argument("--model-type", choices=("bpe", "unigram"), default=None, help="override the recipe's model type")
-    t.add_argument("--input-sentence-size", type=int, default=2_000_000,
+    t.add_argument("--input-sentence-size", type=positive_int, default=2_000_000,
                    help="lines sampled from a large corpus for training")
     t.add_argument("--json-key", default="text")
     t.add_argument("--text-mode", choices=("file", "blank-line"), default="file")
-    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--threads", type=positive_int, default=None)
     t.set_defaults(func=_cmd_tokenizer_train)
 
     i = tsub.add_parser("info", help="print a tokenizer's identity and special ids")
@@ -44,10 +46,10 @@ def register(subparsers) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help="files or globs: .jsonl/.json(.gz), .txt(.gz), .parquet, a `datasets` dir saved to disk, "
                         "or datasets:<builder>:<files> for datasets.load_dataset on local files")
-    p.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json")
+    p.add_argument("--output", required=True, metavar="PREFIX", type=file_prefix, help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json")
     p.add_argument("--tokenizer", default=None,
                    help="sentencepiece .model or HF tokenizer directory (default: bundled demo GPT tokenizer)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer worker processes")
+    p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer worker processes")
     p.add_argument("--on-error", choices=("skip", "fail"), default="fail",
                    help="bad records: stop at the first one (fail), or skip them and list them in the manifest")
     p.add_argument("--json-key", default="text", help="field holding the document text in jsonl/parquet/datasets inputs")
@@ -55,13 +57,13 @@ def register(subparsers) -> None:
                    help="plain text: one document per file, or one per blank-line-separated block")
     p.add_argument("--family", choices=("gpt", "bert"), default="gpt",
                    help="gpt appends an EOD token per document; bert stores one sequence per sentence")
-    p.add_argument("--max-sentence-tokens", type=int, default=256, help="bert: longer sentences are cut")
+    p.add_argument("--max-sentence-tokens", type=positive_int, default=256, help="bert: longer sentences are cut")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_preprocess)
 
     n = sub.add_parser("inspect", help="summarise a preprocessed dataset (manifest, and decoded documents)")
     n.add_argument("prefix", metavar="PREFIX")
-    n.add_argument("--show", type=int, default=0, metavar="N", help="decode the first N documents")
+    n.add_argument("--show", type=non_negative_int, default=0, metavar="N", help="decode the first N documents")
     n.add_argument("--tokenizer", default=None, help="tokenizer for --show (default: the manifest's)")
     n.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     n.set_defaults(func=_cmd_inspect)
@@ -71,18 +73,36 @@ def register(subparsers) -> None:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import itertools
+    import logging
+
+    from data_pipeline.errors import DataError
+    from data_pipeline.outputs import check_writable
     from data_pipeline.readers import expand_inputs, iter_chunks, parse_chunk
     from data_pipeline.tokenizer_train import train_sentencepiece
 
     sources = expand_inputs(args.input)
+    check_writable(args.output + ".model")
+    bad = []  # records not trained on (undecodable, empty, malformed): counted and reported
 
     def texts():
         for chunk in iter_chunks(sources, json_key=args.json_key, text_mode=args.text_mode):
-            for _, text in parse_chunk(chunk).docs:  # bad records are simply not trained on
+            records = parse_chunk(chunk)
+            bad.extend(records.bad)
+            for _, text in records.docs:
                 yield text
 
-    path = train_sentencepiece(texts(), args.output, args.recipe, args.vocab_size, args.input_sentence_size,
-                               model_type=args.model_type, num_threads=args.threads)
+    docs = texts()
+    first = next(docs, None)
+    if first is None:  # sentencepiece would only say `!sentences_.empty()`, about the output
+        why = (f"{len(bad)} record{'s' * (len(bad) != 1)} skipped, the first {bad[0].where()}: {bad[0].reason}"
+               if bad else "empty")
+        raise DataError(f"{', '.join(sources)}: no text to train a tokenizer on ({why})")
+    path = train_sentencepiece(itertools.chain([first], docs), args.output, args.recipe, args.vocab_size,
+                               args.input_sentence_size, model_type=args.model_type, num_threads=args.threads)
+    if bad:
+        logging.getLogger("pkm.data").warning("not trained on %d bad records (the first %s: %s)", len(bad),
+                                              bad[0].where(), bad[0].reason)
     print(path)
     return 0
 
@@ -101,9 +121,11 @@ def _cmd_tokenizer_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from data_pipeline.outputs import check_writable
     from data_pipeline.preprocess import preprocess
     from data_pipeline.tokenizer import load_tokenizer
 
+    check_writable(args.output + ".bin")  # before the corpus is read
     tok = load_tokenizer(args.tokenizer)
     m = preprocess(args.input, args.output, tok, workers=args.workers, on_error=args.on_error,
                    json_key=args.json_key, text_mode=args.text_mode, family=args.family,
@@ -120,6 +142,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from data_pipeline.preprocess import check_files
 
+    for ext in (".bin", ".idx", ".manifest.json"):  # a file of the dataset given instead of its prefix
+        if args.prefix.endswith(ext) and os.path.isfile(args.prefix[:-len(ext)] + ".manifest.json"):
+            args.prefix = args.prefix[:-len(ext)]
     m = check_files(args.prefix)
     if args.json:
         print(json.dumps(m, indent=1))

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import re
 from typing import Iterable, Iterator
 
 from data_pipeline.errors import DataError
+from data_pipeline.outputs import OutputError, publish, scratch_dir
 
 log = logging.getLogger("pkm.data")
 
@@ -33,7 +34,7 @@ _COMMON = dict(
     required_chars="".join(chr(c) for c in range(33, 127)),
     max_sentence_length=1 << 16,
     shuffle_input_sentence=True,
-    minloglevel=1,
+    minloglevel=2,  # errors only: its warnings (e.g. "No valid symbol found") say nothing to a user
 )
 
 RECIPES = {
@@ -73,39 +74,65 @@ def train_sentencepiece(texts: Iterable[str], output_prefix: str, recipe: str = 
 
     if recipe not in RECIPES:
         raise DataError(f"unknown tokenizer recipe {recipe!r}: expected one of {sorted(RECIPES)}")
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_prefix = tempfile.mkdtemp(prefix=".sp-train-", dir=out_dir)
-    tmp = os.path.join(tmp_prefix, "m")
     kwargs = dict(_COMMON, **RECIPES[recipe])
     if model_type:
         kwargs["model_type"] = model_type
     # sentencepiece seeds its sampling from std::random_device unless told otherwise.
     spm.set_random_generator_seed(seed)
-    lines = tqdm(_lines(texts), desc="tokenizer: reading lines", unit=" lines", mininterval=2.0,
-                 disable=None)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_prefix=tmp, vocab_size=vocab_size,
-            input_sentence_size=input_sentence_size, num_threads=num_threads or os.cpu_count() or 1,
-            **kwargs,
-        )
-    except RuntimeError as e:
-        raise DataError(f"sentencepiece training for {output_prefix} failed: {e}") from None
-    finally:
-        lines.close()
-    # the model records its (temporary) output prefix: store the final name, so that the same
-    # corpus and options give a byte-identical model file (and the same identity sha256)
-    from sentencepiece import sentencepiece_model_pb2
+    with scratch_dir(os.path.dirname(os.path.abspath(output_prefix))) as tmp_dir:
+        tmp = str(tmp_dir / "m")
+        lines = tqdm(_lines(texts), desc="tokenizer: reading lines", unit=" lines", mininterval=2.0,
+                     disable=None)
+        raised = []  # sentencepiece turns an exception in our iterator (Ctrl-C, a bad input) into a RuntimeError
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    with open(tmp + ".model", "rb") as f:
-        proto.ParseFromString(f.read())
-    proto.trainer_spec.model_prefix = os.path.basename(output_prefix)
-    with open(tmp + ".model", "wb") as f:
-        f.write(proto.SerializeToString())
-    for ext in (".vocab", ".model"):  # .model last: its presence means the pair is complete
-        os.replace(tmp + ext, output_prefix + ext)
-    os.rmdir(tmp_prefix)
+        def sentences():
+            try:
+                yield from lines
+            except BaseException as e:
+                raised.append(e)
+                raise
+
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences(), model_prefix=tmp, vocab_size=vocab_size,
+                input_sentence_size=input_sentence_size, num_threads=num_threads or os.cpu_count() or 1,
+                **kwargs,
+            )
+        except RuntimeError as e:
+            if raised:
+                raise raised[0] from None
+            raise DataError(_explain(str(e), vocab_size, output_prefix)) from None
+        finally:
+            lines.close()
+        # the model records its (temporary) output prefix: store the final name, so that the same
+        # corpus and options give a byte-identical model file (and the same identity sha256)
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        with open(tmp + ".model", "rb") as f:
+            proto.ParseFromString(f.read())
+        proto.trainer_spec.model_prefix = os.path.basename(output_prefix)
+        try:
+            with open(tmp + ".model", "wb") as f:
+                f.write(proto.SerializeToString())
+        except OSError as e:
+            raise OutputError(f"{output_prefix}.model: cannot write ({e.strerror})") from None
+        for ext in (".vocab", ".model"):  # .model last: its presence means the pair is complete
+            publish(tmp + ext, output_prefix + ext)
     log.info("wrote %s.model (%s recipe, vocab %d)", output_prefix, recipe, vocab_size)
     return output_prefix + ".model"
+
+
+def _explain(message: str, vocab_size: int, output_prefix: str) -> str:
+    """sentencepiece's internal errors about the vocabulary size, in the options' words."""
+    small = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
+    if small:
+        return (f"--vocab-size {vocab_size}: smaller than the {small.group(1)} characters and special pieces "
+                f"the corpus needs; use at least {small.group(1)}")
+    large = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
+    if large:
+        return f"--vocab-size {vocab_size}: too large for this corpus; use at most {large.group(1)} (or more text)"
+    if "output->Write" in message:  # it could not write its (temporary) model files
+        return f"{output_prefix}.model: cannot write the tokenizer (disk full?)"
+    detail = re.sub(r"^INTERNAL: \S+\(\d+\) \[.*?\] ", "", message.strip())
+    return f"sentencepiece training for {output_prefix} failed: {detail}"

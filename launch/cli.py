@@ -10,6 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from data_pipeline.argtypes import port, positive_int
+
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="the run's YAML config (pretrain.config.RunConfig)")
@@ -55,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="an address of node rank 0 that every node can reach, and a free port there")
     t.add_argument("--nproc-per-node", type=int, default=1, help="workers on this node (one per GPU)")
     t.add_argument("--rdzv-id", default=None, help="the job's id, the same on every node (default: from the run directory)")
-    t.add_argument("--shutdown-timeout", type=int, default=120,
+    t.add_argument("--shutdown-timeout", type=positive_int, default=120,
                    help="seconds workers get to save a checkpoint after SIGTERM/SIGUSR1 (default 120)")
     _add_training_args(t)
     t.set_defaults(func=cmd_torchrun)
@@ -63,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     h = sub.add_parser("deepspeed", help="write a DeepSpeed hostfile and print (or run) the deepspeed launcher command")
     h.add_argument("--hosts", required=True, help="comma-separated host names, first = master")
     h.add_argument("--slots", type=int, required=True, help="workers (GPUs) per host")
-    h.add_argument("--master-port", type=int, default=29500)
+    h.add_argument("--master-port", type=port, default=29500)
     h.add_argument("--run", action="store_true", help="run the command after printing it")
     _add_training_args(h)
     h.set_defaults(func=cmd_deepspeed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from data_pipeline.outputs import atomic_output
 from launch.errors import LaunchError
 from launch.training import Entry
 
@@ -30,10 +31,8 @@ def hostfile_text(hosts: list[str], slots: int) -> str:
 
 
 def write_hostfile(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
     return path
 
 

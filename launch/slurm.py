@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from data_pipeline.outputs import atomic_output
 from launch.errors import LaunchError
 from launch.torchrun import TORCHRUN_ENV, TorchrunOptions, torchrun_options
 from launch.training import PREEMPTED_EXIT_CODE, Entry
@@ -160,11 +161,9 @@ def render_sbatch(opts: SlurmOptions, entry: Entry, run_dir: Path, python: str, 
 def write_script(text: str, run_dir: Path) -> Path:
     """Write the script into the run directory (temp name, then rename)."""
     path = script_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+        tmp.chmod(0o755)
     return path
 
 

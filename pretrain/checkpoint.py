@@ -30,6 +30,8 @@ from pretrain.errors import PretrainError
 
 log = logging.getLogger("pkm.checkpoint")
 MANIFEST = "manifest.json"
+FORMAT = "pkm-dist-ckpt-1"
+LATEST = "latest"
 
 
 class CheckpointError(PretrainError):
@@ -54,7 +56,7 @@ def write_manifest(ckpt: Path, info: dict) -> None:
         if p.is_file() and p.name != MANIFEST:
             files[str(p.relative_to(ckpt))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
     tmp = ckpt / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"format": "pkm-dist-ckpt-1", **info, "files": files}, indent=1))
+    tmp.write_text(json.dumps({"format": FORMAT, **info, "files": files}, indent=1))
     os.replace(tmp, ckpt / MANIFEST)
 
 
@@ -65,8 +67,10 @@ def verify(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt}: no {MANIFEST} (incomplete checkpoint)")
     try:
         manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mf}: corrupt manifest ({e.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mf}: corrupt manifest ({getattr(e, 'msg', e.reason)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mf}: not the manifest of a `pkm pretrain` checkpoint (format {FORMAT} expected)")
     for rel, meta in manifest["files"].items():
         p = ckpt / rel
         if not p.is_file():
@@ -76,6 +80,51 @@ def verify(ckpt: Path) -> dict:
         if _sha256(p) != meta["sha256"]:
             raise CheckpointError(f"{p}: checksum mismatch (corrupt file)")
     return manifest
+
+
+_WHAT_TO_PASS = "pass a checkpoint (RUN_DIR/checkpoints/step_XXXXXXX), a run's checkpoints/ directory or a run directory"
+
+
+def is_native_checkpoint(path: str | Path) -> bool:
+    """Whether `path` names a checkpoint of `pkm pretrain` (a step directory, a checkpoints/ root or a
+    run directory), as opposed to a Hugging Face directory or anything else."""
+    path = Path(path)
+    return path.is_dir() and not (path / "config.json").is_file() and (
+        (path / MANIFEST).is_file() or (path / LATEST).is_file() or (path / "checkpoints").is_dir()
+        or bool(list_checkpoints(path)))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory that `path` names: a step directory itself, a checkpoints/ root through
+    its `latest` file, or a run directory through `checkpoints/latest`. A one-line CheckpointError
+    saying what to pass otherwise. (Whether the checkpoint is intact is `verify`'s question.)"""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory ({_WHAT_TO_PASS})")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a file, not a checkpoint directory ({_WHAT_TO_PASS})")
+    if path.name.startswith(".tmp-step_"):
+        raise CheckpointError(f"{path}: an unpublished checkpoint (its save was interrupted); {_WHAT_TO_PASS}")
+    if (path / MANIFEST).is_file() or (path / "common.pt").is_file():
+        return path
+    if (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: a Hugging Face model directory, not a `pkm pretrain` checkpoint "
+                              f"({_WHAT_TO_PASS})")
+    for root in (path, path / "checkpoints"):
+        latest = root / LATEST
+        if latest.is_file():
+            name = latest.read_text(errors="replace").strip()
+            step = root / name
+            if not name or "/" in name or not step.is_dir():
+                raise CheckpointError(f"{latest}: names {name!r}, which is not a checkpoint directory in {root}")
+            return step
+        steps = list_checkpoints(root)
+        if steps:
+            raise CheckpointError(f"{root}: no `{LATEST}` file (no checkpoint was published there); "
+                                  f"pass one of its checkpoints, e.g. {steps[0]}")
+        if root.name == "checkpoints" and root.is_dir():
+            raise CheckpointError(f"{root}: no checkpoint saved there yet")
+    raise CheckpointError(f"{path}: not a `pkm pretrain` checkpoint (no {MANIFEST}); {_WHAT_TO_PASS}")
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -89,7 +138,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 def find_resumable(ckpt_root: Path) -> Optional[Path]:
     """`latest` if it verifies, else the newest checkpoint that does (with a warning for each bad one)."""
     candidates = list_checkpoints(ckpt_root)
-    latest = ckpt_root / "latest"
+    latest = ckpt_root / LATEST
     if latest.is_file():
         name = latest.read_text().strip()
         candidates.sort(key=lambda p: p.name != name)
@@ -337,7 +386,7 @@ class Checkpointer:
             os.replace(tmp, final)
             latest_tmp = self.root / "latest.tmp"
             latest_tmp.write_text(name + "\n")
-            os.replace(latest_tmp, self.root / "latest")
+            os.replace(latest_tmp, self.root / LATEST)
             self._prune()
             log.info("saved checkpoint %s", final)
         dist.barrier()
@@ -362,7 +411,7 @@ class Checkpointer:
                 return None
             path = Path(obj[0])
         else:
-            path = Path(resume)
+            path = resolve_checkpoint(resume)
             if tr.env.is_main:
                 verify(path)
             dist.barrier()
@@ -518,11 +567,7 @@ class CheckpointReader:
         from pretrain.config import ParallelConfig, load_config
         from pretrain.distributed import init_distributed
 
-        ckpt = Path(ckpt_dir)
-        if not ckpt.is_dir():
-            raise CheckpointError(f"{ckpt}: no such checkpoint directory")
-        if (ckpt / "latest").is_file():  # a checkpoints/ root: take the newest published one
-            ckpt = ckpt / (ckpt / "latest").read_text().strip()
+        ckpt = resolve_checkpoint(ckpt_dir)
         manifest = verify(ckpt)
         self.path, self.cfg = ckpt, load_config(ckpt / "config.yaml")
         state = torch.load(ckpt / "common.pt", weights_only=False)["trainer"]

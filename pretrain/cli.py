@@ -6,6 +6,7 @@ heavy imports (torch, megatron) happen inside the command functions so `pkm laun
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -19,6 +20,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, LaunchError, ModelError, PretrainError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (`pkm: error: ...`), like every other user error; sub-command
+    parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"pkm: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_pipeline import cli as data_cli
     from launch import cli as launch_cli
@@ -26,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain import export_cli
     from pretrain.online_eval import cli as eval_cli
 
-    parser = argparse.ArgumentParser(prog="pkm", description="Pretrain language models with Product Key Memory layers.")
+    parser = _Parser(prog="pkm", description="Pretrain language models with Product Key Memory layers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     commands.register(sub)
     data_cli.register(sub)
@@ -49,15 +58,29 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     errors = _user_errors()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if args.command in _INTERRUPTIBLE else None
     try:
         rc = args.func(args)
     except errors as e:
         print(f"pkm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pkm: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = e.args[0] if e.args else "SIGINT"
+        print(f"pkm: interrupted ({name})", file=sys.stderr)
+        return 128 + getattr(signal, name, signal.SIGINT)
+    finally:
+        if previous is not None:  # main() called from Python (tests): leave the caller's handler as it was
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
+
+
+# Commands whose SIGTERM unwinds like Ctrl-C, so their temporary outputs are removed on the way out
+# (pretrain handles SIGTERM itself: checkpoint and exit 75; launch hands the terminal to torchrun).
+_INTERRUPTIBLE = ("data", "export", "finetune", "eval")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -44,8 +43,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 def check_inputs(cfg) -> None:
     """What the run reads and writes, checked before anything is built: one-line errors naming the key."""
+    from data_pipeline.outputs import OutputError, check_writable
     from data_pipeline.preprocess import check_files
     from data_pipeline.tokenizer import BUNDLED
+    from pretrain.checkpoint import resolve_checkpoint
     from pretrain.config import ConfigError
 
     for key, path, kind in (("checkpoint.init_from", cfg.checkpoint.init_from, "dir"),
@@ -59,15 +60,14 @@ def check_inputs(cfg) -> None:
             raise ConfigError(f"{key}: {p} does not exist")
         if kind == "dir" and not p.is_dir():
             raise ConfigError(f"{key}: {p} is a file, not a checkpoint or model directory")
+    if cfg.checkpoint.resume not in (None, "auto"):  # a path that names no checkpoint
+        resolve_checkpoint(cfg.checkpoint.resume)
     for prefix in cfg.data.paths:  # a missing or truncated dataset
         check_files(prefix)
-    run_dir = Path(cfg.run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"run_dir: cannot create {run_dir} ({e.strerror})") from None
-    if not os.access(run_dir, os.W_OK):
-        raise ConfigError(f"run_dir: {run_dir} is not writable")
+        check_writable(cfg.run_dir)
+    except OutputError as e:
+        raise ConfigError(f"run_dir: {e}") from None
 
 
 def _print_summary(result, run) -> None:

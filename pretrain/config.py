@@ -211,14 +211,20 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     data: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file '{p}' is a directory (give a YAML file, e.g. configs/tiny_gpt.yaml)")
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not a YAML text file (byte {e.start} is not UTF-8)") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if data is None:
+            raise ConfigError(f"{p}: empty config file (give at least one section, e.g. `model:`)")
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of config sections")
     data = apply_overrides(data, list(overrides or []), cls)

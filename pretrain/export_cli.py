@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from data_pipeline.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
+
 
 def register(sub) -> None:
     exp = sub.add_parser("export", help="export a trained model", description="Export a trained PKM model.")
@@ -12,7 +14,8 @@ def register(sub) -> None:
         "hf", help="as a self-contained Hugging Face repository",
         description="Write model.safetensors, config.json (auto_map), the modeling code, the tokenizer and a "
                     "model card; load with AutoModelFor*.from_pretrained(OUT_DIR, trust_remote_code=True).")
-    hf.add_argument("checkpoint", help="a checkpoint directory of `pkm pretrain` (any TP/DP layout)")
+    hf.add_argument("checkpoint", help="a checkpoint of `pkm pretrain` (any TP/DP layout): RUN_DIR/checkpoints/"
+                    "step_XXXXXXX, or a checkpoints/ or run directory for its latest checkpoint")
     hf.add_argument("out_dir")
     hf.add_argument("--tokenizer", help="tokenizer to ship (default: the one saved with the checkpoint)")
     hf.add_argument("--max-shard-size", default="2GB", help="shard model.safetensors above this size")
@@ -28,13 +31,13 @@ def register(sub) -> None:
                     "held-out accuracy side by side. PKM value tables get --value-lr.")
     ft.add_argument("models", nargs="+", help="model directories (e.g. a PKM-BERT and its memory-free base)")
     ft.add_argument("--out", default="runs/finetune", help="Trainer output directory")
-    ft.add_argument("--steps", type=int, default=300)
-    ft.add_argument("--batch-size", type=int, default=16)
-    ft.add_argument("--lr", type=float, default=5e-5)
-    ft.add_argument("--value-lr", type=float, default=1e-3)
-    ft.add_argument("--max-length", type=int, default=64)
-    ft.add_argument("--train-size", type=int, default=0, help="training examples per class (0 = all)")
-    ft.add_argument("--eval-size", type=int, default=500, help="held-out examples per class")
+    ft.add_argument("--steps", type=positive_int, default=300)
+    ft.add_argument("--batch-size", type=positive_int, default=16)
+    ft.add_argument("--lr", type=positive_float, default=5e-5)
+    ft.add_argument("--value-lr", type=non_negative_float, default=1e-3)
+    ft.add_argument("--max-length", type=positive_int, default=64)
+    ft.add_argument("--train-size", type=non_negative_int, default=0, help="training examples per class (0 = all)")
+    ft.add_argument("--eval-size", type=positive_int, default=500, help="held-out examples per class")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--json", action="store_true", help="print the reports as one JSON line at the end")
     ft.set_defaults(func=run_finetune)
@@ -53,7 +56,12 @@ def run_export_hf(args: argparse.Namespace) -> int:
             validate_repo_id(args.push_to_hub)
         except HFValidationError as e:
             raise PretrainError(f"--push-to-hub {args.push_to_hub!r}: {e}") from None
-    reader = CheckpointReader(args.checkpoint)  # value tables stream from it block by block of rows
+    from data_pipeline.outputs import check_writable
+    from pretrain.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    check_writable(args.out_dir)  # before the checkpoint is read
+    reader = CheckpointReader(ckpt)  # value tables stream from it block by block of rows
     tokenizer = args.tokenizer or checkpoint_tokenizer(reader.path)
     card = card_info(reader.cfg, reader.info)
     out = export_hf(reader.state_dict(), reader.cfg.model, tokenizer, args.out_dir, card,

@@ -118,6 +118,18 @@ def _optimizer(model, opts: FinetuneOptions, total_steps: int):
     return opt, schedule
 
 
+def check_model_dir(model_dir: str) -> None:
+    """A Hugging Face model directory, or a one-line PretrainError saying what `model_dir` is instead."""
+    if not os.path.isdir(model_dir):
+        raise PretrainError(f"{model_dir}: no such model directory")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        from pretrain.checkpoint import is_native_checkpoint
+
+        hint = ("a `pkm pretrain` checkpoint: export it first with `pkm export hf CHECKPOINT OUT_DIR`"
+                if is_native_checkpoint(model_dir) else "give a directory written by `pkm export hf` or an HF model")
+        raise PretrainError(f"{model_dir}: not a Hugging Face model directory (no config.json); {hint}")
+
+
 def finetune(model_dir: str, opts: FinetuneOptions, out_dir: str, data=None) -> dict:
     """Finetune `model_dir` for sentiment classification; returns held-out accuracy and timings."""
     import numpy as np
@@ -126,15 +138,17 @@ def finetune(model_dir: str, opts: FinetuneOptions, out_dir: str, data=None) -> 
                               Trainer, TrainingArguments)
     from transformers.utils import logging as hf_logging
 
-    if not os.path.isdir(model_dir):
-        raise PretrainError(f"{model_dir}: no such model directory")
+    check_model_dir(model_dir)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
     train, held_out = data or load_sentiment(opts)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(opts.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2, trust_remote_code=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        torch.manual_seed(opts.seed)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2, trust_remote_code=True)
+    except (OSError, ValueError) as e:  # transformers' errors for directories it cannot load
+        raise PretrainError(f"{model_dir}: cannot load it as a classifier ({str(e).strip().splitlines()[0]})") from None
 
     def encode(pairs):
         enc = tok([t for t, _ in pairs], truncation=True, max_length=opts.max_length)
@@ -171,5 +185,10 @@ def finetune(model_dir: str, opts: FinetuneOptions, out_dir: str, data=None) -> 
 
 def compare(model_dirs: list[str], opts: FinetuneOptions, out_dir: str) -> list[dict]:
     """Finetune each model under the same budget and data; one report per model."""
+    from data_pipeline.outputs import check_writable
+
+    for d in model_dirs:  # every model checked before the first one spends its budget
+        check_model_dir(d)
+    check_writable(out_dir)
     data = load_sentiment(opts)
     return [finetune(d, opts, os.path.join(out_dir, f"model_{i}"), data=data) for i, d in enumerate(model_dirs)]

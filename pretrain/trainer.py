@@ -112,7 +112,11 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         init_from = cfg.checkpoint.init_from
-        own_checkpoint = bool(init_from) and (Path(init_from) / "manifest.json").is_file()
+        from pretrain.checkpoint import is_native_checkpoint, resolve_checkpoint
+
+        own_checkpoint = bool(init_from) and is_native_checkpoint(init_from)
+        if own_checkpoint:  # a run or checkpoints/ directory: its latest checkpoint
+            init_from = str(resolve_checkpoint(init_from))
         tok_spec = cfg.data.tokenizer
         if init_from and tok_spec is None:  # a model initialised from a checkpoint trains with its vocabulary
             from pretrain.checkpoint import checkpoint_tokenizer

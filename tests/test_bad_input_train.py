@@ -60,7 +60,7 @@ def test_bad_input_config_value(override: str, key: str):
     ("checkpoint.init_from=README.md", "checkpoint.init_from: README.md is a file"),
     ("data.tokenizer=/nonexistent.model", "data.tokenizer: /nonexistent.model does not exist"),
     ("data.paths=[/nonexistent/corpus]", "/nonexistent/corpus.manifest.json"),
-    ("run_dir=README.md/run", "run_dir: cannot create README.md/run"),
+    ("run_dir=README.md/run", "run_dir: README.md/run: cannot be created"),
 ])
 def test_bad_input_paths(override: str, named: str):
     r = run_pkm("pretrain", "--config", TINY_GPT, override, timeout=120)

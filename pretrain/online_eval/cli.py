@@ -9,6 +9,7 @@ import itertools
 import json
 import time
 
+from data_pipeline.argtypes import non_negative_float, positive_float, positive_int
 from pretrain.online_eval.config import ADAPTS, MODES, OPTIMIZERS, RESETS, STRATEGIES, OnlineEvalConfig
 
 
@@ -25,8 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--corpus", default="books",
                    help="`books`, `books:NAME,...`, a .txt/.jsonl file, a directory of .txt, or an indexed-dataset prefix")
     p.add_argument("--json-key", default="text", help="text field of .jsonl records")
-    p.add_argument("--max-docs", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="read at most this many tokens of each document")
+    p.add_argument("--max-docs", type=positive_int, default=None)
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="read at most this many tokens of each document")
     p.add_argument("--modes", nargs="+", choices=MODES, default=["static", "dynamic"])
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["txl"])
     p.add_argument("--adapt", nargs="+", choices=ADAPTS, default=["all"], help="what dynamic runs adapt")
@@ -38,12 +39,12 @@ def register(subparsers) -> None:
     p.add_argument("--window", type=int, default=512, help="overlapping window length L")
     p.add_argument("--sink", type=int, default=4,
                    help="txl: keep the document's first N tokens in the memory (attention sinks; 0: none)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     p.add_argument("--rms-decay", type=float, default=0.0, help="rms: pull towards the initial weights (lambda)")
     p.add_argument("--rms-calibration", default=None, metavar="CORPUS",
                    help="rms: mean squared gradients from this corpus (Krause: training data); default: running")
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-alpha", type=positive_float, default=16.0)
     p.add_argument("--lora-targets", nargs="+", default=None, help="module names (default: peft's per architecture)")
     p.add_argument("--doc-start", default="auto", help="token read before each document: auto (bos/eos), none, or an id")
     p.add_argument("--position-bin", type=int, default=1024, help="bin width of the loss-by-position curve")
@@ -52,7 +53,7 @@ def register(subparsers) -> None:
                         "on a shared machine")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="runs/online_eval", help="writes results.json, loss_by_position.png, tensorboard/")
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
     p.add_argument("--no-progress", action="store_true")
@@ -88,6 +89,7 @@ def _cmd_online(args: argparse.Namespace) -> int:
 
     import torch
 
+    from data_pipeline.outputs import check_writable
     from pretrain.log import setup_logging
     from pretrain.online_eval import report
     from pretrain.online_eval.corpus import load_corpus, tokenize
@@ -97,20 +99,20 @@ def _cmd_online(args: argparse.Namespace) -> int:
     setup_logging()
     log = logging.getLogger("pkm.online_eval")
     configs = configs_from_args(args)
+    check_writable(args.out)  # before the model loads and the runs take their time
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    corpus = load_corpus(args.corpus, args.json_key, args.max_docs)  # a bad corpus before the model loads
+    calibration = load_corpus(args.rms_calibration, args.json_key) if args.rms_calibration else None
     t0 = time.time()
     model, tok = load_causal_lm(args.model, tokenizer=args.tokenizer, device=device, dtype=args.dtype)
     log.info("loaded %s (%s, %.1fM parameters) in %.1f s", args.model, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, time.time() - t0)
     vocab = model.get_input_embeddings().num_embeddings
-    docs = tokenize(load_corpus(args.corpus, args.json_key, args.max_docs), tok, args.doc_start,
-                    args.max_tokens, vocab)
-    calibration = None
-    if args.rms_calibration:
-        calibration = tokenize(load_corpus(args.rms_calibration, args.json_key), tok, args.doc_start,
-                               args.max_tokens, vocab)
+    docs = tokenize(corpus, tok, args.doc_start, args.max_tokens, vocab)
+    if calibration is not None:
+        calibration = tokenize(calibration, tok, args.doc_start, args.max_tokens, vocab)
     log.info("%d documents, %d tokens; %d runs", len(docs), sum(d.n_scored for d in docs), len(configs))
     results = compare(model, docs, configs, interleave=args.interleave, calibration=calibration,
                       progress=not args.no_progress)

@@ -84,8 +84,12 @@ def _read_text(path: Path) -> str:
 
 def _jsonl_documents(path: str, json_key: str) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PretrainError(f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:

@@ -15,10 +15,11 @@ exactly our static score, which `tests/test_online_eval_lmeval.py` checks. Runs 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
+from data_pipeline.outputs import atomic_output
+from pretrain.errors import PretrainError
 from pretrain.online_eval.corpus import Document
 
 TASK = "pkm_books"
@@ -52,14 +53,12 @@ def task_yaml(data_file: str, task: str = TASK) -> str:
 def write_documents(docs: Sequence[Document], path: str | Path) -> Path:
     """One JSON record per document: {"title", "text"} (token-id documents cannot be written)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    for d in docs:
+        if d.text is None:
+            raise PretrainError(f"document {d.name}: lm-eval needs text, not token ids")
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for d in docs:
-            if d.text is None:
-                raise ValueError(f"document {d.name}: lm-eval needs text, not token ids")
             f.write(json.dumps({"title": d.name, "text": d.text}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -68,7 +67,8 @@ def write_task(out_dir: str | Path, docs: Sequence[Document], task: str = TASK) 
     out_dir = Path(out_dir)
     data = write_documents(docs, out_dir / "documents.jsonl")
     yaml_path = out_dir / f"{task}.yaml"
-    yaml_path.write_text(task_yaml(str(data.resolve()), task), encoding="utf-8")
+    with atomic_output(yaml_path) as tmp:
+        tmp.write_text(task_yaml(str(data.resolve()), task), encoding="utf-8")
     return yaml_path
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -28,29 +27,13 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _is_native_checkpoint(path: Path) -> bool:
-    return path.is_dir() and not (path / "config.json").is_file() and (
-        (path / "latest").is_file() or (path / "checkpoints" / "latest").is_file()
-        or ((path / "manifest.json").is_file() and (path / "config.yaml").is_file()))
-
-
-def _checkpoint_dir(path: Path) -> Path:
-    """A run directory or its checkpoints/ directory -> the checkpoint that `latest` names."""
-    for latest in (path / "latest", path / "checkpoints" / "latest"):
-        if latest.is_file():
-            step = latest.parent / latest.read_text().strip()
-            if not step.is_dir():
-                raise PretrainError(f"{latest}: names {step.name}, which does not exist")
-            return step
-    return path
-
-
 def export_native(path: Path, out_dir: Path) -> Path:
     """Our native (dist_checkpointing) checkpoint -> a self-contained HF directory, through the public
     `pkm export hf CHECKPOINT OUT_DIR` command (model.hf.export on the consolidated state dict)."""
+    from pretrain.checkpoint import resolve_checkpoint
     from pretrain.cli import build_parser
 
-    args = build_parser().parse_args(["export", "hf", str(_checkpoint_dir(path)), str(out_dir), "--overwrite"])
+    args = build_parser().parse_args(["export", "hf", str(resolve_checkpoint(path)), str(out_dir), "--overwrite"])
     args.func(args)  # raises PretrainError / ModelError with a one-line reason
     return out_dir
 
@@ -61,6 +44,8 @@ def load_causal_lm(source: str, tokenizer: Optional[str] = None, device: str = "
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pretrain.checkpoint import is_native_checkpoint, resolve_checkpoint
+
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise PretrainError(f"--dtype {dtype}: use float32, bfloat16 or float16")
@@ -70,7 +55,8 @@ def load_causal_lm(source: str, tokenizer: Optional[str] = None, device: str = "
                             "or a native checkpoint directory)")
     tmp = None
     try:
-        if _is_native_checkpoint(path):
+        if is_native_checkpoint(path):
+            path = resolve_checkpoint(path)  # a path that names no checkpoint: one error, before any log line
             tmp = tempfile.TemporaryDirectory(prefix="pkm-online-eval-")
             log.info("exporting native checkpoint %s to %s", path, tmp.name)
             path = export_native(path, Path(tmp.name))

@@ -6,10 +6,10 @@ that is how the issue states its goals (TXL-style dynamic <= 2x static time, PKM
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from data_pipeline.outputs import atomic_output
 from pretrain.online_eval.engine import RunResult
 
 
@@ -58,16 +58,10 @@ def table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_json(path: str | Path, results: Sequence[RunResult], meta: Optional[dict] = None) -> dict:
     s = summary(results, meta)
-    _atomic_write(Path(path), (json.dumps(s, indent=1) + "\n").encode())
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(s, indent=1) + "\n")
     return s
 
 
@@ -100,12 +94,11 @@ def plot(path: str | Path, results: Sequence[RunResult], title: str = "") -> Non
         axes[1][0].legend(fontsize=7)
     axes[-1][0].set_xlabel("token position in document")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def tensorboard(log_dir: str | Path, results: Sequence[RunResult]) -> None:
