@@ -239,6 +239,22 @@ def _base_optimizer(trainer):
     return getattr(opt, "optimizer", opt) if trainer.cfg.train.zero_stage > 0 else opt
 
 
+def _value_moments(sparse, w: torch.Tensor) -> dict:
+    """The lazy-Adam state of value table `w`, created as LazyRowAdam would at its first step (step 0,
+    zero moments) when missing, so saves and loads use the optimizer's own tensors."""
+    st = sparse.state[w]
+    if not st:
+        st.update(step=0, exp_avg=torch.zeros_like(w, dtype=torch.float32),
+                  exp_avg_sq=torch.zeros_like(w, dtype=torch.float32))
+    return st
+
+
+def _rows_of(t: torch.Tensor, sh) -> torch.Tensor:
+    """The rows of `t` (a rank's shard) that ShardedTensor block `sh` covers."""
+    start = sh.global_offset[0]
+    return t.detach()[start:start + sh.local_shape[0]]
+
+
 def sharded_state(trainer, for_load: bool = False) -> dict:
     """The dist_checkpointing state dict of a trainer (shapes and layout; data when saving)."""
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
@@ -263,12 +279,13 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
             optim[f"{k}.{name}"] = make_sharded_optimizer_tensor(sh, v.float(), f"optimizer.{k}")
     sparse = trainer.value_optimizer.optimizer
     for name, m in trainer.memories:
-        w = m.values.weight
-        sh = model_sd[f"model.{name}.values.weight"]
-        st = sparse.state.get(w, {}) if sparse is not None else {}
+        # The moments are saved from, and loaded into, the optimizer's own tensors (no copies), by the
+        # value table's row blocks (ValueTable.sharded_state_dict).
+        moments = _value_moments(sparse, m.values.weight)
         for k in ("exp_avg", "exp_avg_sq"):
-            v = st.get(k) if (st and not for_load) else torch.zeros_like(w, dtype=torch.float32)
-            optim[f"values.{k}.{name}"] = make_sharded_optimizer_tensor(sh, v.detach(), f"value_optimizer.{k}")
+            optim[f"values.{k}.{name}"] = [
+                make_sharded_optimizer_tensor(sh, _rows_of(moments[k], sh), f"value_optimizer.{k}")
+                for sh in model_sd[f"model.{name}.values.weight"]]
     state["optimizer"] = optim
     # bf16 weights are saved (and loaded) as DeepSpeed's fp32 master copies: a resume is exact, and
     # the checkpoint does not depend on the precision it was trained in
@@ -277,53 +294,34 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
             master = torch.zeros_like(sh.data, dtype=torch.float32) if for_load else _get_master(trainer, sh.data)
             master = sh.data if master is None else master  # a weight outside the optimizer has no master
             model_sd[key] = replace(sh, data=master.detach().float(), dtype=torch.float32)
-    value_steps = [int(sparse.state[m.values.weight]["step"]) if sparse is not None and m.values.weight in sparse.state else 0
-                   for _, m in trainer.memories]
-    state["value_optimizer_steps"] = value_steps
+    state["value_optimizer_steps"] = [int(sparse.state[m.values.weight]["step"]) for _, m in trainer.memories]
     state["dense_optimizer_step"] = trainer.step
     return state
 
 
+def _streaming_save_strategy():
+    """megatron's torch_dist format, written by torch's own FileSystemWriter, which copies a view (a
+    value table's row block) into its own storage one tensor at a time as it writes, in this process.
+    megatron's default writer (built for async saves) clones every view up front (a second copy of
+    every table shard and its moments on each rank), forks writer processes and starts a
+    multiprocessing Manager for its results queue."""
+    from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
+                                                                   _replace_state_dict_keys_with_sharded_keys,
+                                                                   mcore_to_pyt_state_dict)
+    from torch.distributed import checkpoint as dcp
+
+    class StreamingSave(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir) -> None:
+            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            dcp.save(mcore_to_pyt_state_dict(flat, False),
+                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                     planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                              flatten_state_dict=False))
+
+    return StreamingSave("torch_dist", 1)
+
+
 # ---------------------------------------------------------------------------------------------
-
-
-def own_writer_processes() -> None:
-    """Make megatron's checkpoint writer start no process that can outlive the trainer.
-
-    Its torch_dist writer forks one process per write bucket and, once per process, starts a
-    multiprocessing Manager (a spawned server, plus a resource tracker) for a results queue meant for
-    asynchronous saves. Our saves are synchronous: the queue's producer and consumer are this process,
-    so a plain in-process queue does, and nothing is spawned. The forked writers get SIGKILL when the
-    trainer dies (PR_SET_PDEATHSIG), so a kill -9 during a save leaves no process behind."""
-    import ctypes
-    import queue
-    import signal
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
-
-    if getattr(fsa, "_pkm_owned", False):
-        return
-    fsa._results_queue = queue.Queue()
-    # its worker errors reach the trainer as the exception Checkpointer.save reports in one line
-    logging.getLogger(fsa.__name__).setLevel(logging.CRITICAL)
-    write_bucket = fsa.FileSystemWriterAsync.write_preloaded_data
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-    except OSError:  # not Linux/glibc: the forked writers finish their bucket and exit on their own
-        libc = None
-
-    trainer_pid = os.getpid()
-
-    def write_bucket_dying_with_parent(*args, **kwargs):
-        if libc is not None:
-            libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-            if os.getppid() != trainer_pid:  # the trainer died before prctl took effect
-                os._exit(1)
-        return write_bucket(*args, **kwargs)
-
-    fsa.FileSystemWriterAsync.write_preloaded_data = staticmethod(write_bucket_dying_with_parent)
-    fsa._pkm_owned = True
 
 
 class Checkpointer:
@@ -345,10 +343,8 @@ class Checkpointer:
 
     def save(self) -> Path:
         from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
         tr = self.trainer
-        own_writer_processes()
         name = self.name(tr.step)
         final, tmp = self.root / name, self.root / f".tmp-{name}"
         if tr.env.is_main:
@@ -359,7 +355,7 @@ class Checkpointer:
         dist.barrier()
         try:
             state = sharded_state(tr)
-            dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+            dist_checkpointing.save(state, str(tmp), sharded_strategy=_streaming_save_strategy())
             if tr.env.is_main:
                 (tmp / "rng").mkdir(exist_ok=True)
             dist.barrier()
@@ -428,7 +424,7 @@ class Checkpointer:
         tr = self.trainer
         template = sharded_state(tr, for_load=True)
         loaded = dist_checkpointing.load(template, str(path))
-        weights = {k[len("model."):]: v for k, v in _unwrap(loaded["model"]).items()}
+        weights = _model_tensors(loaded["model"], tr.model)
         tr.model.load_state_dict(weights, strict=True)
         for name, p in tr.model.named_parameters():
             # ZeRO 1/2 steps fp32 master partitions of every weight, fp32 ones included (cloned from the
@@ -445,18 +441,37 @@ class Checkpointer:
                 if "step" in st:
                     st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
         sparse = tr.value_optimizer.optimizer
-        for (name, m), vstep in zip(tr.memories, loaded["value_optimizer_steps"]):
-            if vstep > 0:
-                sparse.state[m.values.weight] = {
-                    "step": int(vstep),  # a Python int, as SparseAdam (bias correction in float64)
-                    "exp_avg": loaded["optimizer"][f"values.exp_avg.{name}"].clone(),
-                    "exp_avg_sq": loaded["optimizer"][f"values.exp_avg_sq.{name}"].clone()}
+        for (_, m), vstep in zip(tr.memories, loaded["value_optimizer_steps"]):
+            # The moments were read in place; the step is a Python int, as SparseAdam's.
+            sparse.state[m.values.weight]["step"] = int(vstep)
         tr.load_state_dict(loaded["trainer"])
         rng = path / "rng" / f"rank_{tr.env.rank}.pt"
         manifest = json.loads((path / MANIFEST).read_text())
         if rng.is_file() and manifest.get("world_size") == tr.env.world_size:
             _set_rng_state(torch.load(rng, weights_only=False))
         log.info("resumed from %s at step %d", path, tr.step)
+
+
+def _model_tensors(loaded: dict, model: torch.nn.Module) -> dict:
+    """A loaded "model." state dict as `model.load_state_dict` takes it. A value table arrives as the
+    list of its row blocks, already read in place into the table itself: hand over the table."""
+    out = {}
+    for k, v in loaded.items():
+        name = k[len("model."):]
+        if isinstance(v, list):
+            out[name] = model.get_buffer(name)
+        else:
+            out[name] = v.data if hasattr(v, "data") and not torch.is_tensor(v) else v
+    return out
+
+
+def _is_meta(v) -> bool:
+    return isinstance(v, list) and bool(v) and v[0].data is not None and v[0].data.is_meta
+
+
+def _sharded_key(v) -> Optional[str]:
+    """The checkpoint key of a sharded state dict entry (a value table's is a list of row blocks)."""
+    return getattr(v[0] if isinstance(v, list) and v else v, "key", None)
 
 
 def _first_failure(e: BaseException) -> str:
@@ -468,10 +483,6 @@ def _first_failure(e: BaseException) -> str:
             e = e[0]
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
-
-
-def _unwrap(sd: dict) -> dict:
-    return {k: (v.data if hasattr(v, "data") and not torch.is_tensor(v) else v) for k, v in sd.items()}
 
 
 def _copy_tokenizer(tok, dest: Path) -> None:
@@ -530,8 +541,9 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path, skip_memory: bool = F
 
     template = model.sharded_state_dict(prefix="model.")
     saved = set(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    # Tables built without storage (shape_only_tables) are not read: their reader streams them.
     wanted = {k: v for k, v in template.items()
-              if not (skip_memory and ".memory." in k) and getattr(v, "key", None) in saved}
+              if not (skip_memory and ".memory." in k) and _sharded_key(v) in saved and not _is_meta(v)}
     missing = sorted(k[len("model."):] for k in template if k not in wanted)
     fresh_ok = [m for m in missing if ".memory." in m or m.endswith("_extra_state")]
     if len(fresh_ok) != len(missing):
@@ -539,29 +551,70 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path, skip_memory: bool = F
         raise CheckpointError(f"{ckpt}: the checkpoint lacks {len(bad)} weights of this model: "
                               f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
     loaded = dist_checkpointing.load({"model": wanted}, str(ckpt))
-    model.load_state_dict({k[len("model."):]: v for k, v in _unwrap(loaded["model"]).items()}, strict=False)
+    model.load_state_dict(_model_tensors(loaded["model"], model), strict=False)
     return missing
 
 
-def load_consolidated(ckpt_dir: str | Path):
-    """(full TP=1 state dict, RunConfig, info) of a checkpoint saved under any TP/DP layout: the
-    value tables come back whole. Runs in one process (initialises a gloo world of one if needed)."""
-    from model.build import build_model
-    from pretrain.config import ParallelConfig, load_config
-    from pretrain.distributed import init_distributed
+class CheckpointReader:
+    """A checkpoint read outside training, in one process, whatever TP/DP layout saved it: the TP=1
+    model without its value tables (`dense`), and each value table as a StreamedTensor that reads it
+    block by block of rows (`tables`), so no whole table is ever in memory. Initialises a gloo world of
+    one if needed."""
 
-    ckpt = resolve_checkpoint(ckpt_dir)
-    manifest = verify(ckpt)
-    cfg = load_config(ckpt / "config.yaml")
-    common = torch.load(ckpt / "common.pt", weights_only=False)
-    state = common["trainer"]
-    env = init_distributed(ParallelConfig(tensor_parallel=1, memory_parallel="none"))
-    if env.world_size != 1:
-        raise CheckpointError("load_consolidated runs in a single process, not under torchrun")
-    model = build_model(cfg.model, state["vocab_size"], env.memory, seed=cfg.train.seed)
-    load_model_weights(model, ckpt)
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    info = {**{k: v for k, v in manifest.items() if k != "files"}, "vocab_size": state["vocab_size"],
-            "final_loss": state.get("last_loss"), "final_eval_loss": state.get("last_eval_loss"),
-            "tokens_seen": state.get("tokens_seen"), "usage": state.get("usage")}
-    return sd, cfg, info
+    def __init__(self, ckpt_dir: str | Path):
+        from model.build import build_model
+        from model.pkm.value_table import shape_only_tables
+        from pretrain.config import ParallelConfig, load_config
+        from pretrain.distributed import init_distributed
+
+        ckpt = resolve_checkpoint(ckpt_dir)
+        manifest = verify(ckpt)
+        self.path, self.cfg = ckpt, load_config(ckpt / "config.yaml")
+        state = torch.load(ckpt / "common.pt", weights_only=False)["trainer"]
+        env = init_distributed(ParallelConfig(tensor_parallel=1, memory_parallel="none"))
+        if env.world_size != 1:
+            raise CheckpointError("a checkpoint is read for export in a single process, not under torchrun")
+        with shape_only_tables():
+            model = build_model(self.cfg.model, state["vocab_size"], env.memory, seed=self.cfg.train.seed)
+        load_model_weights(model, ckpt)
+        sd = model.state_dict()
+        sd = {k: v for k, v in sd.items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
+        self.dense = {k: v.detach() for k, v in sd.items() if not v.is_meta}
+        sharded = model.sharded_state_dict(prefix="model.")
+        self.tables = {k: self._streamed(sharded[f"model.{k}"][0].key, v) for k, v in sd.items() if v.is_meta}
+        self.info = {**{k: v for k, v in manifest.items() if k != "files"}, "vocab_size": state["vocab_size"],
+                     "final_loss": state.get("last_loss"), "final_eval_loss": state.get("last_eval_loss"),
+                     "tokens_seen": state.get("tokens_seen"), "usage": state.get("usage")}
+
+    def _streamed(self, key: str, table: torch.Tensor):
+        from model.hf.safetensors_stream import StreamedTensor
+        from model.pkm.value_table import checkpoint_row_blocks
+
+        n_slots, dim = table.shape
+
+        def blocks():
+            from megatron.core import dist_checkpointing
+            from megatron.core.dist_checkpointing import ShardedTensor
+
+            rows, count = checkpoint_row_blocks(n_slots, dim)
+            for b in range(count):
+                block = torch.empty(rows, dim, dtype=table.dtype)
+                # One block of the whole table, not a cover of it: the access check must not apply.
+                dist_checkpointing.load({"t": ShardedTensor.from_rank_offsets(key, block, (0, b, count))},
+                                        str(self.path), validate_access_integrity=False)
+                yield block
+                del block
+
+        return StreamedTensor((n_slots, dim), table.dtype, blocks)
+
+    def state_dict(self) -> dict:
+        """Dense tensors and streamed value tables, as `model.hf.export.export_hf` takes them."""
+        return {**self.dense, **self.tables}
+
+
+def load_consolidated(ckpt_dir: str | Path):
+    """(full TP=1 state dict, RunConfig, info) of a checkpoint saved under any TP/DP layout, the value
+    tables whole: for small models and tests (the export streams them: CheckpointReader)."""
+    r = CheckpointReader(ckpt_dir)
+    tables = {k: torch.cat(list(t.blocks())) for k, t in r.tables.items()}
+    return {**r.dense, **tables}, r.cfg, r.info

@@ -46,11 +46,8 @@ def register(sub) -> None:
 def run_export_hf(args: argparse.Namespace) -> int:
     from pretrain.errors import PretrainError
 
-    try:
-        from pretrain.checkpoint import load_consolidated
-    except ImportError:
-        raise PretrainError("pretrain.checkpoint.load_consolidated is not available in this version") from None
     from model.hf.export import export_hf
+    from pretrain.checkpoint import CheckpointReader, checkpoint_tokenizer
 
     if args.push_to_hub:  # a bad repo id fails before the export, not after
         from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -60,14 +57,14 @@ def run_export_hf(args: argparse.Namespace) -> int:
         except HFValidationError as e:
             raise PretrainError(f"--push-to-hub {args.push_to_hub!r}: {e}") from None
     from data_pipeline.outputs import check_writable
-    from pretrain.checkpoint import checkpoint_tokenizer, resolve_checkpoint
+    from pretrain.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    check_writable(args.out_dir)  # before the checkpoint is read and gathered
-    state_dict, run_config, info = load_consolidated(ckpt)
-    tokenizer = args.tokenizer or checkpoint_tokenizer(ckpt)
-    card = card_info(run_config, info)
-    out = export_hf(state_dict, run_config.model, tokenizer, args.out_dir, card,
+    check_writable(args.out_dir)  # before the checkpoint is read
+    reader = CheckpointReader(ckpt)  # value tables stream from it block by block of rows
+    tokenizer = args.tokenizer or checkpoint_tokenizer(reader.path)
+    card = card_info(reader.cfg, reader.info)
+    out = export_hf(reader.state_dict(), reader.cfg.model, tokenizer, args.out_dir, card,
                     max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(f"exported to {out}", flush=True)
     if args.push_to_hub:

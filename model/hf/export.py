@@ -22,6 +22,7 @@ import torch
 
 from model.config import ModelConfig
 from model.errors import ModelError
+from model.hf.safetensors_stream import StreamedTensor, write_safetensors
 
 log = logging.getLogger("pkm.model.hf")
 
@@ -70,10 +71,11 @@ def modeling():
 
 
 def rename(state_dict: dict, family: str) -> tuple[dict, list[str]]:
-    """megatron names -> exported names; returns (renamed, names not exported)."""
+    """megatron names -> exported names; returns (renamed, names not exported). Values are tensors or
+    StreamedTensors (value tables read block by block)."""
     out, skipped = {}, []
     for name, value in state_dict.items():
-        if any(re.fullmatch(p, name) for p in NOT_EXPORTED) or not torch.is_tensor(value):
+        if any(re.fullmatch(p, name) for p in NOT_EXPORTED) or not isinstance(value, (torch.Tensor, StreamedTensor)):
             skipped.append(name)
             continue
         for pattern, repl in RENAMES[family]:
@@ -137,30 +139,31 @@ def _check_value_tables(sd: dict, model_cfg: ModelConfig) -> None:
                          f"export needs the consolidated TP=1 state dict): {', '.join(bad[:4])}")
 
 
-def build_hf_model(state_dict: dict, model_cfg: ModelConfig, tokenizer=None):
-    """The exported HF model (CausalLM for GPT, MaskedLM for BERT) holding `state_dict`'s weights."""
+def _skeleton(weights: dict, model_cfg: ModelConfig, config, dtype: torch.dtype):
+    """The exported model class without storage (meta tensors), checked against the weights' names
+    and shapes: what the export writes, and what the model card describes."""
     _, modeling_pkm = modeling()
-    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    sd = {k: v for k, v in sd.items() if v is not None}
-    if "embedding.word_embeddings.weight" not in sd:
-        raise ModelError("state dict has no embedding.word_embeddings.weight: not a megatron GPT/BERT state dict")
-    _check_value_tables(sd, model_cfg)
-    weights, _ = rename(sd, model_cfg.family)
-    vocab = sd["embedding.word_embeddings.weight"].shape[0]
-    config = hf_config(model_cfg, vocab, tokenizer)
-    dtype = sd["embedding.word_embeddings.weight"].dtype
-    model = getattr(modeling_pkm, MAIN_CLASS[model_cfg.family])(config).to(dtype)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    with torch.device("meta"):
+        model = getattr(modeling_pkm, MAIN_CLASS[model_cfg.family])(config).to(dtype)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:
         raise ModelError(f"state dict does not fit the {model_cfg.family} config: missing {missing[:6]}"
                          f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
                          f"{'...' if len(unexpected) > 6 else ''}")
+    shapes = [f"{k} {tuple(weights[k].shape)} (model: {tuple(v.shape)})" for k, v in expected.items()
+              if tuple(weights[k].shape) != tuple(v.shape)]
+    if shapes:
+        raise ModelError(f"state dict does not fit the {model_cfg.family} config: {', '.join(shapes[:4])}")
     return model.eval()
 
 
 def export_hf(state_dict: dict, model_cfg: ModelConfig, tokenizer: str, out_dir: str,
               card_info: Optional[dict] = None, max_shard_size: str = "2GB", overwrite: bool = False) -> str:
-    """Write the HF repository for a trained model to `out_dir` (atomically: a temp dir, renamed)."""
+    """Write the HF repository for a trained model to `out_dir` (atomically: a temp dir, renamed).
+    `state_dict` holds tensors, or StreamedTensors for value tables read block by block of rows from a
+    checkpoint: the weights are written as they arrive, so no table is ever whole in memory."""
     from model.hf.card import model_card
     from model.hf.tokenizer_export import load_tokenizer_for_export
 
@@ -168,14 +171,34 @@ def export_hf(state_dict: dict, model_cfg: ModelConfig, tokenizer: str, out_dir:
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ModelError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite)")
     tok = load_tokenizer_for_export(tokenizer)
-    model = build_hf_model(state_dict, model_cfg, tok)
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    sd = {k: v for k, v in sd.items() if v is not None}
+    if "embedding.word_embeddings.weight" not in sd:
+        raise ModelError("state dict has no embedding.word_embeddings.weight: not a megatron GPT/BERT state dict")
+    _check_value_tables(sd, model_cfg)
+    weights, _ = rename(sd, model_cfg.family)
+    vocab, dtype = sd["embedding.word_embeddings.weight"].shape[0], sd["embedding.word_embeddings.weight"].dtype
+    config = hf_config(model_cfg, vocab, tok)
+    model = _skeleton(weights, model_cfg, config, dtype)
     if len(tok) > model.config.vocab_size:
         raise ModelError(f"tokenizer {tokenizer} has {len(tok)} tokens, the model's vocabulary only "
                          f"{model.config.vocab_size}")
+    # As the model's .to(dtype) would: floating tensors in the model's dtype, others as they are.
+    tensors = {}
+    for name, meta in model.state_dict().items():
+        w = weights[name]
+        w = w if isinstance(w, StreamedTensor) else StreamedTensor.of(w)
+        tensors[name] = StreamedTensor(w.shape, meta.dtype, w.blocks)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        os.makedirs(tmp)
+        write_safetensors(tmp, tensors, max_shard_size)
+        model.config.dtype = str(dtype).split(".")[1]  # what save_pretrained records
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        if model.can_generate():
+            model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         for name in MODELING_FILES:
             shutil.copyfile(os.path.join(MODELING_DIR, name), os.path.join(tmp, name))

@@ -19,6 +19,8 @@ broadcast, reduce nor optimise it) that requires grad and receives a sparse COO 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Optional
 
@@ -144,6 +146,46 @@ class _ReduceGrad(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+# Layout-independent blocks of the global table (initialisation, checkpoints)
+
+# Part of the definition of the initial table: changing it changes every table a seed gives.
+INIT_BLOCK_ROWS = 4096
+# Checkpoint blocks hold at most this many bytes of full-width fp32 rows (a rank's shard of a block:
+# this / memory-parallel size), and the same rows under every layout, so resharding reads each once.
+CHECKPOINT_BLOCK_BYTES = 1 << 27
+_MASK64 = (1 << 64) - 1
+_shape_only = contextvars.ContextVar("pkm_value_tables_shape_only", default=False)
+
+
+@contextlib.contextmanager
+def shape_only_tables():
+    """ValueTables built inside this block hold no storage (meta tensors, nothing drawn): for readers
+    that need the rest of a model but stream its tables block by block from a checkpoint (export)."""
+    token = _shape_only.set(True)
+    try:
+        yield
+    finally:
+        _shape_only.reset(token)
+
+
+def _stream_seed(seed: int, block: int, column: int) -> int:
+    """A well-mixed 63-bit seed for the (block of rows, column) stream of table `seed` (splitmix64)."""
+    x = (seed * 0x9E3779B97F4A7C15 + block * 0xD1B54A32D192ED03 + column * 0xABC98388FB8FAC03 + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+def checkpoint_row_blocks(n_slots: int, dim: int) -> tuple[int, int]:
+    """(rows per block, number of blocks) of a table in checkpoints: equal blocks of at most
+    CHECKPOINT_BLOCK_BYTES of full-width fp32 rows (n_slots = n_keys**2, so n_keys rows always divide)."""
+    count = max(1, -(-n_slots * dim * 4 // CHECKPOINT_BLOCK_BYTES))
+    while n_slots % count:
+        count += 1
+    return n_slots // count, count
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 class ValueTable(nn.Module):
@@ -158,22 +200,26 @@ class ValueTable(nn.Module):
         self.n_slots, self.dim, self.parallel = n_slots, dim, parallel
         self.shard_dim = dim // parallel.size
         self.column_start = parallel.shard * self.shard_dim
-        weight = torch.empty(n_slots, self.shard_dim, dtype=dtype, device=device)
+        weight = torch.empty(n_slots, self.shard_dim, dtype=dtype, device="meta" if _shape_only.get() else device)
         self.reset_parameters(weight, init_seed)
         self.register_buffer("weight", weight.requires_grad_(True))
 
     @torch.no_grad()
     def reset_parameters(self, weight: torch.Tensor, seed: int) -> None:
-        """N(0, dim^-0.5) like XLM, drawn full-width block by block from a seeded generator so every
-        layout holds the same numbers as the single-process table, without any rank holding it all."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        """N(0, dim^-0.5) like XLM. Every (block of INIT_BLOCK_ROWS rows, column) of the global table has
+        its own seeded stream, so a rank draws only its own columns, yet every layout holds exactly the
+        numbers of the single-process table. Memory and time are proportional to the shard."""
+        if weight.is_meta:
+            return
+        gen = torch.Generator(device="cpu")
         std = self.dim ** -0.5
-        block = max(1, (1 << 22) // self.dim)
-        cols = slice(self.column_start, self.column_start + self.shard_dim)
-        for start in range(0, self.n_slots, block):
-            stop = min(self.n_slots, start + block)
-            rows = torch.randn(stop - start, self.dim, generator=gen, dtype=torch.float32) * std
-            weight[start:stop].copy_(rows[:, cols])
+        buf = torch.empty(self.shard_dim, min(INIT_BLOCK_ROWS, self.n_slots), dtype=torch.float32)
+        for block, start in enumerate(range(0, self.n_slots, INIT_BLOCK_ROWS)):
+            cols = buf[:, :min(INIT_BLOCK_ROWS, self.n_slots - start)]
+            for j in range(self.shard_dim):
+                gen.manual_seed(_stream_seed(seed, block, self.column_start + j))
+                cols[j].normal_(0.0, std, generator=gen)
+            weight[start:start + cols.shape[1]].copy_(cols.t())
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """indices, weights: [N, K] -> [N, dim] = sum_k weights[:, k] * table[indices[:, k]]."""
@@ -204,14 +250,18 @@ class ValueTable(nn.Module):
         return self
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
-        """megatron dist_checkpointing entry: this rank's column shard of the [n_slots, dim] table, so a
-        checkpoint written under one layout loads under any other."""
+        """megatron dist_checkpointing entry: this rank's column shard of the [n_slots, dim] table, as a
+        list of row blocks (`checkpoint_row_blocks`), so a checkpoint written under one layout loads
+        under any other and no reader ever holds more than one block of rows of a saved shard."""
         from megatron.core.dist_checkpointing import ShardedTensor
 
         key = f"{prefix}weight"
         p = self.parallel
-        return {key: ShardedTensor.from_rank_offsets(key, self.weight.detach(), (1, p.shard, p.size),
-                                                     replica_id=p.replica_id)}
+        rows, n = checkpoint_row_blocks(self.n_slots, self.dim)
+        w = self.weight.detach()
+        return {key: [ShardedTensor.from_rank_offsets(key, w[b * rows:(b + 1) * rows], (0, b, n),
+                                                      (1, p.shard, p.size), replica_id=p.replica_id)
+                      for b in range(n)]}
 
     def extra_repr(self) -> str:
         p = self.parallel

@@ -1,10 +1,12 @@
-"""torchrun worker for the sharding tests: trains with the real Trainer while a dispatch mode checks
-that no rank ever materialises the full value table or a dense full-table gradient.
+"""torchrun worker for the sharding tests: builds (value-table init, resume) and trains the real Trainer
+while a dispatch mode checks that no rank ever materialises the full value table or a dense full-table
+gradient.
 
 usage: torchrun --nproc_per_node N tests/workers/sharded_train.py CONFIG [overrides...]
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -34,16 +36,29 @@ class NoFullTable(TorchDispatchMode):
         return out
 
 
+def shard_shape(cfg) -> tuple[int, int]:
+    """The value shard this rank should hold under cfg's layout (world from torchrun)."""
+    world, tp = int(os.environ["WORLD_SIZE"]), cfg.parallel.tensor_parallel
+    size = {"none": 1, "tp": tp, "dp": world // tp, "all": world}[cfg.parallel.memory_parallel]
+    return cfg.model.pkm.n_keys ** 2, cfg.model.hidden_size // size
+
+
 def main() -> int:
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
+    if os.environ.get("PKM_TEST_CHECKPOINT_BLOCK_BYTES"):  # several row blocks even for a tiny table
+        import model.pkm.value_table as vt
+
+        vt.CHECKPOINT_BLOCK_BYTES = int(os.environ["PKM_TEST_CHECKPOINT_BLOCK_BYTES"])
     cfg = load_config(sys.argv[1], sys.argv[2:])
-    tr = Trainer(cfg)
+    n_slots, shard_dim = shard_shape(cfg)
+    guard = NoFullTable(n_slots, n_slots * shard_dim)
+    with guard:
+        tr = Trainer(cfg)
     (_, mem), *_ = tr.memories
     table = mem.values
-    assert table.weight.shape == (table.n_slots, table.dim // tr.env.memory.size), table.weight.shape
-    guard = NoFullTable(table.n_slots, table.weight.numel())
+    assert table.weight.shape == (n_slots, shard_dim), table.weight.shape
     with guard:
         code = tr.train().exit_code
     print(f"rank {tr.env.rank}: value shard {tuple(table.weight.shape)}, largest dense table-shaped tensor "
