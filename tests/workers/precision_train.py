@@ -40,12 +40,12 @@ def main() -> int:
     train_step = tr.train_step
 
     def recording_step(micro_batches):
-        loss, tokens = train_step(micro_batches)
-        losses.append(loss)
-        return loss, tokens
+        result = train_step(micro_batches)
+        losses.append(result.loss)
+        return result
 
     tr.train_step = recording_step
-    code = tr.train()
+    code = tr.train().exit_code
     print(json.dumps({"losses": losses, "at_start": at_start, "at_end": dtypes(tr)}), flush=True)
     shutdown()
     return code
