@@ -22,7 +22,7 @@ def main() -> int:
     # take CPU ones); on a CPU run the guard emulates NCCL on every group.
     with DeviceGuard(required=None if torch.cuda.is_available() else "cuda") as guard:
         tr = Trainer(cfg)
-        code = tr.train()
+        code = tr.train().exit_code
     print(f"rank {tr.env.rank}: device guard checked {guard.checked} tensors", flush=True)
     shutdown()
     return code
