@@ -371,9 +371,9 @@ class Checkpointer:
                         "tokenizer": tr.tokenizer.identity, "memory_report": tr.memory_report}
                 write_manifest(tmp, info)
         except (OSError, RuntimeError, CheckpointException) as e:
-            # Disk full, quota, I/O errors (megatron's writer reports them as RuntimeError): nothing is
-            # published and the previous checkpoints stay as they were. Under torchrun, this rank's exit
-            # makes the agent stop the others.
+            # Disk full, quota, I/O errors (the checkpoint writer wraps them in RuntimeError or torch's
+            # CheckpointException): nothing is published and the previous checkpoints stay as they were.
+            # Under torchrun, this rank's exit makes the agent stop the others.
             free = shutil.disk_usage(self.root).free / 2**20
             if tr.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
