@@ -22,6 +22,34 @@ def run_pkm(*args: str, env: dict | None = None, cwd: Path | str = ROOT, timeout
                           capture_output=True, text=True, timeout=timeout, input=stdin)
 
 
+def descendants(pid: int) -> set[int]:
+    """The pids of every live process below `pid`."""
+    import psutil
+
+    try:
+        return {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def survivors(pids: set[int], grace: float = 3.0) -> list[str]:
+    """Which of `pids` still run (not zombies) after `grace` seconds, as 'pid: command' lines."""
+    import time
+
+    import psutil
+
+    time.sleep(grace)
+    alive = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{pid}: {' '.join(p.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
 def assert_user_error(r: subprocess.CompletedProcess, *names: str, code: int = 2) -> str:
     """A user mistake: exit `code`, exactly one line on stderr (`pkm: error: ...`) naming each of
     `names` (a key, file or path), and no traceback anywhere. Returns the line."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, TINY_GPT, assert_user_error, run_pkm
+from tests.conftest import ROOT, TINY_GPT, assert_user_error, descendants, run_pkm, survivors
 
 AUSTEN = ROOT / "data_pipeline" / "assets" / "austen"
 
@@ -198,22 +198,14 @@ def test_kill_during_checkpoint_save_leaves_no_process(tmp_path: Path):
         # every process the trainer starts, until it is in the middle of its third save
         while True:
             assert time.monotonic() < deadline and proc.poll() is None, "the run ended before its third save"
-            seen.update(c.pid for c in psutil.Process(proc.pid).children(recursive=True))
+            seen.update(descendants(proc.pid))
             if saves.is_dir() and any(p.name.startswith(".tmp-step_0000006") for p in saves.iterdir()):
-                seen.update(c.pid for c in psutil.Process(proc.pid).children(recursive=True))
+                seen.update(descendants(proc.pid))
                 break
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        time.sleep(3)
-        alive = []
-        for pid in seen:
-            try:
-                p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(" ".join(p.cmdline())[:120])
-            except psutil.NoSuchProcess:
-                pass
+        alive = survivors(seen)
         assert len(seen) > 0, "saw no child process: the test no longer watches the checkpoint writer"
         assert not alive, f"processes outlived the killed trainer: {alive}"
     finally:

@@ -18,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import descendants, survivors
+
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,27 +64,7 @@ def kill_trees(procs: list[subprocess.Popen]) -> None:
 
 
 def _descendants(procs: list[subprocess.Popen]) -> set[int]:
-    out = set()
-    for p in procs:
-        try:
-            out.update(c.pid for c in psutil.Process(p.pid).children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def _survivors(pids: set[int]) -> list[str]:
-    """Processes among `pids` still running (checkpoint writers, resource trackers...), after a grace period."""
-    time.sleep(3)
-    alive = []
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            if p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(f"{pid}: {' '.join(p.cmdline())[:100]}")
-        except psutil.NoSuchProcess:
-            pass
-    return alive
+    return set().union(*(descendants(p.pid) for p in procs))
 
 
 def wait_all(procs: list[subprocess.Popen], run_dir: Path, watch: set[int] | None = None) -> list[str]:
@@ -158,13 +140,13 @@ def test_killed_worker_restarts_group_and_resumes(uninterrupted, tmp_path):
         kill_trees(procs)
         raise
     outs = wait_all(procs, run_dir, watch=seen)
-    survivors = _survivors(seen)
+    alive = survivors(seen)
     for pid in seen:  # leave nothing behind even when the assertion fails
         try:
             psutil.Process(pid).kill()
         except psutil.NoSuchProcess:
             pass
-    assert not survivors, f"processes of the run outlived it: {survivors}"
+    assert not alive, f"processes of the run outlived it: {alive}"
 
     train_log = (run_dir / "logs" / "train.log").read_text()
     resumed = re.findall(r"resumed from \S+step_(\d+) at step (\d+)", train_log)
