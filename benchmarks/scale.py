@@ -2,8 +2,8 @@
 resuming at world 2, and exporting.
 
 The pipeline, every stage a real process (`torchrun` of `pkm pretrain`, gloo, CPU; then `pkm export hf`):
-  A  world 4 trains 3 steps, the table split over all 4 ranks (memory_parallel=dp), saves step 3
-  B  world 4 resumes step 3 and trains step 4 (the continuation)
+  A  world 4 trains 4 steps, the table split over all 4 ranks (memory_parallel=dp), saving step 3 (and 4):
+     its step 4 is the world-4 continuation
   C  world 2 resumes step 3 (resharding every table 4 -> 2) and trains steps 4 and 5
   E  `pkm export hf` of A's checkpoint, then `transformers` loads the export and runs a forward
 The driver samples each rank's VmHWM (the kernel's peak resident set) from /proc every 0.1 s.
@@ -20,7 +20,7 @@ table whose handling is measured.
   rss_over_shard_w4, _w2  peak_rss_gb_wN / shard_gb_wN      (goal at >= 1e9: <= 1.5)
   init_s_w4             model build in A (value-table init included), from rank 0's log
   save_s                the step-3 save in A, from rank 0's log
-  resume_loss_diff      |loss(step 4, C) - loss(step 4, B)| / loss(step 4, B)   (goal: <= 1e-5)
+  resume_loss_diff      |loss(step 4, C) - loss(step 4, A)| / loss(step 4, A)   (goal: <= 1e-5)
   export_peak_rss_gb    peak RSS of `pkm export hf`    (goal: <= table_gb / 2)
   export_s              wall time of `pkm export hf`
   stage_s               wall time of each stage
@@ -61,7 +61,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def overrides(size: dict, run_dir: Path, cache: Path, world: int, steps: int, resume: Path | None) -> list[str]:
+def overrides(size: dict, run_dir: Path, cache: Path, world: int, steps: int, resume: Path | None,
+              save_interval: int = 0) -> list[str]:
     out = ["model.num_layers=2", f"model.hidden_size={size['hidden']}", f"model.ffn_hidden_size={size['hidden']}",
            f"model.num_attention_heads={size['heads']}",
            "model.seq_length=32", "model.pkm.layers=[1]", f"model.pkm.n_keys={size['n_keys']}", "model.pkm.heads=2",
@@ -69,7 +70,8 @@ def overrides(size: dict, run_dir: Path, cache: Path, world: int, steps: int, re
            "train.zero_stage=1", "train.precision=fp32", "train.global_batch_size=4",
            f"train.micro_batch_size={4 // world}", f"train.train_steps={steps}", "train.warmup_steps=1",
            "train.eval_interval=0", "logging.tensorboard=false", "logging.progress=false", "logging.log_interval=1",
-           "checkpoint.save_interval=0", "checkpoint.keep_last=1", f"run_dir={run_dir}", f"data.cache_dir={cache}"]
+           f"checkpoint.save_interval={save_interval}", "checkpoint.keep_last=2", f"run_dir={run_dir}",
+           f"data.cache_dir={cache}"]
     return out + ([f"checkpoint.resume={resume}"] if resume else [])
 
 
@@ -128,10 +130,11 @@ def run(cmd: list[str], what: str) -> tuple[float, dict, str]:
     return secs, peaks, out
 
 
-def pretrain(world: int, size: dict, run_dir: Path, cache: Path, steps: int, resume: Path | None, what: str):
+def pretrain(world: int, size: dict, run_dir: Path, cache: Path, steps: int, resume: Path | None, what: str,
+             save_interval: int = 0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
            str(free_port()), "-m", "pretrain.cli", "pretrain", "--config", str(ROOT / "configs" / "tiny_gpt.yaml"),
-           *overrides(size, run_dir, cache, world, steps, resume)]
+           *overrides(size, run_dir, cache, world, steps, resume, save_interval)]
     secs, peaks, _ = run(cmd, what)
     # The ranks are torchrun's children; the largest of them (torchrun itself is small).
     return secs, max(peaks.values())
@@ -171,11 +174,11 @@ def main() -> None:
     t_all = time.perf_counter()
     stage = {}
     try:
-        a, b, c = work / "w4", work / "w4_continued", work / "w2_resumed"
-        stage["A_w4_train_save"], peak_w4 = pretrain(4, size, a, cache, 3, None, "A: world 4, 3 steps, save")
+        a, c = work / "w4", work / "w2_resumed"
+        stage["A_w4_train_save"], peak_w4 = pretrain(4, size, a, cache, 4, None,
+                                                     "A: world 4, 4 steps, save at 3", save_interval=3)
         ckpt = a / "checkpoints" / "step_0000003"
-        stage["B_w4_continue"], _ = pretrain(4, size, b, cache, 4, ckpt, "B: world 4 resumes, step 4")
-        shutil.rmtree(b / "checkpoints", ignore_errors=True)
+        shutil.rmtree(a / "checkpoints" / "step_0000004", ignore_errors=True)
         stage["C_w2_resume"], peak_w2 = pretrain(2, size, c, cache, 5, ckpt, "C: world 2 resumes, steps 4-5")
         shutil.rmtree(c / "checkpoints", ignore_errors=True)
         out = work / "hf"
@@ -187,7 +190,7 @@ def main() -> None:
                 "with torch.no_grad():\n    y = m(torch.arange(16).view(1, 16)).logits\n"
                 "assert torch.isfinite(y).all()\nprint('loaded', sum(p.numel() for p in m.parameters()))\n")
         stage["F_transformers_load"], _, loaded = run([sys.executable, "-c", load, str(out)], "F: transformers load")
-        step4_b, step4_c = losses(b)[4], losses(c)[4]
+        step4_a, step4_c = losses(a)[4], losses(c)[4]
         shard_w4, shard_w2 = 3 * table_gb / 4, 3 * table_gb / 2
         result = {
             "quick": args.quick, "value_params": value_params, "table_gb": round(table_gb, 3),
@@ -196,9 +199,9 @@ def main() -> None:
             "rss_over_shard_w4": round(peak_w4 / 1e9 / shard_w4, 3),
             "rss_over_shard_w2": round(peak_w2 / 1e9 / shard_w2, 3),
             "init_s_w4": round(log_interval(a, "world 4 = ", " memory: "), 2),
-            "save_s": round(log_interval(a, "step 3/3", "saved checkpoint"), 2),
-            "resume_loss_diff": abs(step4_c - step4_b) / abs(step4_b),
-            "loss_step4_w4": step4_b, "loss_step4_w2": step4_c,
+            "save_s": round(log_interval(a, "step 3/4", "saved checkpoint"), 2),
+            "resume_loss_diff": abs(step4_c - step4_a) / abs(step4_a),
+            "loss_step4_w4": step4_a, "loss_step4_w2": step4_c,
             "export_peak_rss_gb": round(max(export_peaks.values()) / 1e9, 3), "export_s": round(export_s, 1),
             "exported_params": int(loaded.split()[-1]),
             "stage_s": {k: round(v, 1) for k, v in stage.items()}, "total_s": round(time.perf_counter() - t_all, 1),
