@@ -38,7 +38,8 @@ from datatrove.pipeline.base import PipelineStep
 from data_pipeline.errors import DataError
 from data_pipeline.preprocess import (ChunkWriter, Tally, build_manifest, check_options, check_tokenizer,
                                       dataset_dtype, dataset_paths, init_worker, new_builder, prepare_output_dir,
-                                      process_chunk, publish, remove_leftovers, run_options)
+                                      process_chunk, publish, read_versioned_json, remove_leftovers,
+                                      run_options)
 from data_pipeline.readers import expand_inputs, iter_chunks
 from data_pipeline.slurm_job import SlurmJob
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
@@ -108,15 +109,8 @@ def prepare_parts(plan: dict) -> bool:
 
 
 def read_plan(prefix: str) -> dict:
-    path = _plan_path(prefix)
-    try:
-        with open(path, encoding="utf-8") as f:
-            plan = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: no readable preprocessing plan ({e}); run `pkm data preprocess` again") from None
-    if plan.get("format") != PLAN_FORMAT:
-        raise DataError(f"{path}: unknown plan format {plan.get('format')!r} (expected {PLAN_FORMAT})")
-    return plan
+    return read_versioned_json(_plan_path(prefix), PLAN_FORMAT, "plan",
+                               "no readable preprocessing plan ({}); run `pkm data preprocess` again")
 
 
 def _part_tally(pp: str) -> dict | None:

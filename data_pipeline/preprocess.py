@@ -191,14 +191,20 @@ def read_manifest(prefix: str) -> dict:
     path = dataset_paths(prefix)["manifest"]
     if not os.path.isfile(path):
         raise DataError(f"{path}: no manifest (not made by `pkm data preprocess`, or the run did not finish)")
+    return read_versioned_json(path, MANIFEST_FORMAT, "manifest", "unreadable manifest ({})")
+
+
+def read_versioned_json(path: str, fmt: str, what: str, unreadable: str) -> dict:
+    """A JSON record we wrote, with its `format` checked. `unreadable`: the error text, `{}` = the cause."""
     try:
         with open(path, encoding="utf-8") as f:
-            m = json.load(f)
+            record = json.load(f)
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable manifest ({e})") from None
-    if m.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{path}: unknown manifest format {m.get('format')!r} (expected {MANIFEST_FORMAT})")
-    return m
+        raise DataError(f"{path}: {unreadable.format(e)}") from None
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        found = record.get("format") if isinstance(record, dict) else None
+        raise DataError(f"{path}: unknown {what} format {found!r} (expected {fmt})")
+    return record
 
 
 def is_complete(prefix: str) -> bool:
