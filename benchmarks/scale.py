@@ -133,7 +133,7 @@ def run(cmd: list[str], what: str) -> tuple[float, dict, str]:
 def pretrain(world: int, size: dict, run_dir: Path, cache: Path, steps: int, resume: Path | None, what: str,
              save_interval: int = 0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(free_port()), "-m", "pretrain.cli", "pretrain", "--config", str(ROOT / "configs" / "tiny_gpt.yaml"),
+           str(free_port()), "-m", "pkm", "pretrain", "--config", str(ROOT / "configs" / "tiny_gpt.yaml"),
            *overrides(size, run_dir, cache, world, steps, resume, save_interval)]
     secs, peaks, _ = run(cmd, what)
     # The ranks are torchrun's children; the largest of them (torchrun itself is small).
@@ -182,7 +182,7 @@ def main() -> None:
         stage["C_w2_resume"], peak_w2 = pretrain(2, size, c, cache, 5, ckpt, "C: world 2 resumes, steps 4-5")
         shutil.rmtree(c / "checkpoints", ignore_errors=True)
         out = work / "hf"
-        export_s, export_peaks, _ = run([sys.executable, "-m", "pretrain.cli", "export", "hf", str(ckpt), str(out),
+        export_s, export_peaks, _ = run([sys.executable, "-m", "pkm", "export", "hf", str(ckpt), str(out),
                                          "--overwrite"], "E: pkm export hf")
         stage["E_export"] = export_s
         load = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"

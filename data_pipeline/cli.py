@@ -36,12 +36,12 @@ def register(subparsers) -> None:
     t.add_argument("--json-key", default="text")
     t.add_argument("--text-mode", choices=("file", "blank-line"), default="file")
     t.add_argument("--threads", type=positive_int, default=None)
-    t.set_defaults(func=_cmd_tokenizer_train)
+    t.set_defaults(func=cmd_tokenizer_train)
 
     i = tsub.add_parser("info", help="print a tokenizer's identity and special ids")
     i.add_argument("tokenizer", nargs="?", default=None, help="sentencepiece .model, HF directory, gpt or bert (default: bundled gpt)")
     i.add_argument("--encode", default=None, metavar="TEXT", help="also show how TEXT is tokenized")
-    i.set_defaults(func=_cmd_tokenizer_info)
+    i.set_defaults(func=cmd_tokenizer_info)
 
     p = sub.add_parser("preprocess", help="tokenize corpora into a megatron-core indexed dataset + manifest")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
@@ -73,20 +73,20 @@ def register(subparsers) -> None:
     x.add_argument("--slurm-cpus-per-task", type=positive_int, default=None, help="cores per array task (default 1)")
     x.add_argument("--slurm-sbatch", action="append", default=[], metavar="OPTION",
                    help="an extra sbatch option, e.g. --slurm-sbatch=--qos=high (repeatable)")
-    p.set_defaults(func=_cmd_preprocess)
+    p.set_defaults(func=cmd_preprocess)
 
     n = sub.add_parser("inspect", help="summarise a preprocessed dataset (manifest, and decoded documents)")
     n.add_argument("prefix", metavar="PREFIX")
     n.add_argument("--show", type=non_negative_int, default=0, metavar="N", help="decode the first N documents")
     n.add_argument("--tokenizer", default=None, help="tokenizer for --show (default: the manifest's)")
     n.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
-    n.set_defaults(func=_cmd_inspect)
+    n.set_defaults(func=cmd_inspect)
 
     h = sub.add_parser("build-helpers", help="check megatron-core's C++ dataset helpers; compile them if missing")
-    h.set_defaults(func=_cmd_build_helpers)
+    h.set_defaults(func=cmd_build_helpers)
 
 
-def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     import itertools
     import logging
 
@@ -121,7 +121,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_tokenizer_info(args: argparse.Namespace) -> int:
+def cmd_tokenizer_info(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
@@ -137,7 +137,7 @@ def _cmd_tokenizer_info(args: argparse.Namespace) -> int:
 _SLURM_FLAGS = ("slurm_partition", "slurm_time", "slurm_account", "slurm_cpus_per_task", "slurm_sbatch")
 
 
-def _cmd_preprocess(args: argparse.Namespace) -> int:
+def cmd_preprocess(args: argparse.Namespace) -> int:
     from data_pipeline.errors import DataError
     from data_pipeline.outputs import check_writable
     from data_pipeline.tokenizer import load_tokenizer
@@ -185,7 +185,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     from data_pipeline.preprocess import check_files
 
     for ext in (".bin", ".idx", ".manifest.json"):  # a file of the dataset given instead of its prefix
@@ -217,7 +217,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_build_helpers(args: argparse.Namespace) -> int:
+def cmd_build_helpers(args: argparse.Namespace) -> int:
     from data_pipeline.helpers_build import ensure_helpers
 
     print(ensure_helpers())

@@ -2,7 +2,7 @@
 `pkm data preprocess --executor slurm` (a datatrove job array), so both take the same options and
 render them as the same `#SBATCH` lines.
 
-It lives here, not in launch/, because data_pipeline must not import launch (launch may import this).
+It lives here, not in launch/, because data_pipeline must not depend on launch (launch may use this).
 No heavy imports.
 """
 from __future__ import annotations

@@ -109,4 +109,4 @@ def plan_training(config: str | os.PathLike, overrides: list[str], nodes: int, p
     if not _has_override(overrides, "checkpoint.resume") and cfg.checkpoint.resume is None:
         overrides.append("checkpoint.resume=auto")
     args = ("pretrain", "--config", str(config_path), *overrides)
-    return TrainingJob(Entry("pretrain.cli", args), run_dir, world, tp, dp, overrides)
+    return TrainingJob(Entry("pkm", args), run_dir, world, tp, dp, overrides)

@@ -12,7 +12,7 @@ from model import cpu_shim
 from model.config import ModelConfig
 from model.errors import ModelError
 from model.pkm.value_table import MemoryParallel
-from model.specs import MemoryContext, PaddingMaskSource, block_spec
+from model.specs import PKMLayerArgs, PaddingMaskSource, block_spec
 
 
 def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
@@ -67,8 +67,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, parallel: MemoryParallel = Me
         raise ModelError(f"model.norm_position=post is only supported for BERT, not {cfg.family!r}")
     tc = transformer_config(cfg, params_dtype)
     padding = PaddingMaskSource() if cfg.family == "bert" else None
-    ctx = MemoryContext(pkm=cfg.pkm, parallel=parallel, seed=seed, stats_group=stats_group, padding=padding)
-    spec = block_spec(cfg, ctx)
+    pkm_args = PKMLayerArgs(pkm=cfg.pkm, parallel=parallel, seed=seed, stats_group=stats_group, padding=padding)
+    spec = block_spec(cfg, pkm_args)
     max_pos = cfg.max_position_embeddings or cfg.seq_length
     if cfg.family == "gpt":
         from megatron.core.models.gpt.gpt_model import GPTModel

@@ -35,7 +35,7 @@ class PaddingMaskSource:
 
 
 @dataclass
-class MemoryContext:
+class PKMLayerArgs:
     """Everything a PKM layer needs besides the TransformerConfig (passed through ModuleSpec params)."""
 
     pkm: PKMConfig
@@ -48,22 +48,22 @@ class MemoryContext:
 class MemoryMLP(MegatronModule):
     """PKM in place of the FFN."""
 
-    def __init__(self, config: TransformerConfig, memory: MemoryContext, **_):
+    def __init__(self, config: TransformerConfig, pkm_args: PKMLayerArgs, **_):
         super().__init__(config=config)
-        self.context = memory
+        self.pkm_args = pkm_args
         self.layer_number = 0
         self.memory: Optional[ProductKeyMemory] = None
 
     def set_layer_number(self, layer_number: int) -> None:
         # The value table's init seed depends on the layer, so it is built once the layer is known.
         self.layer_number = layer_number
-        c = self.context
+        c = self.pkm_args
         self.memory = ProductKeyMemory(self.config.hidden_size, c.pkm, c.parallel,
                                        init_seed=c.seed * 1000 + layer_number, stats_group=c.stats_group)
 
     def _padding(self, padding_mask):
-        if padding_mask is None and self.context.padding is not None:
-            padding_mask = self.context.padding.mask
+        if padding_mask is None and self.pkm_args.padding is not None:
+            padding_mask = self.pkm_args.padding.mask
         return None if padding_mask is None else padding_mask.transpose(0, 1)  # -> [s, b]
 
     def forward(self, hidden_states, padding_mask=None, **_):
@@ -104,9 +104,9 @@ class MLPWithMemorySubmodules:
 class MLPWithMemory(MemoryMLP):
     """FFN(x) + PKM(x): the memory added to (not replacing) the layer's feed-forward network."""
 
-    def __init__(self, config: TransformerConfig, memory: MemoryContext,
+    def __init__(self, config: TransformerConfig, pkm_args: PKMLayerArgs,
                  submodules: MLPWithMemorySubmodules, **_):
-        super().__init__(config=config, memory=memory)
+        super().__init__(config=config, pkm_args=pkm_args)
         self.mlp = build_module(submodules.mlp, config=config,
                                 tp_group=parallel_state.get_tensor_model_parallel_group())
 
@@ -117,12 +117,12 @@ class MLPWithMemory(MemoryMLP):
         return out + self.memory(hidden_states, self._padding(padding_mask)), None
 
 
-def _with_memory(layer_spec: ModuleSpec, cfg: PKMConfig, ctx: MemoryContext) -> ModuleSpec:
+def _with_memory(layer_spec: ModuleSpec, cfg: PKMConfig, pkm_args: PKMLayerArgs) -> ModuleSpec:
     spec = copy.deepcopy(layer_spec)
     if cfg.placement == "replace":
-        spec.submodules.mlp = ModuleSpec(module=MemoryMLP, params={"memory": ctx})
+        spec.submodules.mlp = ModuleSpec(module=MemoryMLP, params={"pkm_args": pkm_args})
     else:
-        spec.submodules.mlp = ModuleSpec(module=MLPWithMemory, params={"memory": ctx},
+        spec.submodules.mlp = ModuleSpec(module=MLPWithMemory, params={"pkm_args": pkm_args},
                                          submodules=MLPWithMemorySubmodules(mlp=layer_spec.submodules.mlp))
     return spec
 
@@ -161,12 +161,12 @@ class LayerwiseBlockSpec(TransformerBlockSubmodules):
         return self.layer_specs[0].submodules
 
 
-def block_spec(cfg: ModelConfig, ctx: MemoryContext,
+def block_spec(cfg: ModelConfig, pkm_args: PKMLayerArgs,
                base: Optional[Callable[[ModelConfig], ModuleSpec]] = None) -> LayerwiseBlockSpec:
     """One layer spec per layer: the base spec, with the PKM `mlp` at `cfg.pkm.layers`."""
     layer = (base or base_layer_spec)(cfg)
     chosen = set(cfg.pkm.layers)
-    specs = [_with_memory(layer, cfg.pkm, ctx) if i in chosen else layer for i in range(cfg.num_layers)]
+    specs = [_with_memory(layer, cfg.pkm, pkm_args) if i in chosen else layer for i in range(cfg.num_layers)]
     final_norm = IdentityOp if cfg.norm_position == "post" else WrappedTorchNorm  # post-LN: none at the end
     return LayerwiseBlockSpec(layer_specs=specs, layer_norm=final_norm)
 

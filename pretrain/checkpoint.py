@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -152,91 +152,111 @@ def find_resumable(ckpt_root: Path) -> Optional[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sharded state of a Trainer
+# The stateful parts a checkpoint holds
 
 
-def _link_zero_state(trainer) -> None:
-    """Make DeepSpeed's per-parameter views of ZeRO's flat Adam state valid for every param group.
+class DenseOptimizer:
+    """The DeepSpeed engine's optimizer as a checkpoint sees it: per parameter, the fp32 master weight
+    and the two Adam moments in full (TP-local) shape, whatever the ZeRO stage and precision."""
 
-    DeepSpeed links them once, after the first optimizer step of the *first* group, when a lazily
-    initialised torch optimizer has no state yet for the other groups (and before any step at all,
-    when we load). Create any missing state (zeros, step 0) and link again."""
-    zero = trainer.optimizer
-    base = zero.optimizer
-    for group in base.param_groups:
-        for p in group["params"]:
-            st = base.state[p]
-            if "exp_avg" not in st:
-                st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()
+    def __init__(self, optimizer, zero_stage: int):
+        self.optimizer, self.zero_stage = optimizer, zero_stage
+
+    def link_state(self) -> None:
+        """Make DeepSpeed's per-parameter views of ZeRO's flat Adam state valid for every param group.
+
+        DeepSpeed links them once, after the first optimizer step of the *first* group, when a lazily
+        initialised torch optimizer has no state yet for the other groups (and before any step at all,
+        when we load). Create any missing state (zeros, step 0) and link again."""
+        if self.zero_stage == 0:
+            return
+        zero = self.optimizer
+        base = zero.optimizer
+        for group in base.param_groups:
+            for p in group["params"]:
+                st = base.state[p]
+                if "exp_avg" not in st:
+                    st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+    def _stage0_master(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """At ZeRO stage 0, DeepSpeed's bf16 wrapper keeps an fp32 master copy of each bf16 weight (its
+        `fp32_groups`, parallel to `fp16_groups`), and the Adam state is keyed by that copy; else `p`."""
+        opt = self.optimizer
+        for low, high in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ())):
+            for a, b in zip(low, high):
+                if a is p:
+                    return b
+        return p
+
+    def master(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        """The fp32 master weight of a bf16 parameter (None under ZeRO for a weight the optimizer does
+        not hold)."""
+        if self.zero_stage > 0:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return safe_get_full_fp32_param(p)
+        return self._stage0_master(p)
+
+    def set_master(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        if self.zero_stage > 0:
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            safe_set_full_fp32_param(p, value.to(p.device))
+        else:
+            self._stage0_master(p).data.copy_(value)
+
+    def moments(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        if self.zero_stage > 0:
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            return {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+        st = self.optimizer.state.get(self._stage0_master(p)) if hasattr(self.optimizer, "state") else None
+        if not st:
+            return {k: torch.zeros_like(p, dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq")}
+        return {k: st[k] for k in ("exp_avg", "exp_avg_sq")}
+
+    def set_moments(self, p: torch.nn.Parameter, moments: dict[str, torch.Tensor], step: int) -> None:
+        if self.zero_stage > 0:
+            from deepspeed.utils import safe_set_full_optimizer_state
+
+            for k, v in moments.items():
+                safe_set_full_optimizer_state(p, v, k)
+            return
+        st = self.optimizer.state[self._stage0_master(p)]
+        # DeepSpeed's bf16 wrapper creates its state with one zero-gradient step at start-up: keep that
+        # offset (0 for a plain optimizer, whose state is still empty here)
+        offset = float(st["step"]) if "step" in st else 0.0
+        st["exp_avg"] = moments["exp_avg"].to(p.device).clone()
+        st["exp_avg_sq"] = moments["exp_avg_sq"].to(p.device).clone()
+        st["step"] = torch.tensor(float(step) + offset)
+
+    def set_step(self, step: int) -> None:
+        """ZeRO keeps one step count per flat group (set_moments sets stage 0's per parameter)."""
+        if self.zero_stage == 0:
+            return
+        for st in self.optimizer.optimizer.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds, handed to the Checkpointer explicitly (torchtitan's `states=`):
+    the model (its own `sharded_state_dict`), the dense optimizer, the value optimizer with the PKM
+    layers whose tables it steps, and the training loop's own state (step, sampler, scheduler, usage:
+    `state_dict`/`load_state_dict`)."""
+
+    model: torch.nn.Module
+    dense_optimizer: DenseOptimizer
+    value_optimizer: object  # pretrain.optim.SparseValueOptimizer
+    pkm_layers: list  # (name, ProductKeyMemory) of the model, in order
+    loop: object  # Stateful: the Trainer (`state_dict()["step"]` names the checkpoint)
 
 
 def _low_precision(p: torch.Tensor) -> bool:
     return p.dtype in (torch.bfloat16, torch.float16)
-
-
-def _stage0_master(trainer, p: torch.nn.Parameter) -> torch.Tensor:
-    """At ZeRO stage 0, DeepSpeed's bf16 wrapper keeps an fp32 master copy of each bf16 weight (its
-    `fp32_groups`, parallel to `fp16_groups`), and the Adam state is keyed by that copy; else `p`."""
-    opt = trainer.optimizer
-    for low, high in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ())):
-        for a, b in zip(low, high):
-            if a is p:
-                return b
-    return p
-
-
-def _get_master(trainer, p: torch.nn.Parameter) -> torch.Tensor:
-    """The fp32 master weight of a bf16 parameter, full (TP-local) shape, whatever the ZeRO stage
-    (None under ZeRO for a weight the optimizer does not hold)."""
-    if trainer.cfg.train.zero_stage > 0:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return safe_get_full_fp32_param(p)
-    return _stage0_master(trainer, p)
-
-
-def _set_master(trainer, p: torch.nn.Parameter, value: torch.Tensor) -> None:
-    if trainer.cfg.train.zero_stage > 0:
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        safe_set_full_fp32_param(p, value.to(p.device))
-    else:
-        _stage0_master(trainer, p).data.copy_(value)
-
-
-def _dense_moments(trainer, p: torch.nn.Parameter) -> Optional[dict[str, torch.Tensor]]:
-    """Adam moments of a dense parameter, full (TP-local) shape, whatever the ZeRO stage."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    if trainer.cfg.train.zero_stage > 0:
-        return {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
-    st = trainer.optimizer.state.get(_stage0_master(trainer, p)) if hasattr(trainer.optimizer, "state") else None
-    if not st:
-        return {k: torch.zeros_like(p, dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq")}
-    return {k: st[k] for k in ("exp_avg", "exp_avg_sq")}
-
-
-def _set_dense_moments(trainer, p: torch.nn.Parameter, moments: dict[str, torch.Tensor], step: int) -> None:
-    from deepspeed.utils import safe_set_full_optimizer_state
-
-    if trainer.cfg.train.zero_stage > 0:
-        for k, v in moments.items():
-            safe_set_full_optimizer_state(p, v, k)
-        return
-    st = trainer.optimizer.state[_stage0_master(trainer, p)]
-    # DeepSpeed's bf16 wrapper creates its state with one zero-gradient step at start-up: keep that
-    # offset (0 for a plain optimizer, whose state is still empty here)
-    offset = float(st["step"]) if "step" in st else 0.0
-    st["exp_avg"] = moments["exp_avg"].to(p.device).clone()
-    st["exp_avg_sq"] = moments["exp_avg_sq"].to(p.device).clone()
-    st["step"] = torch.tensor(float(step) + offset)
-
-
-def _base_optimizer(trainer):
-    opt = trainer.optimizer
-    return getattr(opt, "optimizer", opt) if trainer.cfg.train.zero_stage > 0 else opt
 
 
 def _value_moments(sparse, w: torch.Tensor) -> dict:
@@ -255,30 +275,31 @@ def _rows_of(t: torch.Tensor, sh) -> torch.Tensor:
     return t.detach()[start:start + sh.local_shape[0]]
 
 
-def sharded_state(trainer, for_load: bool = False) -> dict:
-    """The dist_checkpointing state dict of a trainer (shapes and layout; data when saving)."""
-    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+def sharded_state(states: TrainingState, for_load: bool = False) -> dict:
+    """The dist_checkpointing state dict of a training state (shapes and layout; data when saving)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
-    model_sd = trainer.model.sharded_state_dict(prefix="model.")
+    dense = states.dense_optimizer
+    model_sd = states.model.sharded_state_dict(prefix="model.")
     by_param = {}
     for sh in model_sd.values():
         if isinstance(sh, ShardedTensor) or hasattr(sh, "data"):
             by_param[id(sh.data)] = sh
-    state = {"model": model_sd, "trainer": trainer.state_dict()}
+    loop_state = states.loop.state_dict()
+    state = {"model": model_sd, "trainer": loop_state}
     optim = {}
-    if trainer.cfg.train.zero_stage > 0:
-        _link_zero_state(trainer)
-    for name, p in trainer.model.named_parameters():
+    dense.link_state()
+    for name, p in states.model.named_parameters():
         sh = by_param.get(id(p))
         if sh is None:
             raise CheckpointError(f"parameter {name} has no sharded checkpoint entry")
         moments = ({k: torch.zeros_like(p, dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq")}
-                   if for_load else _dense_moments(trainer, p))
+                   if for_load else dense.moments(p))
         for k, v in moments.items():
             optim[f"{k}.{name}"] = make_sharded_optimizer_tensor(sh, v.float(), f"optimizer.{k}")
-    sparse = trainer.value_optimizer.optimizer
-    for name, m in trainer.memories:
+    sparse = states.value_optimizer.optimizer
+    for name, m in states.pkm_layers:
         # The moments are saved from, and loaded into, the optimizer's own tensors (no copies), by the
         # value table's row blocks (ValueTable.sharded_state_dict).
         moments = _value_moments(sparse, m.values.weight)
@@ -291,11 +312,11 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
     # the checkpoint does not depend on the precision it was trained in
     for key, sh in list(model_sd.items()):
         if isinstance(sh, ShardedTensor) and torch.is_tensor(sh.data) and _low_precision(sh.data):
-            master = torch.zeros_like(sh.data, dtype=torch.float32) if for_load else _get_master(trainer, sh.data)
+            master = torch.zeros_like(sh.data, dtype=torch.float32) if for_load else dense.master(sh.data)
             master = sh.data if master is None else master  # a weight outside the optimizer has no master
             model_sd[key] = replace(sh, data=master.detach().float(), dtype=torch.float32)
-    state["value_optimizer_steps"] = [int(sparse.state[m.values.weight]["step"]) for _, m in trainer.memories]
-    state["dense_optimizer_step"] = trainer.step
+    state["value_optimizer_steps"] = [int(sparse.state[m.values.weight]["step"]) for _, m in states.pkm_layers]
+    state["dense_optimizer_step"] = loop_state["step"]
     return state
 
 
@@ -325,9 +346,14 @@ def _streaming_save_strategy():
 
 
 class Checkpointer:
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.root = Path(trainer.cfg.run_dir) / "checkpoints"
+    """Saves and loads a TrainingState as `root/step_NNNNNNN` (atomic publish, manifest, `latest`).
+    Besides the states it is handed what a checkpoint describes: the run's config (config.yaml), the
+    tokenizer (copied in), the layout (`env`) and the sizes report (manifest)."""
+
+    def __init__(self, root: Path, states: TrainingState, env, *, keep_last: int, run_config,
+                 tokenizer, sizes: dict):
+        self.root, self.states, self.env = Path(root), states, env
+        self.keep_last, self.run_config, self.tokenizer, self.sizes = keep_last, run_config, tokenizer, sizes
 
     @staticmethod
     def name(step: int) -> str:
@@ -341,46 +367,47 @@ class Checkpointer:
         path = self.root / pointer.read_text().strip()
         return path if path.is_dir() else None
 
-    def save(self) -> Path:
+    def save(self, step: int) -> Path:
         from megatron.core import dist_checkpointing
 
-        tr = self.trainer
-        name = self.name(tr.step)
+        from pretrain.config import to_dict
+
+        env = self.env
+        name = self.name(step)
         final, tmp = self.root / name, self.root / f".tmp-{name}"
-        if tr.env.is_main:
+        if env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
         dist.barrier()
         try:
-            state = sharded_state(tr)
+            state = sharded_state(self.states)
             dist_checkpointing.save(state, str(tmp), sharded_strategy=_streaming_save_strategy())
-            if tr.env.is_main:
+            if env.is_main:
                 (tmp / "rng").mkdir(exist_ok=True)
             dist.barrier()
-            torch.save(_rng_state(), tmp / "rng" / f"rank_{tr.env.rank}.pt")
+            torch.save(_rng_state(), tmp / "rng" / f"rank_{env.rank}.pt")
             dist.barrier()
-            if tr.env.is_main:
-                from pretrain.config import to_dict
-
-                (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(tr.cfg), sort_keys=False))
-                _copy_tokenizer(tr.tokenizer, tmp / "tokenizer")
-                info = {"step": tr.step, "world_size": tr.env.world_size, "tp": tr.env.tp_size, "dp": tr.env.dp_size,
-                        "memory_parallel": tr.cfg.parallel.memory_parallel, "family": tr.cfg.model.family,
-                        "tokenizer": tr.tokenizer.identity, "memory_report": tr.memory_report}
+            if env.is_main:
+                cfg = self.run_config
+                (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                _copy_tokenizer(self.tokenizer, tmp / "tokenizer")
+                info = {"step": step, "world_size": env.world_size, "tp": env.tp_size, "dp": env.dp_size,
+                        "memory_parallel": cfg.parallel.memory_parallel, "family": cfg.model.family,
+                        "tokenizer": self.tokenizer.identity, "sizes": self.sizes}
                 write_manifest(tmp, info)
         except (OSError, RuntimeError, CheckpointException) as e:
             # Disk full, quota, I/O errors (the checkpoint writer wraps them in RuntimeError or torch's
             # CheckpointException): nothing is published and the previous checkpoints stay as they were.
             # Under torchrun, this rank's exit makes the agent stop the others.
             free = shutil.disk_usage(self.root).free / 2**20
-            if tr.env.is_main:
+            if env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_failure(e)
             raise CheckpointError(f"{final}: could not write the checkpoint ({reason}; {free:.0f} MiB free "
                                   "there); the previous checkpoints are intact") from None
-        if tr.env.is_main:
+        if env.is_main:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -393,17 +420,16 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        keep = max(1, self.trainer.cfg.checkpoint.keep_last)
-        for old in list_checkpoints(self.root)[keep:]:
+        for old in list_checkpoints(self.root)[max(1, self.keep_last):]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def maybe_resume(self) -> Optional[Path]:
-        tr = self.trainer
-        resume = tr.cfg.checkpoint.resume
+    def maybe_resume(self, resume: Optional[str]) -> Optional[Path]:
+        """`checkpoint.resume`: None (start fresh), "auto" (the newest good checkpoint under root, if
+        any) or a checkpoint path. Loads it and returns its path."""
         if not resume:
             return None
         if resume == "auto":
-            found = find_resumable(self.root) if tr.env.is_main else None
+            found = find_resumable(self.root) if self.env.is_main else None
             obj = [str(found) if found else None]
             dist.broadcast_object_list(obj, src=0)
             if obj[0] is None:
@@ -412,7 +438,7 @@ class Checkpointer:
             path = Path(obj[0])
         else:
             path = resolve_checkpoint(resume)
-            if tr.env.is_main:
+            if self.env.is_main:
                 verify(path)
             dist.barrier()
         self.load(path)
@@ -421,35 +447,32 @@ class Checkpointer:
     def load(self, path: Path) -> None:
         from megatron.core import dist_checkpointing
 
-        tr = self.trainer
-        template = sharded_state(tr, for_load=True)
+        st = self.states
+        dense, model = st.dense_optimizer, st.model
+        template = sharded_state(st, for_load=True)
         loaded = dist_checkpointing.load(template, str(path))
-        weights = _model_tensors(loaded["model"], tr.model)
-        tr.model.load_state_dict(weights, strict=True)
-        for name, p in tr.model.named_parameters():
+        weights = _model_tensors(loaded["model"], model)
+        model.load_state_dict(weights, strict=True)
+        for name, p in model.named_parameters():
             # ZeRO 1/2 steps fp32 master partitions of every weight, fp32 ones included (cloned from the
             # initial weights when the engine was built: left alone, the first step after resume would
             # update those and copy them over the loaded model); the stage-0 bf16 wrapper, of bf16 ones.
-            if tr.cfg.train.zero_stage > 0 or _low_precision(p):
-                _set_master(tr, p, weights[name])
+            if dense.zero_stage > 0 or _low_precision(p):
+                dense.set_master(p, weights[name])
         step = int(loaded["trainer"]["step"])
-        for name, p in tr.model.named_parameters():
-            _set_dense_moments(tr, p, {k: loaded["optimizer"][f"{k}.{name}"] for k in ("exp_avg", "exp_avg_sq")}, step)
-        if tr.cfg.train.zero_stage > 0:
-            base = _base_optimizer(tr)
-            for st in base.state.values():
-                if "step" in st:
-                    st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
-        sparse = tr.value_optimizer.optimizer
-        for (_, m), vstep in zip(tr.memories, loaded["value_optimizer_steps"]):
+        for name, p in model.named_parameters():
+            dense.set_moments(p, {k: loaded["optimizer"][f"{k}.{name}"] for k in ("exp_avg", "exp_avg_sq")}, step)
+        dense.set_step(step)
+        sparse = st.value_optimizer.optimizer
+        for (_, m), vstep in zip(st.pkm_layers, loaded["value_optimizer_steps"]):
             # The moments were read in place; the step is a Python int, as SparseAdam's.
             sparse.state[m.values.weight]["step"] = int(vstep)
-        tr.load_state_dict(loaded["trainer"])
-        rng = path / "rng" / f"rank_{tr.env.rank}.pt"
+        st.loop.load_state_dict(loaded["trainer"])
+        rng = path / "rng" / f"rank_{self.env.rank}.pt"
         manifest = json.loads((path / MANIFEST).read_text())
-        if rng.is_file() and manifest.get("world_size") == tr.env.world_size:
+        if rng.is_file() and manifest.get("world_size") == self.env.world_size:
             _set_rng_state(torch.load(rng, weights_only=False))
-        log.info("resumed from %s at step %d", path, tr.step)
+        log.info("resumed from %s at step %d", path, step)
 
 
 def _model_tensors(loaded: dict, model: torch.nn.Module) -> dict:
@@ -575,7 +598,7 @@ class CheckpointReader:
         if env.world_size != 1:
             raise CheckpointError("a checkpoint is read for export in a single process, not under torchrun")
         with shape_only_tables():
-            model = build_model(self.cfg.model, state["vocab_size"], env.memory, seed=self.cfg.train.seed)
+            model = build_model(self.cfg.model, state["vocab_size"], env.memory_parallel, seed=self.cfg.train.seed)
         load_model_weights(model, ckpt)
         sd = model.state_dict()
         sd = {k: v for k, v in sd.items() if torch.is_tensor(v) and not k.endswith("_extra_state")}

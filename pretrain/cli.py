@@ -1,97 +1,53 @@
-"""`pkm <group> <command>`: a thin layer that parses arguments and calls each package's functions.
-
-Each package registers its own sub-commands (data_pipeline.cli, launch.cli, pretrain.commands);
-heavy imports (torch, megatron) happen inside the command functions so `pkm launch` stays light.
-"""
+"""pretrain's commands: `pkm pretrain`, `pkm export hf`, `pkm finetune`. The handlers only parse and call
+the package's functions (`pretrain.trainer.pretrain`, the export and finetune functions)."""
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import sys
+
+from pretrain import export_cli
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from data_pipeline.errors import DataError
-    from launch.errors import LaunchError
-    from model.errors import ModelError
-    from pretrain.errors import PretrainError
-    from pretrain.config import ConfigError
-
-    return (ConfigError, DataError, LaunchError, ModelError, PretrainError)
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage mistakes are one line too (`pkm: error: ...`), like every other user error; sub-command
-    parsers inherit the class."""
-
-    def error(self, message: str):
-        self.exit(2, f"pkm: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from data_pipeline import cli as data_cli
-    from launch import cli as launch_cli
-    from pretrain import commands
-    from pretrain import export_cli
-    from pretrain.online_eval import cli as eval_cli
-
-    parser = _Parser(prog="pkm", description="Pretrain language models with Product Key Memory layers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    commands.register(sub)
-    data_cli.register(sub)
-    launch_cli.register(sub)
-    eval_cli.register(sub)
+def register(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a PKM GPT/BERT model",
+                       description="Pretrain a megatron-core GPT/BERT with PKM layers under DeepSpeed. "
+                                   "Run it directly, under torchrun, or under SLURM srun.")
+    p.add_argument("--config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.train_steps=100 model.pkm.layers=[2]")
+    p.add_argument("--resume", metavar="auto|DIR", help="= checkpoint.resume: 'auto' (latest good checkpoint "
+                   "of run_dir, else start fresh) or a checkpoint directory")
+    p.add_argument("--init-from", metavar="DIR", help="= checkpoint.init_from: a Hugging Face BERT/GPT-2/Llama "
+                   "directory or a checkpoint of a memory-free run of ours; PKM layers start fresh")
+    p.set_defaults(func=cmd_pretrain)
     export_cli.register(sub)
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pretrain.log import quiet_third_party
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
 
-    quiet_third_party()
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # `key=value` overrides may come after options (`pkm pretrain --config C --resume auto a.b=1`)
-    if extra and isinstance(getattr(args, "overrides", None), list) and all(
-            "=" in e and not e.startswith("-") for e in extra):
-        args.overrides += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    errors = _user_errors()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if args.command in _INTERRUPTIBLE else None
-    try:
-        rc = args.func(args)
-    except errors as e:
-        print(f"pkm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        name = e.args[0] if e.args else "SIGINT"
-        print(f"pkm: interrupted ({name})", file=sys.stderr)
-        return 128 + getattr(signal, name, signal.SIGINT)
-    finally:
-        if previous is not None:  # main() called from Python (tests): leave the caller's handler as it was
-            signal.signal(signal.SIGTERM, previous)
-    return int(rc or 0)
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    if args.init_from:
+        overrides.append(f"checkpoint.init_from={args.init_from}")
+    cfg = load_config(args.config, overrides)  # config errors before any heavy import
+    from pretrain.trainer import pretrain
+
+    result = pretrain(cfg)
+    if result.exit_code == 0 and result.is_main:
+        _print_summary(result)
+    return result.exit_code
 
 
-# Commands whose SIGTERM unwinds like Ctrl-C, so their temporary outputs are removed on the way out
-# (pretrain handles SIGTERM itself: checkpoint and exit 75; launch hands the terminal to torchrun).
-_INTERRUPTIBLE = ("data", "export", "finetune", "eval")
-
-
-_MAIN_PID = os.getpid()
-
-
-def _interrupt(signum, frame):
-    if os.getpid() != _MAIN_PID:
-        # A forked worker (tokenizer pools, datatrove tasks) inherits this handler: it must die as
-        # SIGTERM intends, or Pool.terminate() waits forever on a worker blocked in a queue lock.
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _print_summary(result) -> None:
+    run = result.run_dir
+    if result.steps_run == 0:
+        lines = [f"nothing to train: the run is already at step {result.step} (train.train_steps)"]
+    else:
+        lines = [f"pretraining finished: {result.step} steps",
+                 f"  loss: {result.first_loss:.4f} at the first step -> {result.final_loss:.4f} at the last"]
+    for k, v in result.usage.items():
+        lines.append(f"  {k}: {v:.2f}")
+    lines += [f"  TensorBoard: tensorboard --logdir {run / 'tensorboard'}",
+              f"  checkpoint:  {result.checkpoint}",
+              f"  log:         {run / 'logs' / 'train.log'}"]
+    print("\n".join(lines), flush=True)

@@ -35,7 +35,7 @@ class DistEnv:
     dp_size: int
     dp_rank: int
     device: torch.device
-    memory: MemoryParallel
+    memory_parallel: MemoryParallel  # the PKM value tables' layout and groups
     stats_group: Optional[object]  # DP group for PKM query BatchNorm statistics
 
     @property
@@ -86,9 +86,9 @@ def all_reduce_tensor(t: torch.Tensor, op: str = "sum", group=None) -> torch.Ten
     return work.to(t.device)
 
 
-def launcher_env() -> dict[str, str]:
+def rank_env() -> dict[str, str]:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from torchrun, else derived from SLURM
-    (so `srun python -m pretrain.cli pretrain ...` works), else a single local process."""
+    (so `srun python -m pkm pretrain ...` works), else a single local process."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in env}
@@ -136,7 +136,7 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Dis
     """Start the process group (gloo on CPU, NCCL on GPU), megatron's parallel state and the
     memory-parallel groups. Works in one process too (megatron needs its state anyway)."""
     cpu_shim.apply()
-    for k, v in launcher_env().items():
+    for k, v in rank_env().items():
         os.environ.setdefault(k, v)
     world = int(os.environ["WORLD_SIZE"])
     tp = parallel.tensor_parallel
@@ -161,7 +161,7 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Dis
     mode = parallel.memory_parallel
     over_tp = mode in ("tp", "all") and tp_size > 1
     over_dp = mode in ("dp", "all") and dp_size > 1
-    memory = MemoryParallel(
+    memory_parallel = MemoryParallel(
         tp_group=tp_group if over_tp else None, tp_size=tp_size if over_tp else 1, tp_rank=tp_rank if over_tp else 0,
         dp_group=dp_group if over_dp else None, dp_size=dp_size if over_dp else 1, dp_rank=dp_rank if over_dp else 0,
         replica_group=dp_group if (dp_size > 1 and not over_dp) else None,
@@ -171,7 +171,7 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Dis
     )
     return DistEnv(rank=dist.get_rank(), world_size=world, local_rank=local_rank, tp_size=tp_size, tp_rank=tp_rank,
                    dp_size=dp_size, dp_rank=dp_rank, device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
-                   memory=memory, stats_group=dp_group if dp_size > 1 else None)
+                   memory_parallel=memory_parallel, stats_group=dp_group if dp_size > 1 else None)
 
 
 def shutdown() -> None:

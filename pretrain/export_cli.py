@@ -88,7 +88,7 @@ def card_info(run_config, info: dict) -> dict:
         "memory_usage": info.get("memory_usage") or info.get("usage"),
         "tokenizer_name": (info.get("tokenizer") or {}).get("name"),
     }
-    report = info.get("memory_report")
+    report = info.get("sizes") or info.get("memory_report")  # memory_report: checkpoints before 2026-11-30
     if report and not out["memory_usage"]:
         out["memory_usage"] = {k: v for k, v in report.items()}
     return out

@@ -8,20 +8,35 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 
+import deepspeed
+from data_pipeline.samplers import GlobalBatchSampler, build_datasets, collate
+from data_pipeline.tokenizer import load_tokenizer
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from model.build import build_model, lm_forward
+from model.hf.init_from import load_pretrained_into
+from model.precision import check_policy
+from model.specs import memory_layers
+from pretrain.checkpoint import Checkpointer, DenseOptimizer, TrainingState, load_model_weights
 from pretrain.config import RunConfig, to_dict
+from pretrain.distributed import MegatronMPU, init_distributed, shutdown
 from pretrain.errors import PretrainError
 from pretrain.log import quiet_third_party, setup_logging
 from pretrain.metrics import MetricsWriter, PKMUsage, step_line, step_scalars
+from pretrain.optim import SparseValueOptimizer, dense_param_groups, lr_lambda
+from pretrain.resolve import ResolvedRun, resolve_run
 
 log = logging.getLogger("pkm.train")
 
@@ -45,16 +60,17 @@ class TrainResult:
     final_loss: Optional[float]
     usage: dict = field(default_factory=dict)
     checkpoint: Optional[Path] = None
+    run_dir: Optional[Path] = None
+    is_main: bool = True  # rank 0 (the one that reports)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, run: RunConfig | ResolvedRun):
+        """Build everything from the resolved run (a RunConfig is resolved first: pretrain.resolve)."""
         quiet_third_party()
-        from pretrain.distributed import check_layout, init_distributed, launcher_env
-
-        self.cfg = cfg
+        run = run if isinstance(run, ResolvedRun) else resolve_run(run)
+        self.cfg = cfg = run.cfg
         self.run_dir = Path(cfg.run_dir)
-        check_layout(cfg.model, cfg.parallel, int(launcher_env()["WORLD_SIZE"]))
         self.env = init_distributed(cfg.parallel)
         env = self.env
         if env.is_main:
@@ -62,7 +78,8 @@ class Trainer:
         dist.barrier()
         setup_logging(self.run_dir / "logs" / "train.log", env.rank)
         log.info("world %d = TP %d x DP %d, device %s, PKM memory-parallel '%s' over %d ranks",
-                 env.world_size, env.tp_size, env.dp_size, env.device, cfg.parallel.memory_parallel, env.memory.size)
+                 env.world_size, env.tp_size, env.dp_size, env.device, cfg.parallel.memory_parallel,
+                 env.memory_parallel.size)
         t = cfg.train
         if env.device.type == "cpu" and t.cpu_keep_freed_memory:
             from pretrain.cpu_alloc import keep_freed_memory
@@ -76,103 +93,67 @@ class Trainer:
         self.grad_accum = t.global_batch_size // per_step
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
         self._seed(t.seed)
-        self._build_tokenizer_and_model()
+        self._build_tokenizer_and_model(run)
         self._build_data()
         self._build_engine()
         self.step = 0  # optimizer steps taken (the step a checkpoint is named after)
         self.last_loss: Optional[float] = None
         self.last_eval_loss: Optional[float] = None
-        self.usage = PKMUsage(self.memories, env.stats_group)
+        self.usage = PKMUsage(self.pkm_layers, env.stats_group)
         self._preempt = False
-        from pretrain.checkpoint import Checkpointer
-
-        self.checkpointer = Checkpointer(self)
-        self.checkpointer.maybe_resume()
+        states = TrainingState(self.model, DenseOptimizer(self.optimizer, t.zero_stage), self.value_optimizer,
+                               self.pkm_layers, loop=self)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", states, env,
+                                         keep_last=cfg.checkpoint.keep_last, run_config=cfg,
+                                         tokenizer=self.tokenizer, sizes=self.sizes)
+        self.checkpointer.maybe_resume(cfg.checkpoint.resume)
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # -- set-up ---------------------------------------------------------------------------------
 
     def _seed(self, seed: int) -> None:
-        import random
-
-        import numpy as np
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
 
-    def _build_tokenizer_and_model(self) -> None:
-        from data_pipeline.tokenizer import load_tokenizer
-        from pretrain.distributed import check_layout
-        from model.build import build_model
-        from model.specs import memory_layers
-
-        cfg, env = self.cfg, self.env
-        init_from = cfg.checkpoint.init_from
-        from pretrain.checkpoint import is_native_checkpoint, resolve_checkpoint
-
-        own_checkpoint = bool(init_from) and is_native_checkpoint(init_from)
-        if own_checkpoint:  # a run or checkpoints/ directory: its latest checkpoint
-            init_from = str(resolve_checkpoint(init_from))
-        tok_spec = cfg.data.tokenizer
-        if init_from and tok_spec is None:  # a model initialised from a checkpoint trains with its vocabulary
-            from pretrain.checkpoint import checkpoint_tokenizer
-
-            tok_spec = checkpoint_tokenizer(Path(init_from)) if own_checkpoint else init_from
-        self.tokenizer = load_tokenizer(tok_spec)
-        model_cfg = cfg.model
-        if init_from and not own_checkpoint:
-            from model.hf.init_from import model_config_from_hf
-
-            model_cfg = model_config_from_hf(init_from, base=model_cfg)
-            self.cfg.model = model_cfg
-            from pretrain.config import validate
-
-            validate(self.cfg, after_init=True)
-            check_layout(model_cfg, cfg.parallel, env.world_size)
-        vocab = model_cfg.vocab_size or self.tokenizer.vocab_size
+    def _build_tokenizer_and_model(self, run: ResolvedRun) -> None:
+        cfg, env, init = self.cfg, self.env, run.init
+        self.tokenizer = load_tokenizer(run.tokenizer)
+        vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:
             raise PretrainError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
                                 f"({self.tokenizer.vocab_size}, {self.tokenizer.identity['name']})")
         self.vocab_size = int(math.ceil(vocab / env.tp_size) * env.tp_size)
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.model = build_model(model_cfg, self.vocab_size, env.memory, seed=self.cfg.train.seed,
+        self.model = build_model(cfg.model, self.vocab_size, env.memory_parallel, seed=cfg.train.seed,
                                  stats_group=env.stats_group, params_dtype=dtype)
-        if own_checkpoint:
-            from pretrain.checkpoint import load_model_weights, verify
-
-            verify(Path(init_from))
-            fresh = load_model_weights(self.model, Path(init_from), skip_memory=True)
-            log.info("initialised from our checkpoint %s; freshly initialised: %d PKM tensors", init_from, len(fresh))
-        elif init_from:
-            from model.hf.init_from import load_pretrained_into
-
-            report = load_pretrained_into(self.model, model_cfg, init_from)
-            log.info("initialised from %s: %s", init_from, report)
+        if init is not None and init.kind == "checkpoint":
+            fresh = load_model_weights(self.model, init.path, skip_memory=True)
+            log.info("initialised from our checkpoint %s; freshly initialised: %d PKM tensors", init.path, len(fresh))
+        elif init is not None:
+            report = load_pretrained_into(self.model, cfg.model, init.hf)
+            log.info("initialised from %s: %s", init.path, report)
         self.model.to(env.device)
-        self.memories = memory_layers(self.model)
-        self._report_memory()
+        self.pkm_layers = memory_layers(self.model)
+        self._report_sizes()
 
-    def _report_memory(self) -> None:
+    def _report_sizes(self) -> None:
         dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        values = sum(m.values.weight.numel() * m.values.weight.element_size() for _, m in self.memories)
-        slots = sum(m.values.n_slots for _, m in self.memories)
+        values = sum(m.values.weight.numel() * m.values.weight.element_size() for _, m in self.pkm_layers)
+        slots = sum(m.values.n_slots for _, m in self.pkm_layers)
         # Adam keeps two moments per weight (fp32); ZeRO splits the dense ones over DP.
         dense_opt = 2 * sum(p.numel() for p in self.model.parameters()) * 4
         if self.cfg.train.zero_stage >= 1:
             dense_opt //= self.env.dp_size
-        self.memory_report = {"dense_param_bytes": dense, "value_shard_bytes": values,
-                              "dense_optimizer_bytes": dense_opt, "value_optimizer_bytes": 2 * values}
-        log.info("rank %d memory: dense params %s, value shard %s (%d PKM layers, %d slots), "
+        self.sizes = {"dense_param_bytes": dense, "value_shard_bytes": values,
+                      "dense_optimizer_bytes": dense_opt, "value_optimizer_bytes": 2 * values}
+        log.info("rank %d sizes: dense params %s, value shard %s (%d PKM layers, %d slots), "
                  "dense optimizer %s, value optimizer %s", self.env.rank, _mb(dense), _mb(values),
-                 len(self.memories), slots, _mb(dense_opt), _mb(2 * values))
+                 len(self.pkm_layers), slots, _mb(dense_opt), _mb(2 * values))
 
     def _build_data(self) -> None:
-        from data_pipeline.samplers import GlobalBatchSampler, build_datasets
-
         cfg, t = self.cfg, self.cfg.train
         evals = t.train_steps // t.eval_interval + 1 if t.eval_interval > 0 else 0
         num_samples = {"train": t.train_steps * t.global_batch_size,
@@ -185,11 +166,6 @@ class Trainer:
                                           self.env.dp_rank, self.env.dp_size)
 
     def _build_engine(self) -> None:
-        import deepspeed
-
-        from pretrain.distributed import MegatronMPU
-        from pretrain.optim import SparseValueOptimizer, dense_param_groups, lr_lambda
-
         t = self.cfg.train
         groups = dense_param_groups(self.model, t.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
@@ -208,15 +184,13 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             mpu=MegatronMPU(), dist_init_required=False)
-        for _, m in self.memories:  # DeepSpeed may re-create buffers when casting: keep them leaves
+        for _, m in self.pkm_layers:  # DeepSpeed may re-create buffers when casting: keep them leaves
             m.values.weight.requires_grad_(True)
-        from model.precision import check_policy
-
         check_policy(self.model)  # value tables and BatchNorm statistics stayed fp32 (model/precision.py)
         pkm = self.cfg.model.pkm
-        self.value_optimizer = SparseValueOptimizer([m.values for _, m in self.memories], lr=pkm.value_lr,
+        self.value_optimizer = SparseValueOptimizer([m.values for _, m in self.pkm_layers], lr=pkm.value_lr,
                                                     betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                                    memory=self.env.memory)
+                                                    memory=self.env.memory_parallel)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -246,22 +220,16 @@ class Trainer:
     # -- training -------------------------------------------------------------------------------
 
     def _batches(self, ds, indices: list[int]) -> dict:
-        from data_pipeline.samplers import collate
-
         batch = collate([ds[i] for i in indices])
         return {k: v.to(self.env.device) for k, v in batch.items()}
 
     def _global_sum(self, *values: float) -> list[float]:
         """Sums over the data-parallel group (TP ranks see the same tokens)."""
-        from megatron.core import parallel_state as ps
-
         return self.env.all_reduce_sum(values, ps.get_data_parallel_group())
 
     def train_step(self, micro_batches: list[list[int]]) -> StepResult:
         """One optimiser step over this rank's micro-batches. The loss is normalised by the token count
         of the whole global batch, so any TP/DP layout computes the same gradients."""
-        from model.build import lm_forward
-
         family = self.cfg.model.family
         batches = [self._batches(self.train_ds, mb) for mb in micro_batches]
         tokens, = self._global_sum(sum(float(b["loss_mask"].sum()) for b in batches))
@@ -288,8 +256,6 @@ class Trainer:
     def _dense_grad_norm(self) -> float:
         """L2 norm of the (DP-averaged) dense gradient: TP-split weights summed over the TP group,
         replicated ones counted once."""
-        from megatron.core import parallel_state as ps
-
         # summed where the gradients are (one host transfer at the end, not one per parameter)
         split = torch.zeros((), dtype=torch.float64, device=self.env.device)
         replicated = torch.zeros((), dtype=torch.float64, device=self.env.device)
@@ -305,10 +271,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, ds, steps: int, offset: int) -> float:
-        from model.build import lm_forward
-
         self.engine.eval()
-        for _, m in self.memories:
+        for _, m in self.pkm_layers:
             m.record_lookups = False
         t = self.cfg.train
         total, tokens = 0.0, 0.0
@@ -320,7 +284,7 @@ class Trainer:
                 per_token = lm_forward(self.engine, self.cfg.model.family, batch)
                 total += float((per_token.float() * batch["loss_mask"]).sum())
                 tokens += float(batch["loss_mask"].sum())
-        for _, m in self.memories:
+        for _, m in self.pkm_layers:
             m.record_lookups = True
         self.engine.train()
         total, tokens = self._global_sum(total, tokens)
@@ -383,27 +347,38 @@ class Trainer:
                 log.info("step %d | valid loss %.4f | valid ppl %.2f", self.step, vloss, math.exp(min(vloss, 50)))
             save_now = self.cfg.checkpoint.save_interval > 0 and self.step % self.cfg.checkpoint.save_interval == 0
             if self._preempt_requested():
-                self.checkpointer.save()
+                self.checkpointer.save(self.step)
                 log.warning("preempted at step %d: checkpoint saved, exiting with %d", self.step, PREEMPTED_EXIT_CODE)
                 exit_code = PREEMPTED_EXIT_CODE
                 break
             if save_now and self.step < t.train_steps:
-                self.checkpointer.save()
+                self.checkpointer.save(self.step)
         if bar is not None:
             bar.close()
-        saved = self.checkpointer.save() if exit_code == 0 else None
+        saved = self.checkpointer.save(self.step) if exit_code == 0 else None
         writer.close()
         return TrainResult(exit_code, self.step, self.step - start_step, first_loss, self.last_loss,
-                           self.usage.last_summary, saved)
+                           self.usage.last_summary, saved, self.run_dir, self.env.is_main)
 
     def _already_finished(self) -> TrainResult:
         t = self.cfg.train
         latest = self.checkpointer.latest()
         if latest is None or latest.name != self.checkpointer.name(self.step):
-            latest = self.checkpointer.save()  # e.g. train.train_steps=0: the initial weights
+            latest = self.checkpointer.save(self.step)  # e.g. train.train_steps=0: the initial weights
         log.info("nothing to train: the run is at step %d and train.train_steps=%d (checkpoint %s)",
                  self.step, t.train_steps, latest)
-        return TrainResult(0, self.step, 0, None, self.last_loss, self.usage.last_summary, latest)
+        return TrainResult(0, self.step, 0, None, self.last_loss, self.usage.last_summary, latest, self.run_dir,
+                           self.env.is_main)
+
+
+def pretrain(cfg: RunConfig | ResolvedRun) -> TrainResult:
+    """`pkm pretrain` as a function: resolve the run, build it, train to `train.train_steps`, shut the
+    process group down."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        shutdown()
 
 
 def _float(x) -> Optional[float]:

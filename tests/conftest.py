@@ -18,7 +18,7 @@ def run_pkm(*args: str, env: dict | None = None, cwd: Path | str = ROOT, timeout
             stdin: str | None = None) -> subprocess.CompletedProcess:
     """The real `pkm` entry point in a subprocess (the interpreter of this venv, this checkout's code)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "pkm", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, input=stdin)
 
 

@@ -86,7 +86,7 @@ def test_bad_input_tokenizer_train_output_under_a_file(bad_files):
 def test_bad_input_tokenizer_train_sigterm_leaves_nothing(tmp_path):
     out = tmp_path / "tok"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", "data", "tokenizer", "train", "--input",
+    proc = subprocess.Popen([sys.executable, "-m", "pkm", "data", "tokenizer", "train", "--input",
                              str(AUSTEN / "*.txt"), "--output", str(out / "my"), "--vocab-size", "4000"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

@@ -187,7 +187,7 @@ def test_kill_during_checkpoint_save_leaves_no_process(tmp_path: Path):
     """megatron's checkpoint writer starts processes (forked bucket writers; before, also a spawned
     Manager server and a resource tracker that outlived a kill -9 holding memory and the run's files)."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pretrain.cli", "pretrain", "--config", str(TINY_GPT), f"run_dir={run}",
+    cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(TINY_GPT), f"run_dir={run}",
            "train.train_steps=400", "checkpoint.save_interval=2", f"data.cache_dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

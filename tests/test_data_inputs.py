@@ -266,7 +266,7 @@ def test_hf_wordpiece_tokenizer(tmp_path, docs):
 
 
 def test_cli_preprocess_inspect_and_one_line_errors(tmp_path, docs, capsys):
-    from pretrain.cli import main
+    from pkm.cli import main
 
     path, _ = _bad_corpus(tmp_path, docs)
     assert main(["data", "preprocess", "--input", path, "--output", str(tmp_path / "o"), "--workers", "1",

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pkm(*args: str, env: dict = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pkm", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
 

@@ -73,7 +73,7 @@ def test_value_tables_get_their_own_learning_rate(pkm_bert):
 
 
 def test_finetune_tiny_budget_beats_chance(pkm_bert, tmp_path, capsys):
-    from pretrain.cli import main
+    from pkm.cli import main
 
     rc = main(["finetune", pkm_bert, "--steps", "30", "--batch-size", "16", "--lr", "1e-4", "--max-length", "32",
                "--eval-size", "100", "--train-size", "1000", "--out", str(tmp_path / "out"), "--json"])

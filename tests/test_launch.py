@@ -24,7 +24,7 @@ PY = os.path.abspath(sys.executable)
 
 
 def pkm(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "pretrain.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([PY, "-m", "pkm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def write_config(tmp_path: Path, tp: int = 1, mbs: int = 4, gbs: int = 8) -> Path:
@@ -62,7 +62,7 @@ def test_plan_rejects_a_config_that_does_not_load(tmp_path):
 
 
 def _script(tmp_path, **kw) -> str:
-    entry = Entry("pretrain.cli", ("pretrain", "--config", "/cfg/a.yaml", "checkpoint.resume=auto"))
+    entry = Entry("pkm", ("pretrain", "--config", "/cfg/a.yaml", "checkpoint.resume=auto"))
     return render_sbatch(SlurmOptions(**kw), entry, tmp_path / "run", "/venv/bin/python", tmp_path)
 
 
@@ -76,7 +76,7 @@ def test_sbatch_script_shape(tmp_path):
                  "PREEMPTED_EXIT_CODE=75", 'scontrol requeue "$SLURM_JOB_ID"',
                  '"--rdzv-endpoint=${rdzv_addr}:${rdzv_port}"', '"--nnodes=${SLURM_JOB_NUM_NODES}"',
                  "--max-restarts=2", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                 "--shutdown-timeout=90", "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "-m pretrain.cli pretrain --config /cfg/a.yaml checkpoint.resume=auto"]:
+                 "--shutdown-timeout=90", "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "-m pkm pretrain --config /cfg/a.yaml checkpoint.resume=auto"]:
         assert line in text, line
     assert "--gpus-per-node" not in text
     assert shutil.which("bash")
@@ -102,11 +102,11 @@ def test_shell_word_keeps_only_marked_variables_live():
 
 
 def test_torchrun_argv():
-    entry = Entry("pretrain.cli", ("pretrain", "--config", "c.yaml"))
+    entry = Entry("pkm", ("pretrain", "--config", "c.yaml"))
     argv = torchrun_argv("/venv/bin/python", TorchrunOptions(
         nnodes=2, nproc_per_node=4, rdzv_endpoint="10.0.0.1:29400", rdzv_id="j1", is_host=False), entry)
     assert argv[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
-    assert argv[-5:] == ["-m", "pretrain.cli", "pretrain", "--config", "c.yaml"]
+    assert argv[-5:] == ["-m", "pkm", "pretrain", "--config", "c.yaml"]
     for opt in ["--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400",
                 "--rdzv-id=j1", "--max-restarts=1", "--rdzv-conf=is_host=0"]:
         assert opt in argv
@@ -173,7 +173,7 @@ def test_cli_deepspeed_hostfile(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "r" / "deepspeed" / "hostfile").read_text() == "gpu1 slots=4\ngpu2 slots=4\n"
     assert f"-m deepspeed.launcher.runner --hostfile={tmp_path / 'r' / 'deepspeed' / 'hostfile'} --master_addr=gpu1" in proc.stdout
-    assert "--module pretrain.cli pretrain --config" in proc.stdout
+    assert "--module pkm pretrain --config" in proc.stdout
 
 
 # --- the trainer's layout check, run before anything is submitted (issue #16) ------------------

@@ -42,7 +42,7 @@ def start_nodes(run_dir: Path, max_restarts: int) -> list[subprocess.Popen]:
     run_dir.mkdir(parents=True)
     procs = []
     for rank in (0, 1):
-        cmd = [PY, "-m", "pretrain.cli", "launch", "torchrun", "--nnodes", "2", "--node-rank", str(rank),
+        cmd = [PY, "-m", "pkm", "launch", "torchrun", "--nnodes", "2", "--node-rank", str(rank),
                "--rdzv-endpoint", endpoint, "--nproc-per-node", "1", "--max-restarts", str(max_restarts),
                "--shutdown-timeout", "20", "--config", str(TINY), f"run_dir={run_dir}", *OVERRIDES]
         out = open(run_dir.parent / f"{run_dir.name}-node{rank}.out", "w")
@@ -118,7 +118,7 @@ def test_two_torchrun_nodes_form_one_job(uninterrupted):
 def _worker_pids(agent: subprocess.Popen) -> list[int]:
     """The trainer processes torchrun started (`pkm launch torchrun` became torchrun by exec)."""
     return [c.pid for c in psutil.Process(agent.pid).children()
-            if "pretrain.cli" in " ".join(c.cmdline())]
+            if "-m pkm " in " ".join(c.cmdline())]
 
 
 def test_killed_worker_restarts_group_and_resumes(uninterrupted, tmp_path):

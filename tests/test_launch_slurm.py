@@ -29,7 +29,7 @@ JOB_TIMEOUT = 240
 
 
 def submit(cluster, run_dir: Path) -> str:
-    proc = subprocess.run([PY, "-m", "pretrain.cli", "launch", "slurm", "--nodes", "2", "--signal-seconds", "60",
+    proc = subprocess.run([PY, "-m", "pkm", "launch", "slurm", "--nodes", "2", "--signal-seconds", "60",
                            "--config", str(TINY), f"run_dir={run_dir}", *OVERRIDES],
                           cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -518,7 +518,7 @@ def export_like_ours(model, tok, out: Path) -> Path:
 
 
 def test_cli_on_an_exported_pkm_gpt(tmp_path, tok, capsys):
-    from pretrain.cli import main
+    from pkm.cli import main
 
     model_dir = export_like_ours(tiny_pkm_gpt(tok), tok, tmp_path / "pkm_gpt")
     out = tmp_path / "eval"
@@ -542,7 +542,7 @@ def test_cli_on_an_exported_pkm_gpt(tmp_path, tok, capsys):
 
 
 def test_committed_lm_eval_yaml_is_the_generated_one(tmp_path):
-    from pretrain.cli import main
+    from pkm.cli import main
     from pretrain.online_eval import lm_eval_task
 
     repo = Path(__file__).resolve().parents[1]
@@ -599,12 +599,12 @@ def test_native_checkpoint_is_exported_then_evaluated(tmp_path, capsys):
     if not hasattr(checkpoint, "load_consolidated"):
         pytest.skip("native checkpoints are exported by `pkm export hf`, which needs "
                     "pretrain.checkpoint.load_consolidated (not in this checkout yet)")
-    from pretrain.cli import main
+    from pkm.cli import main
 
     repo = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "pretrain", "--config",
+    r = subprocess.run([sys.executable, "-m", "pkm", "pretrain", "--config",
                         str(repo / "configs" / "tiny_gpt.yaml"), f"run_dir={run}", "train.train_steps=4",
                         f"data.cache_dir={tmp_path / 'cache'}"], cwd=repo, env=env, capture_output=True, text=True,
                        timeout=600)
@@ -638,7 +638,7 @@ def test_smollm2_reads_a_book_better_dynamically():
 def test_run_names_carry_what_differs_in_the_sweep():
     """`--adapt all pkm-values --lr 3e-4 1e-2` made two runs named dynamic/txl/all/adamw (and two
     .../pkm-values/adamw) with different results: every name in a comparison must be unique."""
-    from pretrain.cli import build_parser
+    from pkm.cli import build_parser
     from pretrain.online_eval.cli import configs_from_args
     from pretrain.online_eval.config import run_names
 

@@ -65,7 +65,7 @@ def test_executor_local_matches_single_node(single_node, tmp_path):
 
 def test_executor_local_rerun_after_a_killed_task_redoes_only_unfinished(single_node, tmp_path):
     prefix = tmp_path / "austen"
-    argv = [sys.executable, "-m", "pretrain.cli", "data", "preprocess", "--input", NOVELS, "--output", str(prefix),
+    argv = [sys.executable, "-m", "pkm", "data", "preprocess", "--input", NOVELS, "--output", str(prefix),
             *MODE, "--executor", "local", "--tasks", "6", "--workers", "1"]
     done = prefix.parent / "austen.parts" / "logs" / "completions"
     proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
@@ -168,7 +168,7 @@ def test_executor_and_launch_describe_a_slurm_job_alike(tmp_path):
     opts = SlurmOptions(nodes=1, time=job.time, partition=job.partition, account=job.account,
                         cpus_per_task=job.cpus_per_task, sbatch_lines=job.sbatch_lines)
     assert opts.job() == job
-    train = render_sbatch(opts, Entry("pretrain.cli", ("pretrain",)), tmp_path / "run", "/venv/bin/python", tmp_path)
+    train = render_sbatch(opts, Entry("pkm", ("pretrain",)), tmp_path / "run", "/venv/bin/python", tmp_path)
     plan = make_plan([NOVELS], str(tmp_path / "ds"), load_tokenizer(None), 4, "fail", "text", "file", "gpt", 256)
     tokenize, merge = slurm_executors(plan, job, workers=2)
     array = tokenize.get_launch_file_contents(tokenize.get_sbatch_args(4), "true")

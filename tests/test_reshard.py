@@ -118,7 +118,7 @@ from pretrain.distributed import shutdown
 tr = Trainer(load_config(sys.argv[1], sys.argv[3:]))
 opt = tr.value_optimizer.optimizer
 torch.save({name: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state.get(m.values.weight, {}).items()}
-            for name, m in tr.memories}, sys.argv[2])
+            for name, m in tr.pkm_layers}, sys.argv[2])
 shutdown()
 """
 

@@ -2,7 +2,7 @@
 memory-parallel size, TP x DP != world size, attention heads not divisible by TP) stops every rank with
 ONE line on stderr (`pkm: error: ...` naming the config field and what is wrong), no traceback, exit 2.
 
-Through the real entry point: `python -m torch.distributed.run ... -m pretrain.cli pretrain` with two
+Through the real entry point: `python -m torch.distributed.run ... -m pkm pretrain` with two
 gloo processes (each worker's stderr is read from torchrun's per-rank log files), and one process that
 sees the environment of rank 0 of a 4-process world: the check runs before any process group exists,
 so that process must fail at once instead of waiting for three peers that never come.
@@ -68,7 +68,7 @@ TORCHRUN_CASES = [
 def test_layout_error_under_torchrun(tmp_path, overrides, expected):
     logs = tmp_path / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           "--log-dir", str(logs), "--redirects", "3", "-m", "pretrain.cli", "pretrain", "--config", str(CONFIG),
+           "--log-dir", str(logs), "--redirects", "3", "-m", "pkm", "pretrain", "--config", str(CONFIG),
            f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", *COMMON, *overrides]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     out = r.stdout + r.stderr
@@ -90,7 +90,7 @@ def test_memory_parallel_error_before_distributed_setup(tmp_path):
     TP size and 6 heads, so only the value-table split is wrong."""
     env = {**_env(), "RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_port())}
-    cmd = [sys.executable, "-m", "pretrain.cli", "pretrain", "--config", str(CONFIG), f"run_dir={tmp_path / 'run'}",
+    cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(CONFIG), f"run_dir={tmp_path / 'run'}",
            *COMMON, "model.hidden_size=66", "model.num_attention_heads=6", "parallel.tensor_parallel=2",
            "parallel.memory_parallel=all"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

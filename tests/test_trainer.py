@@ -21,7 +21,7 @@ GOLDEN_FIRST_LOSS_GPT = 9.0306363  # value tables drawn per (4096-row block, col
 
 def pkm(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "pkm", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -147,13 +147,13 @@ def test_value_updates_are_row_sparse(megatron_single_process, tmp_path: Path):
     cfg = load_config(TINY_GPT, [f"run_dir={tmp_path / 'run'}", "train.train_steps=3", "logging.tensorboard=false",
                                  "model.pkm.n_keys=64"])
     tr = Trainer(cfg)
-    (name, mem), = tr.memories
+    (name, mem), = tr.pkm_layers
     table = mem.values.weight
     in_engine = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
     assert id(table) not in in_engine and table not in set(tr.model.parameters())
     from pretrain.metrics import PKMUsage
 
-    tr.usage = PKMUsage(tr.memories)
+    tr.usage = PKMUsage(tr.pkm_layers)
     batches = iter(tr.sampler)
     tr.train_step(next(batches))  # step 1 creates the lazy-Adam state
     before = table.detach().clone()

@@ -85,7 +85,7 @@ def main() -> int:
     tr = Trainer(cfg)
     setup_s = time.perf_counter() - t0
     env = tr.env
-    tr.usage = PKMUsage(tr.memories, ps.get_data_parallel_group() if env.dp_size > 1 else None)
+    tr.usage = PKMUsage(tr.pkm_layers, ps.get_data_parallel_group() if env.dp_size > 1 else None)
     tr.engine.train()
     t = cfg.train
     optimizers = {"sparse": tr.value_optimizer}
@@ -109,11 +109,11 @@ def main() -> int:
             print(f"  world {env.world_size}: round {r + 1}/{warmup + steps}" + ("" if r >= warmup else " (warm-up)")
                   + "".join(f"  {k} {v[-1]:.0f} ms" for k, v in times.items() if v and r >= warmup), flush=True)
 
-    tables = [m.values.weight for _, m in tr.memories]
+    tables = [m.values.weight for _, m in tr.pkm_layers]
     sparse_state = optimizers["sparse"].inner.optimizer.state
     moments = [sparse_state[w][k] for w in tables for k in ("exp_avg", "exp_avg_sq")]
     report = {
-        "rank": env.rank, "world": env.world_size, "memory_parallel_size": env.memory.size,
+        "rank": env.rank, "world": env.world_size, "memory_parallel_size": env.memory_parallel.size,
         "omp_threads": torch.get_num_threads(),
         "value_shape": [list(w.shape) for w in tables],
         "value_bytes": storage_bytes(tables),

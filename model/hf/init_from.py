@@ -37,6 +37,25 @@ ARCH_FIELDS = ("family", "hidden_size", "num_layers", "num_attention_heads", "nu
 # config.json -> ModelConfig
 
 
+@dataclass(frozen=True)
+class HFSource:
+    """An HF checkpoint directory read once: its config.json and the adapter of its family. Resolving a
+    run opens it; building its ModelConfig and loading its weights reuse it."""
+
+    path: str
+    config: dict
+    adapter: Adapter
+
+    @classmethod
+    def open(cls, path) -> "HFSource":
+        config = read_config(str(path))
+        return cls(str(path), config, adapter_for(config, str(path)))
+
+
+def _source(hf: "str | HFSource") -> HFSource:
+    return hf if isinstance(hf, HFSource) else HFSource.open(hf)
+
+
 def adapter_for(hf_cfg: dict, where: str) -> Adapter:
     model_type = hf_cfg.get("model_type")
     if model_type not in ADAPTERS:
@@ -70,12 +89,13 @@ def _normalised_names(weights: HFWeights, adapter: Adapter) -> dict[str, str]:
     return out
 
 
-def model_config_from_hf(hf_dir: str, base: Optional[ModelConfig] = None,
+def model_config_from_hf(hf: "str | HFSource", base: Optional[ModelConfig] = None,
                          pkm: Optional[PKMConfig] = None) -> ModelConfig:
-    """Our ModelConfig for an HF checkpoint: the architecture from its config.json; everything else
-    (PKM placement, seq_length, dropout, init) from `base` (and `pkm` when given)."""
-    hf_cfg = read_config(hf_dir)
-    adapter = adapter_for(hf_cfg, hf_dir)
+    """Our ModelConfig for an HF checkpoint (a directory or an opened HFSource): the architecture from
+    its config.json; everything else (PKM placement, seq_length, dropout, init) from `base` (and `pkm`
+    when given)."""
+    src = _source(hf)
+    hf_dir, hf_cfg, adapter = src.path, src.config, src.adapter
     base = base or ModelConfig()
     # Architecture fields a family does not set take their memory-free defaults, not the base's.
     values: dict = {"num_query_groups": None, "rotary_base": 10000, "binary_head": False, "qkv_bias": None,
@@ -237,14 +257,14 @@ def _check_architecture(cfg: ModelConfig, hf_cfg: ModelConfig, hf_dir: str) -> N
 
 
 @torch.no_grad()
-def load_pretrained_into(model: torch.nn.Module, model_cfg: ModelConfig, hf_dir: str,
+def load_pretrained_into(model: torch.nn.Module, model_cfg: ModelConfig, hf: "str | HFSource",
                          strict: bool = True) -> InitReport:
     """Copy the weights of the HF checkpoint `hf_dir` into `model` (a megatron GPTModel/BertModel built
     from `model_cfg`, on this rank). PKM layers keep their initialisation. Raises ModelError listing
     missing, unexpected and mis-shaped weights and vocabulary mismatches (nothing is copied then)."""
-    hf_cfg = read_config(hf_dir)
-    adapter = adapter_for(hf_cfg, hf_dir)
-    _check_architecture(model_cfg, model_config_from_hf(hf_dir, base=model_cfg), hf_dir)
+    src = _source(hf)
+    hf_dir, hf_cfg, adapter = src.path, src.config, src.adapter
+    _check_architecture(model_cfg, model_config_from_hf(src, base=model_cfg), hf_dir)
     weights = HFWeights(hf_dir)
     names = _normalised_names(weights, adapter)
     rules = _expand(adapter.rules, model_cfg.num_layers)

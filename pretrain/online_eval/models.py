@@ -31,7 +31,7 @@ def export_native(path: Path, out_dir: Path) -> Path:
     """Our native (dist_checkpointing) checkpoint -> a self-contained HF directory, through the public
     `pkm export hf CHECKPOINT OUT_DIR` command (model.hf.export on the consolidated state dict)."""
     from pretrain.checkpoint import resolve_checkpoint
-    from pretrain.cli import build_parser
+    from pkm.cli import build_parser
 
     args = build_parser().parse_args(["export", "hf", str(resolve_checkpoint(path)), str(out_dir), "--overwrite"])
     args.func(args)  # raises PretrainError / ModelError with a one-line reason

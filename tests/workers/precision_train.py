@@ -14,7 +14,7 @@ def dtypes(tr) -> dict:
     """dtype name -> what has it, for the tensors the policy names."""
     from model.pkm.memory import MaskedBatchNorm
 
-    out = {"value tables": {str(m.values.weight.dtype) for _, m in tr.memories},
+    out = {"value tables": {str(m.values.weight.dtype) for _, m in tr.pkm_layers},
            "batchnorm stats": {str(b.dtype) for mod in tr.model.modules() if isinstance(mod, MaskedBatchNorm)
                                for b in (mod.running_mean, mod.running_var)},
            "dense params": {str(p.dtype) for p in tr.model.parameters()}}

@@ -56,7 +56,7 @@ def main() -> int:
     guard = NoFullTable(n_slots, n_slots * shard_dim)
     with guard:
         tr = Trainer(cfg)
-    (_, mem), *_ = tr.memories
+    (_, mem), *_ = tr.pkm_layers
     table = mem.values
     assert table.weight.shape == (n_slots, shard_dim), table.weight.shape
     with guard:
