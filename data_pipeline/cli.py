@@ -186,7 +186,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from data_pipeline.preprocess import check_files
+    from data_pipeline.preprocess import check_files, check_tokenizer_matches
 
     for ext in (".bin", ".idx", ".manifest.json"):  # a file of the dataset given instead of its prefix
         if args.prefix.endswith(ext) and os.path.isfile(args.prefix[:-len(ext)] + ".manifest.json"):
@@ -209,6 +209,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from data_pipeline.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer or m["tokenizer"]["path"])
+        if args.tokenizer:
+            check_tokenizer_matches(args.prefix, tok, user=f"--tokenizer {args.tokenizer}")
         ds = IndexedDataset(args.prefix)
         for d in range(min(args.show, m["documents"])):
             lo, hi = ds.document_indices[d], ds.document_indices[d + 1]

@@ -417,16 +417,18 @@ def ensure_demo_corpus(out_dir: str, family: str = "gpt", tokenizer: Tokenizer |
     return prefix
 
 
-def check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> dict:
-    """Refuse a dataset tokenized with another vocabulary than the model's. Returns the manifest."""
+def check_tokenizer_matches(prefix: str, tokenizer: Tokenizer, user: str = "the model") -> dict:
+    """Refuse a dataset tokenized with another vocabulary than `user`'s (ids decoded with another
+    vocabulary are plausible-looking garbage). Returns the manifest."""
     m = read_manifest(prefix)
     made, have = m["tokenizer"], tokenizer.identity
     if made["sha256"] != have["sha256"] or m["vocab_size"] != tokenizer.vocab_size:
+        fix = (f"re-run `pkm data preprocess --tokenizer {have['path']}` or train with data.tokenizer={made['path']}"
+               if user == "the model" else f"leave out {user} to use the dataset's own ({made['path']})")
         raise DataError(
             f"{prefix}: tokenized with {made['kind']} tokenizer {made['name']} (vocab {m['vocab_size']}, "
-            f"sha256 {made['sha256'][:12]}) but the model uses {have['kind']} tokenizer {have['name']} "
-            f"(vocab {tokenizer.vocab_size}, sha256 {have['sha256'][:12]}): re-run `pkm data preprocess "
-            f"--tokenizer {have['path']}` or train with data.tokenizer={made['path']}")
+            f"sha256 {made['sha256'][:12]}) but {user} is {have['kind']} tokenizer {have['name']} "
+            f"(vocab {tokenizer.vocab_size}, sha256 {have['sha256'][:12]}): {fix}")
     return m
 
 

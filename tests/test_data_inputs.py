@@ -281,6 +281,10 @@ def test_cli_preprocess_inspect_and_one_line_errors(tmp_path, docs, capsys):
     assert main(["data", "inspect", str(tmp_path / "o"), "--show", "1"]) == 0
     out = capsys.readouterr().out
     assert "5 skipped" in out and docs[0] in out
+    # decoding with another vocabulary than the dataset's would print plausible garbage: refused
+    assert main(["data", "inspect", str(tmp_path / "o"), "--show", "1", "--tokenizer", "bert"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tokenizer bert" in err[0] and "tokenized with" in err[0], err
     assert main(["data", "preprocess", "--input", path, "--output", str(tmp_path / "o2"), "--tokenizer",
                  str(tmp_path / "missing.model")]) == 2
     assert "missing.model" in capsys.readouterr().err
