@@ -217,14 +217,8 @@ def parse_chunk(chunk: Chunk) -> Records:
                 continue
             if not isinstance(obj, dict) or key not in obj:
                 out.bad.append(BadRecord(src, line, f"missing field {key!r}", "missing_field"))
-                continue
-            text = obj[key]
-            if not isinstance(text, str):
-                out.bad.append(BadRecord(src, line, f"field {key!r} is {type(text).__name__}, not a string", "not_a_string"))
-            elif not text.strip():
-                out.bad.append(BadRecord(src, line, "empty document", "empty_document"))
             else:
-                out.docs.append((line, text))
+                _add_field(out, src, line, key, obj[key])
     elif chunk.kind == "text":
         _add_text(out, src, 1, chunk.data)
     elif chunk.kind == "blocks":
@@ -238,15 +232,21 @@ def parse_chunk(chunk: Chunk) -> Records:
         for row, value in chunk.data:
             if value is None:
                 out.bad.append(BadRecord(src, row, f"missing field {chunk.json_key!r}", "missing_field"))
-            elif not isinstance(value, str):
-                out.bad.append(BadRecord(src, row, f"field {chunk.json_key!r} is {type(value).__name__}, not a string", "not_a_string"))
-            elif not value.strip():
-                out.bad.append(BadRecord(src, row, "empty document", "empty_document"))
             else:
-                out.docs.append((row, value))
+                _add_field(out, src, row, chunk.json_key, value)
     else:
         raise ValueError(chunk.kind)
     return out
+
+
+def _add_field(out: Records, src: str, line: int, key: str, value) -> None:
+    """A record's text field (JSON lines and table rows alike): a document, or the reason it is not one."""
+    if not isinstance(value, str):
+        out.bad.append(BadRecord(src, line, f"field {key!r} is {type(value).__name__}, not a string", "not_a_string"))
+    elif not value.strip():
+        out.bad.append(BadRecord(src, line, "empty document", "empty_document"))
+    else:
+        out.docs.append((line, value))
 
 
 def _add_block(out: Records, src: str, line: int, block: bytes) -> None:

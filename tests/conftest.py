@@ -1,6 +1,8 @@
 """Shared pytest fixtures and helpers (import the helpers with `from tests.conftest import ...`)."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY_GPT = ROOT / "configs" / "tiny_gpt.yaml"
 TINY_BERT = ROOT / "configs" / "tiny_bert.yaml"
+PY = os.path.abspath(sys.executable)  # this venv's interpreter, as `pkm launch` writes it into commands
 
 
 def run_pkm(*args: str, env: dict | None = None, cwd: Path | str = ROOT, timeout: int = 900,
@@ -67,6 +70,55 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(script: Path | str, *args, nproc: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run` of `script` with `nproc` local ranks on a free port, from this
+    checkout with its code importable (one OpenMP thread a rank: the CPU is shared)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), str(script), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> lm loss from the run's metrics.jsonl; a step logged twice (re-run after a restart) keeps
+    its last value."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "lm loss" in rec:
+            out[rec["step"]] = rec["lm loss"]
+    return out
+
+
+def scramble(model, seed: int):
+    """Every parameter of `model` set to seeded noise far from any initialisation (norm gains near 1, the
+    rest ~0.15), so a weight loaded into the wrong place shows in the logits. Returns it in eval mode."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            is_gain = name.endswith("weight") and any(k in name.lower() for k in ("norm", "ln_"))
+            p.copy_(1.0 + 0.3 * noise if is_gain else 0.15 * noise)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: str):
+    """`directory` (created here) as a tmpfs of `size` (mount's syntax: "64k", "4m") for disk-full tests;
+    skips the test where it cannot be mounted (needs root). Unmounted on the way out."""
+    directory.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,14 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 NODES = ["node1", "node2"]
@@ -31,12 +32,6 @@ SBIN = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
 
 def _which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def install_reason() -> str | None:
@@ -188,7 +183,7 @@ def start_cluster(root: Path) -> SlurmCluster:
     key = root / "munge" / "munge.key"
     key.write_bytes(secrets.token_bytes(128))
     key.chmod(0o600)
-    ctld_port, node_ports = _free_port(), [_free_port() for _ in NODES]
+    ctld_port, node_ports = free_port(), [free_port() for _ in NODES]
     nodes = "\n".join(NODE_LINE.format(name=n, port=p) for n, p in zip(NODES, node_ports))
     (root / "slurm.conf").write_text(SLURM_CONF.format(root=root, ctld_port=ctld_port, nodes=nodes, node_list=",".join(NODES)))
     env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}

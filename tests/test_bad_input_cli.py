@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_GPT, assert_user_error, run_pkm as _run_pkm
+from tests.conftest import ROOT, TINY_GPT, assert_user_error, run_pkm as _run_pkm, small_tmpfs
 
 AUSTEN = ROOT / "data_pipeline" / "assets" / "austen"
 
@@ -100,17 +100,11 @@ def test_bad_input_tokenizer_train_sigterm_leaves_nothing(tmp_path):
 
 
 def test_bad_input_tokenizer_train_full_disk(tmp_path):
-    full = tmp_path / "full"
-    full.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "full", "64k") as full:
         r = run_pkm("data", "tokenizer", "train", "--input", AUSTEN / "persuasion.txt", "--output", full / "my",
                     "--vocab-size", "6000")
         assert_user_error(r, full / "my.model")
         assert _leftovers(full) == []
-    finally:
-        subprocess.run(["umount", str(full)], check=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,16 +210,10 @@ def test_bad_input_unwritable_outputs(bad_files):
 
 
 def test_bad_input_lm_eval_data_full_disk(tmp_path):
-    full = tmp_path / "full"
-    full.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "full", "64k") as full:
         r = run_pkm("eval", "lm-eval-data", "--out", full / "books.jsonl")
         assert_user_error(r, full / "books.jsonl", "No space left")
         assert _leftovers(full) == []
-    finally:
-        subprocess.run(["umount", str(full)], check=True)
 
 
 # ---------------------------------------------------------------------------------------------

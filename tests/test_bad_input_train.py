@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, TINY_GPT, assert_user_error, descendants, run_pkm, survivors
+from tests.conftest import ROOT, TINY_GPT, assert_user_error, descendants, run_pkm, small_tmpfs, survivors
 
 AUSTEN = ROOT / "data_pipeline" / "assets" / "austen"
 
@@ -165,18 +165,12 @@ def test_train_steps_zero_saves_the_initial_weights(tmp_path: Path):
 def test_bad_input_disk_full_during_checkpoint(tmp_path: Path):
     """A run whose checkpoint does not fit on its filesystem: one line naming the checkpoint and the
     free space, exit 2, no half-written checkpoint left (a 4 MiB tmpfs; needs root to mount)."""
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "small", "4m") as small:
         run = small / "run"
         r = run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={run}", "train.train_steps=2",
                     f"data.cache_dir={tmp_path / 'cache'}")
         assert_user_error(r, f"{run}/checkpoints/step_0000002: could not write the checkpoint", "MiB free")
         assert list((run / "checkpoints").iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 # ---------------------------------------------------------------------------------------------

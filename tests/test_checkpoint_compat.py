@@ -8,7 +8,6 @@ Skips where the history is not there (a shallow clone, or an export without .git
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,16 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_GPT, run_pkm
+from tests.conftest import ROOT, TINY_GPT, losses, run_pkm
 
 FORMAT_BASE = "90c76eb"  # "data_pipeline: ... read_versioned_json": checkpoints as the code wrote them then
 
 pytestmark = pytest.mark.slow
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["lm loss"] for r in recs if "lm loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +51,6 @@ def test_checkpoint_of_previous_code_resumes_exactly(old_code, tmp_path):
     r = run_pkm("pretrain", *common, f"run_dir={fresh}")
     assert r.returncode == 0, r.stderr[-3000:]
 
-    got, want = _losses(resumed), _losses(fresh)
+    got, want = losses(resumed), losses(fresh)
     for step in (3, 4):
         assert got[step] == pytest.approx(want[step], abs=1e-6), (step, got, want)

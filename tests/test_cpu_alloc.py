@@ -4,11 +4,11 @@ iteration faults its blocks in again. Run in subprocesses (the setting is proces
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 LOOP = r"""
 import json, resource, sys, torch
 from pretrain.cpu_alloc import keep_freed_memory

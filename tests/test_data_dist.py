@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import torchrun
 
 WORKER = r'''
 import json, os, sys, hashlib
@@ -45,22 +42,13 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 @pytest.mark.slow
 def test_build_datasets_under_torchrun(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     cache = tmp_path / "cache"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(cache),
-                        str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = torchrun(script, cache, tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert [x["dp"] for x in ranks] == [2, 2]

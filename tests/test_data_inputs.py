@@ -20,8 +20,8 @@ from data_pipeline.errors import DataError
 from data_pipeline.preprocess import AUSTEN_DIR, is_complete, preprocess, read_manifest
 from data_pipeline.samplers import build_datasets
 from data_pipeline.tokenizer import load_tokenizer
+from tests.conftest import ROOT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
 
@@ -295,7 +295,7 @@ def test_cli_tokenizer_train(tmp_path, docs):
     out = str(tmp_path / "tok" / "small_bert")
     r = subprocess.run([os.path.join(os.path.dirname(PY), "pkm"), "data", "tokenizer", "train", "--input", src,
                         "--output", out, "--recipe", "bert", "--vocab-size", "2000"],
-                       cwd=REPO, capture_output=True, text=True)
+                       cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path / "tok")) == ["small_bert.model", "small_bert.vocab"]
     t = load_tokenizer(out + ".model")

@@ -7,15 +7,12 @@ at the dense grad-norm split (`torch.zeros(1)`), and with only the trainer fixed
 in the PKM usage summary (host counters reduced in place)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, torchrun
 
 WORKER = ROOT / "tests" / "workers" / "guarded_train.py"
 COMMON = ["train.train_steps=3", "logging.tensorboard=false", "train.eval_interval=2", "train.eval_steps=1",
@@ -45,11 +42,8 @@ def test_device_guard_tracks_placement(megatron_single_process):
 
 
 def _run(nproc: int, run_dir: Path, config: str, *overrides: str) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), str(WORKER), str(ROOT / "configs" / config), f"run_dir={run_dir}",
-           f"data.cache_dir={run_dir.parent / 'cache'}", *COMMON, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    r = torchrun(WORKER, ROOT / "configs" / config, f"run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}",
+                 *COMMON, *overrides, nproc=nproc)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert out.count("device guard checked") == nproc, out[-2000:]

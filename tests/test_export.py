@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -22,11 +21,11 @@ from model.config import ModelConfig, PKMConfig
 from model.errors import ModelError
 from model.hf.export import export_hf
 from model.specs import memory_layers
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOK_DIR = os.path.join(REPO, "data_pipeline", "assets", "tokenizer")
+TOK_DIR = os.path.join(ROOT, "data_pipeline", "assets", "tokenizer")
 TOL = 1e-4
 SEQ = 32
 
@@ -53,7 +52,7 @@ CASES = {
 def austen_ids(tokenizer: str, n: int, length: int = SEQ) -> torch.Tensor:
     from data_pipeline.tokenizer import load_tokenizer
 
-    text = open(os.path.join(REPO, "data_pipeline", "assets", "austen", "emma.txt")).read()[30000:50000]
+    text = open(os.path.join(ROOT, "data_pipeline", "assets", "austen", "emma.txt")).read()[30000:50000]
     ids = load_tokenizer(os.path.join(TOK_DIR, tokenizer)).encode(text)
     return torch.tensor(ids[: n * length]).view(n, length)
 
@@ -296,7 +295,7 @@ def test_sentencepiece_tokenizer_conversion_keeps_ids(name):
 
     path = os.path.join(TOK_DIR, name)
     fast = sentencepiece_to_fast(path)
-    text = open(os.path.join(REPO, "data_pipeline", "assets", "austen", "persuasion.txt")).read()[:100000]
+    text = open(os.path.join(ROOT, "data_pipeline", "assets", "austen", "persuasion.txt")).read()[:100000]
     check_same_ids(fast, spm.SentencePieceProcessor(model_file=path).encode, path, text)  # raises on a difference
     assert len(fast) == 8192
     enc = fast("Emma Woodhouse", "handsome, clever, and rich")
@@ -308,11 +307,6 @@ def test_sentencepiece_tokenizer_conversion_keeps_ids(name):
         assert not set(pieces) & {"<s>", "</s>", "<eod>"} and fast.eos_token == "<eod>"
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_push_to_hub_errors_are_clear(exported, tmp_path):
     from model.hf.hub import push_to_hub
@@ -322,6 +316,6 @@ def test_push_to_hub_errors_are_clear(exported, tmp_path):
         push_to_hub(path, "not a repo id!")
     with pytest.raises(ModelError, match=r"not an exported model \(missing config.json, README.md"):
         push_to_hub(str(tmp_path), "someone/pkm-bert")
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ModelError, match=rf"cannot push to the Hub: {endpoint} is unreachable \(no network\?\)"):
         push_to_hub(path, "someone/pkm-bert", token="hf_not_a_real_token", endpoint=endpoint)

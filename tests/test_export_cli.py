@@ -5,28 +5,11 @@ without network is one clear error line after a complete export."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def pkm(*args: str, env: dict = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pkm", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import ROOT, TINY_GPT, free_port, run_pkm
 
 
 @pytest.mark.slow
@@ -37,12 +20,12 @@ def test_export_cli_from_pretrain_checkpoint(megatron_single_process, tmp_path):
     from pretrain.checkpoint import load_consolidated
 
     run = tmp_path / "run"
-    r = pkm("pretrain", "--config", str(ROOT / "configs" / "tiny_gpt.yaml"), f"run_dir={run}", "train.train_steps=3",
+    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}", "train.train_steps=3",
             f"data.cache_dir={tmp_path / 'cache'}")
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_0000003"
     out = tmp_path / "hf"
-    r = pkm("export", "hf", str(ckpt), str(out))
+    r = run_pkm("export", "hf", str(ckpt), str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"exported to {out}" in r.stdout
 
@@ -65,11 +48,11 @@ def test_export_cli_from_pretrain_checkpoint(megatron_single_process, tmp_path):
 
     # --push-to-hub without a reachable Hub: the export is complete, the push is one clear error line
     again = tmp_path / "hf2"
-    r = pkm("export", "hf", str(ckpt), str(again), "--push-to-hub", "someone/tiny-pkm-gpt",
-            env={"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_TOKEN": "hf_not_a_real_token"})
+    r = run_pkm("export", "hf", str(ckpt), str(again), "--push-to-hub", "someone/tiny-pkm-gpt",
+            env={"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_TOKEN": "hf_not_a_real_token"})
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("pkm: error:")]
     assert len(errors) == 1 and "is unreachable (no network?)" in errors[0] and "Traceback" not in r.stderr
     assert (again / "model.safetensors").is_file()
-    r = pkm("export", "hf", str(ckpt), str(again))
+    r = run_pkm("export", "hf", str(ckpt), str(again))
     assert r.returncode == 2 and "exists and is not empty" in r.stderr

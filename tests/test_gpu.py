@@ -10,7 +10,6 @@ widened for GPU non-determinism (atomic adds in sparse gradients and index_add_)
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, free_port, run_pkm
+from tests.conftest import ROOT, free_port, losses, run_pkm
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -41,11 +40,6 @@ def _torchrun(config: Path, run_dir: Path, *overrides: str) -> str:
     return out
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["lm loss"] for r in recs if "lm loss" in r}
-
-
 @pytest.fixture(scope="module", params=RUNS, ids=[f"{f}-{p}" for f, p in RUNS])
 def gpu_run(request, tmp_path_factory):
     family, placement = request.param
@@ -62,12 +56,12 @@ def test_gpu_bf16_nccl_trainer_and_resume(gpu_run):
     steps 11-20 within 2e-3 relative (CPU: exact; GPU sparse-gradient atomics are not deterministic)."""
     family, placement, config, run_dir, out = gpu_run
     assert "device cuda" in out, out[-2000:]
-    whole = _losses(run_dir)
+    whole = losses(run_dir)
     assert sorted(whole) == list(range(1, 21)) and whole[20] < whole[1], whole
     resumed_dir = run_dir.parent / "resumed"
     _torchrun(config, resumed_dir, f"model.pkm.placement={placement}", "train.train_steps=20",
               f"checkpoint.resume={run_dir / 'checkpoints' / 'step_0000010'}")
-    resumed = _losses(resumed_dir)
+    resumed = losses(resumed_dir)
     for step in range(11, 21):
         assert abs(resumed[step] - whole[step]) <= 2e-3 * whole[step], (step, whole[step], resumed[step])
 

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from model.build import build_model
 from model.config import ModelConfig, PKMConfig
 from model.hf.init_from import load_pretrained_into, model_config_from_hf
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 PKM = PKMConfig(layers=[], n_keys=128, heads=4, knn=32, k_dim=256)  # 16,384 slots
 
@@ -38,7 +38,7 @@ def _package_dir(name: str, reason: str) -> str:
 
 
 def austen(book: str, start: int, chars: int = 6000) -> str:
-    return open(os.path.join(REPO, "data_pipeline", "assets", "austen", f"{book}.txt")).read()[start:start + chars]
+    return open(os.path.join(ROOT, "data_pipeline", "assets", "austen", f"{book}.txt")).read()[start:start + chars]
 
 
 def _build(hf_dir: str, pkm: PKMConfig, seq: int):

@@ -20,10 +20,10 @@ from model.build import build_model
 from model.config import ModelConfig, PKMConfig
 from model.errors import ModelError
 from model.hf.init_from import load_pretrained_into, model_config_from_hf
+from tests.conftest import ROOT, scramble
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, SEQ = 8192, 48
 TOL = 1e-4
 
@@ -31,19 +31,9 @@ TOL = 1e-4
 def austen_ids(n: int, length: int = SEQ) -> torch.Tensor:
     from data_pipeline.tokenizer import load_tokenizer
 
-    text = open(os.path.join(REPO, "data_pipeline", "assets", "austen", "persuasion.txt")).read()[20000:40000]
+    text = open(os.path.join(ROOT, "data_pipeline", "assets", "austen", "persuasion.txt")).read()[20000:40000]
     ids = load_tokenizer(None).encode(text)
     return torch.tensor(ids[: n * length]).view(n, length)
-
-
-def _scramble(model, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            is_gain = name.endswith("weight") and any(k in name.lower() for k in ("norm", "ln_"))
-            p.copy_(1.0 + 0.3 * noise if is_gain else 0.15 * noise)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +56,7 @@ def hf_dirs(tmp_path_factory):
     }
     out = {}
     for seed, (name, model) in enumerate(models.items()):
-        _scramble(model, seed)
+        scramble(model, seed)
         if name != "llama":  # tied output embedding
             model.tie_weights()
         model.save_pretrained(root / name)

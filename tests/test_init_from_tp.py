@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT, scramble, torchrun
+
 SEQ = 40
 
 WORKER = r'''
@@ -58,22 +56,6 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _scramble(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            gain = name.endswith("weight") and any(k in name.lower() for k in ("norm", "ln_"))
-            p.copy_(1.0 + 0.3 * noise if gain else 0.15 * noise)
-    return model.eval()
-
-
 @pytest.mark.dist
 def test_init_from_at_tensor_parallel_2(tmp_path):
     from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
@@ -81,7 +63,7 @@ def test_init_from_at_tensor_parallel_2(tmp_path):
 
     from data_pipeline.tokenizer import load_tokenizer
 
-    text = open(os.path.join(REPO, "data_pipeline", "assets", "austen", "mansfield_park.txt")).read()[9000:20000]
+    text = open(os.path.join(ROOT, "data_pipeline", "assets", "austen", "mansfield_park.txt")).read()[9000:20000]
     ids = torch.tensor(load_tokenizer(None).encode(text)[: 2 * SEQ]).view(2, SEQ)
     mask = torch.ones_like(ids)
     mask[1, 27:] = 0
@@ -97,7 +79,7 @@ def test_init_from_at_tensor_parallel_2(tmp_path):
     }
     refs = {}
     for seed, (name, model) in enumerate(models.items()):
-        _scramble(model, seed)
+        scramble(model, seed)
         if name != "llama":
             model.tie_weights()
         model.save_pretrained(tmp_path / name)
@@ -105,10 +87,7 @@ def test_init_from_at_tensor_parallel_2(tmp_path):
             refs[name] = model(input_ids=ids, attention_mask=mask).logits
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(tmp_path)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = torchrun(script, tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     keep = mask.bool()
     for name, ref in refs.items():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,11 @@ from launch.errors import LaunchError
 from launch.slurm import SlurmOptions, render_sbatch, shell_word
 from launch.torchrun import TorchrunOptions, torchrun_argv
 from launch.training import PREEMPTED_EXIT_CODE, Entry, plan_training
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny_gpt.yaml"
-PY = os.path.abspath(sys.executable)
+from tests.conftest import PY, ROOT, TINY_GPT, assert_user_error, run_pkm
 
 
-def pkm(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+
+def pkm(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "pkm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -113,7 +110,7 @@ def test_torchrun_argv():
 
 
 def test_preempted_exit_code_matches_the_trainer():
-    trainer = (REPO / "pretrain" / "trainer.py").read_text()  # read, not imported: it pulls in torch
+    trainer = (ROOT / "pretrain" / "trainer.py").read_text()  # read, not imported: it pulls in torch
     assert f"PREEMPTED_EXIT_CODE = {PREEMPTED_EXIT_CODE}" in trainer
 
 
@@ -121,7 +118,7 @@ def test_launch_imports_no_torch():
     code = ("import sys, launch.cli, launch.slurm, launch.torchrun, launch.deepspeed, launch.training\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'deepspeed', 'model'))\n"
             "assert not bad, bad")
-    proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -129,25 +126,25 @@ def test_launch_imports_no_torch():
 
 
 def test_cli_slurm_dry_run_prints_the_script_and_writes_nothing(tmp_path):
-    proc = pkm("launch", "slurm", "--nodes", "2", "--config", str(TINY), f"run_dir={tmp_path / 'r'}", "--dry-run")
+    proc = pkm("launch", "slurm", "--nodes", "2", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'r'}", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --nodes=2" in proc.stdout and f"PYTHON={PY}" in proc.stdout
-    assert f"--config {TINY} run_dir={tmp_path / 'r'} checkpoint.resume=auto" in proc.stdout
+    assert f"--config {TINY_GPT} run_dir={tmp_path / 'r'} checkpoint.resume=auto" in proc.stdout
     assert not (tmp_path / "r").exists()
 
 
 def test_cli_errors_are_one_line_before_submitting(tmp_path):
     env = {**os.environ, "PATH": str(Path(PY).parent)}  # no sbatch here
-    proc = pkm("launch", "slurm", "--nodes", "2", "--config", str(TINY), f"run_dir={tmp_path / 'r'}", env=env)
+    proc = pkm("launch", "slurm", "--nodes", "2", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'r'}", env=env)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("pkm: error: 'sbatch' was not found on PATH")
 
-    proc = pkm("launch", "slurm", "--nodes", "3", "--config", str(TINY), "parallel.tensor_parallel=2", "--dry-run")
+    proc = pkm("launch", "slurm", "--nodes", "3", "--config", str(TINY_GPT), "parallel.tensor_parallel=2", "--dry-run")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "3 ranks, which parallel.tensor_parallel=2 does not divide" in proc.stderr
 
     proc = pkm("launch", "torchrun", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "host-without-port",
-               "--config", str(TINY), "--dry-run")
+               "--config", str(TINY_GPT), "--dry-run")
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
 
     bad = tmp_path / "bad.yaml"
@@ -159,7 +156,7 @@ def test_cli_errors_are_one_line_before_submitting(tmp_path):
 
 def test_cli_torchrun_dry_run_prints_the_exact_command(tmp_path):
     proc = pkm("launch", "torchrun", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "127.0.0.1:29400",
-               "--nproc-per-node", "1", "--config", str(TINY), f"run_dir={tmp_path / 'r'}", "--dry-run")
+               "--nproc-per-node", "1", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'r'}", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert line.startswith(f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 {PY} -m torch.distributed.run --nnodes=2 "
@@ -168,7 +165,7 @@ def test_cli_torchrun_dry_run_prints_the_exact_command(tmp_path):
 
 
 def test_cli_deepspeed_hostfile(tmp_path):
-    proc = pkm("launch", "deepspeed", "--hosts", "gpu1,gpu2", "--slots", "4", "--config", str(TINY), "train.global_batch_size=32",
+    proc = pkm("launch", "deepspeed", "--hosts", "gpu1,gpu2", "--slots", "4", "--config", str(TINY_GPT), "train.global_batch_size=32",
                f"run_dir={tmp_path / 'r'}")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "r" / "deepspeed" / "hostfile").read_text() == "gpu1 slots=4\ngpu2 slots=4\n"
@@ -200,8 +197,6 @@ LAUNCH_LAYOUT_CASES = [
 @pytest.mark.parametrize("overrides,shape,names", [c[1:] for c in LAUNCH_LAYOUT_CASES],
                          ids=[c[0] for c in LAUNCH_LAYOUT_CASES])
 def test_launch_check_refuses_layouts_the_trainer_refuses(tmp_path, launcher, overrides, shape, names):
-    from tests.conftest import assert_user_error, run_pkm
-
     nodes, per_node = shape
     run_dir = tmp_path / "r"
     if launcher == "slurm":
@@ -209,7 +204,7 @@ def test_launch_check_refuses_layouts_the_trainer_refuses(tmp_path, launcher, ov
     else:
         args = ["launch", "torchrun", "--nnodes", nodes, "--node-rank", "0", "--rdzv-endpoint", "127.0.0.1:29400",
                 "--nproc-per-node", per_node]
-    r = run_pkm(*args, "--config", TINY, f"run_dir={run_dir}", *overrides, "--dry-run", timeout=120)
+    r = run_pkm(*args, "--config", TINY_GPT, f"run_dir={run_dir}", *overrides, "--dry-run", timeout=120)
     assert_user_error(r, *names)
     assert r.stdout == "", r.stdout  # no script, no command printed
     assert not run_dir.exists()
@@ -225,9 +220,7 @@ def test_launch_check_is_the_trainers_check():
 
 def test_launch_check_accepts_a_layout_the_trainer_takes(tmp_path):
     """The same model split TP2 x DP2 with hidden 64 over 4 ranks is fine: the check is not too strict."""
-    from tests.conftest import run_pkm
-
-    r = run_pkm("launch", "slurm", "--nodes", 2, "--procs-per-node", 2, "--config", TINY, f"run_dir={tmp_path / 'r'}",
+    r = run_pkm("launch", "slurm", "--nodes", 2, "--procs-per-node", 2, "--config", TINY_GPT, f"run_dir={tmp_path / 'r'}",
                 "parallel.tensor_parallel=2", "parallel.memory_parallel=all", "train.micro_batch_size=4",
                 "--dry-run", timeout=120)
     assert r.returncode == 0, r.stderr

@@ -5,48 +5,36 @@ final loss equals the uninterrupted run's.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import descendants, survivors
+from tests.conftest import PY, ROOT, TINY_GPT, descendants, free_port, losses, survivors
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny_gpt.yaml"
-PY = os.path.abspath(sys.executable)
 STEPS = 30
 OVERRIDES = [f"train.train_steps={STEPS}", "checkpoint.save_interval=5", "logging.log_interval=1"]
 TIMEOUT = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_nodes(run_dir: Path, max_restarts: int) -> list[subprocess.Popen]:
     """One `pkm launch torchrun` per node rank, as a user would type on two machines."""
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     run_dir.mkdir(parents=True)
     procs = []
     for rank in (0, 1):
         cmd = [PY, "-m", "pkm", "launch", "torchrun", "--nnodes", "2", "--node-rank", str(rank),
                "--rdzv-endpoint", endpoint, "--nproc-per-node", "1", "--max-restarts", str(max_restarts),
-               "--shutdown-timeout", "20", "--config", str(TINY), f"run_dir={run_dir}", *OVERRIDES]
+               "--shutdown-timeout", "20", "--config", str(TINY_GPT), f"run_dir={run_dir}", *OVERRIDES]
         out = open(run_dir.parent / f"{run_dir.name}-node{rank}.out", "w")
-        procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
     return procs
 
 
@@ -83,16 +71,6 @@ def wait_all(procs: list[subprocess.Popen], run_dir: Path, watch: set[int] | Non
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
     return outs
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; a step logged twice (re-run after a restart) keeps its last value."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "lm loss" in rec:
-            out[rec["step"]] = rec["lm loss"]
-    return out
 
 
 @pytest.fixture(scope="module")

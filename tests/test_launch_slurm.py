@@ -6,23 +6,18 @@ finishes; its final loss must equal the uninterrupted run's.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import PY, ROOT, TINY_GPT, losses
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny_gpt.yaml"
-PY = os.path.abspath(sys.executable)
 STEPS = 30
 OVERRIDES = [f"train.train_steps={STEPS}", "checkpoint.save_interval=10", "logging.log_interval=1"]
 JOB_TIMEOUT = 240
@@ -30,8 +25,8 @@ JOB_TIMEOUT = 240
 
 def submit(cluster, run_dir: Path) -> str:
     proc = subprocess.run([PY, "-m", "pkm", "launch", "slurm", "--nodes", "2", "--signal-seconds", "60",
-                           "--config", str(TINY), f"run_dir={run_dir}", *OVERRIDES],
-                          cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=60)
+                           "--config", str(TINY_GPT), f"run_dir={run_dir}", *OVERRIDES],
+                          cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"Submitted SLURM job (\d+)", proc.stdout)
     assert m, proc.stdout
@@ -41,16 +36,6 @@ def submit(cluster, run_dir: Path) -> str:
 
 def slurm_log(run_dir: Path, job_id: str) -> str:
     return (run_dir / "slurm" / f"pkm-{run_dir.name}-{job_id}.out").read_text(errors="replace")
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; a step logged twice (re-run after a restart) keeps its last value."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "lm loss" in rec:
-            out[rec["step"]] = rec["lm loss"]
-    return out
 
 
 def finish(cluster, job_id: str, run_dir: Path) -> str:

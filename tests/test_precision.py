@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY_GPT, run_pkm
+from tests.conftest import ROOT, TINY_GPT, losses, run_pkm
 
 WORKER = ROOT / "tests" / "workers" / "precision_train.py"
 
@@ -98,11 +98,6 @@ def test_precision_bf16_trainer_tracks_fp32(tmp_path):
     assert b[0] - b[-1] > 0.9 * (a[0] - a[-1]), (a, b)
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["lm loss"] for r in recs if "lm loss" in r}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 1])
 def test_precision_bf16_resume_is_exact(tmp_path, zero):
@@ -116,6 +111,6 @@ def test_precision_bf16_resume_is_exact(tmp_path, zero):
     r = run_pkm("pretrain", *common, f"run_dir={tmp_path / 'b'}",
                 f"checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'step_0000002'}")
     assert r.returncode == 0, r.stderr[-3000:]
-    whole, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    whole, resumed = losses(tmp_path / "a"), losses(tmp_path / "b")
     for step in (3, 4):
         assert abs(resumed[step] - whole[step]) <= 1e-6 * whole[step], (step, whole, resumed)

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from tests.test_sharding import losses, run
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 STEPS, SAVED_AT = 10, 5
 RESUME_LAYOUTS = [(1, 0), (2, 2), (4, 1)]  # (processes, ZeRO stage) at TP=1, tables split over DP

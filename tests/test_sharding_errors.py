@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -22,17 +20,11 @@ from model.config import ModelConfig, PKMConfig
 from pretrain.config import ParallelConfig
 from pretrain.distributed import check_layout
 from pretrain.errors import PretrainError
+from tests.conftest import ROOT, TINY_GPT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "tiny_gpt.yaml"
 # Reaching model building would mean the check did not fire; keep the run tiny in case it does.
 COMMON = ["train.train_steps=1", "logging.tensorboard=false"]
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -67,8 +59,8 @@ TORCHRUN_CASES = [
 @pytest.mark.parametrize("overrides,expected", [c[1:] for c in TORCHRUN_CASES], ids=[c[0] for c in TORCHRUN_CASES])
 def test_layout_error_under_torchrun(tmp_path, overrides, expected):
     logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           "--log-dir", str(logs), "--redirects", "3", "-m", "pkm", "pretrain", "--config", str(CONFIG),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "--log-dir", str(logs), "--redirects", "3", "-m", "pkm", "pretrain", "--config", str(TINY_GPT),
            f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", *COMMON, *overrides]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     out = r.stdout + r.stderr
@@ -89,8 +81,8 @@ def test_memory_parallel_error_before_distributed_setup(tmp_path):
     """hidden 66 over a 4-way memory-parallel split (TP 2 x DP 2, memory_parallel=all); 66 divides by the
     TP size and 6 heads, so only the value-table split is wrong."""
     env = {**_env(), "RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_port())}
-    cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(CONFIG), f"run_dir={tmp_path / 'run'}",
+           "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'run'}",
            *COMMON, "model.hidden_size=66", "model.num_attention_heads=6", "parallel.tensor_parallel=2",
            "parallel.memory_parallel=all"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

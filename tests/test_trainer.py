@@ -2,43 +2,23 @@
 GPT/BERT with PKM, TensorBoard metrics, checkpoints, exact resume, row-sparse value updates."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_GPT = ROOT / "configs" / "tiny_gpt.yaml"
-TINY_BERT = ROOT / "configs" / "tiny_bert.yaml"
+from tests.conftest import TINY_BERT, TINY_GPT, losses, run_pkm
+
 # First-step loss of configs/tiny_gpt.yaml (seed 1234, bundled Austen corpus and tokenizer); a change
 # here means the model, its initialisation or the data changed. Tolerance: 1e-4 (BLAS variation).
 GOLDEN_FIRST_LOSS_GPT = 9.0306363  # value tables drawn per (4096-row block, column) stream since issue #17
-
-
-def pkm(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "pkm", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "lm loss" in rec:
-            out[rec["step"]] = rec["lm loss"]
-    return out
 
 
 @pytest.fixture(scope="module")
 def gpt_run(tmp_path_factory) -> Path:
     """20 steps of the tiny PKM-GPT, checkpoints at 10 and 20 (shared by several tests)."""
     run = tmp_path_factory.mktemp("gpt") / "run"
-    r = pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}", "checkpoint.save_interval=10",
+    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}", "checkpoint.save_interval=10",
             "checkpoint.keep_last=3", f"data.cache_dir={run.parent / 'cache'}")
     assert r.returncode == 0, r.stderr[-3000:]
     run.joinpath("stdout.txt").write_text(r.stdout)
@@ -89,7 +69,7 @@ def test_exact_resume(gpt_run: Path, tmp_path: Path):
 
     run = tmp_path / "resumed"
     shutil.copytree(gpt_run / "checkpoints" / "step_0000010", run / "checkpoints" / "step_0000010")
-    r = pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}", "checkpoint.resume=auto",
+    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}", "checkpoint.resume=auto",
             f"data.cache_dir={gpt_run.parent / 'cache'}")
     assert r.returncode == 0, r.stderr[-3000:]
     straight, resumed = losses(gpt_run), losses(run)
@@ -106,12 +86,12 @@ def test_corrupt_checkpoint_falls_back(gpt_run: Path, tmp_path: Path):
     victim = max((run / "checkpoints" / "step_0000020").rglob("*.distcp"), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     # An explicit path to the bad checkpoint: a one-line error naming the file.
-    r = pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}",
+    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}",
             f"checkpoint.resume={run / 'checkpoints' / 'step_0000020'}", "train.train_steps=21")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert victim.name in r.stderr and "truncated" in r.stderr
     # resume=auto: warns and continues from the previous good checkpoint (step 10).
-    r = pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}", "checkpoint.resume=auto",
+    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}", "checkpoint.resume=auto",
             "train.train_steps=12", f"data.cache_dir={gpt_run.parent / 'cache'}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "falling back to the previous one" in r.stderr
@@ -119,19 +99,19 @@ def test_corrupt_checkpoint_falls_back(gpt_run: Path, tmp_path: Path):
 
 
 def test_config_errors_are_one_line(tmp_path: Path):
-    r = pkm("pretrain", "--config", str(TINY_GPT), "model.pkm.nkeys=16")
+    r = run_pkm("pretrain", "--config", str(TINY_GPT), "model.pkm.nkeys=16")
     assert r.returncode == 2
     assert r.stderr.strip() == "pkm: error: unknown config key 'model.pkm.nkeys'; did you mean 'n_keys'?"
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  pkm:\n    layers: [7]\n")
-    r = pkm("pretrain", "--config", str(bad))
+    r = run_pkm("pretrain", "--config", str(bad))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "model.pkm.layers: layer 7 does not exist" in r.stderr
 
 
 def test_bert_trains(tmp_path: Path):
     run = tmp_path / "bert"
-    r = pkm("pretrain", "--config", str(TINY_BERT), f"run_dir={run}")
+    r = run_pkm("pretrain", "--config", str(TINY_BERT), f"run_dir={run}")
     assert r.returncode == 0, r.stderr[-3000:]
     l = losses(run)
     assert l[max(l)] < l[1] - 0.3, l
@@ -178,18 +158,18 @@ def test_init_from_memory_free_run_and_consolidate(gpt_run: Path, tmp_path: Path
     """Kim & Jung's recipe with our own weights: a memory-free run's checkpoint initialises a model
     with fresh PKM (`--init-from`); `load_consolidated` gathers any checkpoint into full tensors."""
     base = tmp_path / "dense"
-    r = pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={base}", "model.pkm.layers=[]", "train.train_steps=3",
+    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={base}", "model.pkm.layers=[]", "train.train_steps=3",
             f"data.cache_dir={gpt_run.parent / 'cache'}")
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = base / "checkpoints" / "step_0000003"
-    r = pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'with_pkm'}", "train.train_steps=2",
+    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'with_pkm'}", "train.train_steps=2",
             "--init-from", str(ckpt), f"data.cache_dir={gpt_run.parent / 'cache'}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "initialised from our checkpoint" in r.stdout
     # the memory-free run continued from its step-3 loss level, not from scratch
     assert losses(tmp_path / "with_pkm")[1] < losses(base)[1] - 0.05
     # a missing weight is a clear error: a 3-layer model cannot come from a 2-layer checkpoint
-    r = pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'bad'}", "model.num_layers=3",
+    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'bad'}", "model.num_layers=3",
             "--init-from", str(ckpt))
     assert r.returncode == 2 and "lacks" in r.stderr and "Traceback" not in r.stderr
 

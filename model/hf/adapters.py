@@ -47,6 +47,20 @@ def F(name: str, *hf: str, default: Any = None, required: bool = True) -> Config
     return ConfigField(name, tuple(hf), default, required)
 
 
+# ModelConfig field -> its key in transformers' PretrainedConfig, which every family's config.json uses.
+_STANDARD_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                  "num_attention_heads": "num_attention_heads", "max_position_embeddings": "max_position_embeddings",
+                  "vocab_size": "vocab_size"}
+
+
+def _standard_fields(tie_default: bool, **older_keys: str) -> tuple[ConfigField, ...]:
+    """The fields under their standard keys (required), each looked up first under the family's older key
+    where it has one (GPT-2 writes n_embd, n_layer, ...); and whether the output embeddings are tied."""
+    return (*(F(field, *([older_keys[field]] if field in older_keys else []), key)
+              for field, key in _STANDARD_KEYS.items()),
+            F("tie_embeddings", "tie_word_embeddings", default=tie_default, required=False))
+
+
 @dataclass(frozen=True)
 class Requirement:
     """config.json key that must hold one of `allowed` values (our model cannot represent others)."""
@@ -83,14 +97,9 @@ BERT = Adapter(
     fixed={"family": "bert", "normalization": "LayerNorm", "norm_position": "post",
            "position_embedding": "learned_absolute", "add_bias_linear": True, "qkv_bias": None},
     fields=(
-        F("hidden_size", "hidden_size"),
-        F("num_layers", "num_hidden_layers"),
-        F("num_attention_heads", "num_attention_heads"),
+        *_standard_fields(tie_default=True),
         F("ffn_hidden_size", "intermediate_size"),
-        F("max_position_embeddings", "max_position_embeddings"),
-        F("vocab_size", "vocab_size"),
         F("layernorm_epsilon", "layer_norm_eps", default=1e-12, required=False),
-        F("tie_embeddings", "tie_word_embeddings", default=True, required=False),
     ),
     requirements=(
         Requirement("type_vocab_size", (2,), 2),  # megatron's BertModel has 2 token types
@@ -146,14 +155,10 @@ GPT2 = Adapter(
     fixed={"family": "gpt", "normalization": "LayerNorm", "norm_position": "pre",
            "position_embedding": "learned_absolute", "add_bias_linear": True, "qkv_bias": None},
     fields=(
-        F("hidden_size", "n_embd", "hidden_size"),
-        F("num_layers", "n_layer", "num_hidden_layers"),
-        F("num_attention_heads", "n_head", "num_attention_heads"),
+        *_standard_fields(tie_default=True, hidden_size="n_embd", num_layers="n_layer", num_attention_heads="n_head",
+                          max_position_embeddings="n_positions"),
         F("ffn_hidden_size", "n_inner", default=None, required=False),
-        F("max_position_embeddings", "n_positions", "max_position_embeddings"),
-        F("vocab_size", "vocab_size"),
         F("layernorm_epsilon", "layer_norm_epsilon", default=1e-5, required=False),
-        F("tie_embeddings", "tie_word_embeddings", default=True, required=False),
     ),
     requirements=(
         Requirement("scale_attn_weights", (True,), True),
@@ -202,16 +207,11 @@ LLAMA = Adapter(
     base_prefixes=("model.",),
     fixed={"family": "gpt", "normalization": "RMSNorm", "norm_position": "pre", "position_embedding": "rope"},
     fields=(
-        F("hidden_size", "hidden_size"),
-        F("num_layers", "num_hidden_layers"),
-        F("num_attention_heads", "num_attention_heads"),
+        *_standard_fields(tie_default=False),
         F("num_query_groups", "num_key_value_heads", default=None, required=False),
         F("ffn_hidden_size", "intermediate_size"),
-        F("max_position_embeddings", "max_position_embeddings"),
-        F("vocab_size", "vocab_size"),
         F("layernorm_epsilon", "rms_norm_eps", default=1e-6, required=False),
         F("rotary_base", "rope_parameters.rope_theta", "rope_theta", default=10000, required=False),
-        F("tie_embeddings", "tie_word_embeddings", default=False, required=False),
         F("add_bias_linear", "mlp_bias", default=False, required=False),
         F("qkv_bias", "attention_bias", default=False, required=False),
     ),

@@ -19,57 +19,41 @@ PKM_DEFAULTS = {
 }
 
 
+# The architecture, with its defaults; None: follows from the others (see _PKMConfig.__init__).
+ARCHITECTURE_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": None,  # num_attention_heads: plain multi-head attention
+    "intermediate_size": None,  # 4 * hidden_size
+    "max_position_embeddings": 512,
+    "normalization": "LayerNorm",
+    "layer_norm_eps": 1e-5,
+    "activation": "gelu",
+    "position_embedding": "learned_absolute",
+    "rope_theta": 10000.0,
+    "add_bias_linear": True,
+    "qkv_bias": None,  # add_bias_linear
+    "tie_embeddings": True,
+    "norm_position": "pre",
+    "type_vocab_size": 2,
+    "has_pooler": False,
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "classifier_dropout": 0.1,
+    "initializer_range": 0.02,
+}
+
+
 class _PKMConfig(PretrainedConfig):
-    def __init__(
-        self,
-        vocab_size=32000,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=None,
-        intermediate_size=None,
-        max_position_embeddings=512,
-        normalization="LayerNorm",
-        layer_norm_eps=1e-5,
-        activation="gelu",
-        position_embedding="learned_absolute",
-        rope_theta=10000.0,
-        add_bias_linear=True,
-        qkv_bias=None,
-        tie_embeddings=True,
-        norm_position="pre",
-        type_vocab_size=2,
-        has_pooler=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        classifier_dropout=0.1,
-        initializer_range=0.02,
-        pkm=None,
-        use_cache=True,
-        **kwargs,
-    ):
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.intermediate_size = intermediate_size or 4 * hidden_size
-        self.max_position_embeddings = max_position_embeddings
-        self.normalization = normalization
-        self.layer_norm_eps = layer_norm_eps
-        self.activation = activation
-        self.position_embedding = position_embedding
-        self.rope_theta = rope_theta
-        self.add_bias_linear = add_bias_linear
-        self.qkv_bias = add_bias_linear if qkv_bias is None else qkv_bias
-        self.tie_embeddings = tie_embeddings
-        self.norm_position = norm_position
-        self.type_vocab_size = type_vocab_size
-        self.has_pooler = has_pooler
-        self.hidden_dropout = hidden_dropout
-        self.attention_dropout = attention_dropout
-        self.classifier_dropout = classifier_dropout
-        self.initializer_range = initializer_range
+    def __init__(self, pkm=None, use_cache=True, **kwargs):
+        for name, default in ARCHITECTURE_DEFAULTS.items():
+            setattr(self, name, kwargs.pop(name, default))
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.intermediate_size = self.intermediate_size or 4 * self.hidden_size
+        if self.qkv_bias is None:
+            self.qkv_bias = self.add_bias_linear
         self.pkm = {**PKM_DEFAULTS, **(pkm or {})}
         self.use_cache = use_cache
         # Output embeddings are tied in the modeling code itself (no shared parameters to untangle).
