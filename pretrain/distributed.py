@@ -187,32 +187,23 @@ class MegatronMPU:
     """What DeepSpeed's `mpu=` asks for, answered by megatron-core's parallel state (DeepSpeed calls
     the tensor-parallel group the 'model parallel' group)."""
 
-    def __init__(self):
+    # DeepSpeed's name -> megatron-core's parallel_state function
+    _ANSWERS = {
+        "get_model_parallel_rank": "get_tensor_model_parallel_rank",
+        "get_model_parallel_world_size": "get_tensor_model_parallel_world_size",
+        "get_model_parallel_group": "get_tensor_model_parallel_group",
+        "get_tensor_model_parallel_rank": "get_tensor_model_parallel_rank",
+        "get_tensor_model_parallel_world_size": "get_tensor_model_parallel_world_size",
+        "get_tensor_model_parallel_group": "get_tensor_model_parallel_group",
+        "get_tensor_model_parallel_src_rank": "get_tensor_model_parallel_src_rank",
+        "get_data_parallel_rank": "get_data_parallel_rank",
+        "get_data_parallel_world_size": "get_data_parallel_world_size",
+        "get_data_parallel_group": "get_data_parallel_group",
+    }
+
+    def __getattr__(self, name: str):
+        if name not in self._ANSWERS:
+            raise AttributeError(name)  # DeepSpeed probes optional methods with hasattr
         from megatron.core import parallel_state as ps
 
-        self.ps = ps
-
-    def get_model_parallel_rank(self):
-        return self.ps.get_tensor_model_parallel_rank()
-
-    def get_model_parallel_world_size(self):
-        return self.ps.get_tensor_model_parallel_world_size()
-
-    def get_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
-
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
-
-    def get_tensor_model_parallel_src_rank(self):
-        return self.ps.get_tensor_model_parallel_src_rank()
-
-    def get_data_parallel_rank(self):
-        return self.ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self):
-        return self.ps.get_data_parallel_world_size()
-
-    def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group()
+        return getattr(ps, self._ANSWERS[name])
