@@ -9,16 +9,17 @@ dp_rank holds columns [s * d/P, (s + 1) * d/P) of every row. A lookup:
   4. all-gathers the columns of the TP part (same tokens)                  (all_gather, N x d)
 Why columns and not rows (an all-to-all of indices to row owners): with rows, each rank must send back
 one partial sum of the full width d per token to every owner (P x N x d per rank, and hot slots load
-one owner); with columns every rank does exactly 1/P of the work and moves N x d in total, and the
-gradient of a row shard is still row-sparse. Meta's ColwiseEmbeddingBag makes the same choice but
-only over one group; here the group may span TP and DP.
+one owner); with columns every rank does 1/P of the arithmetic and moves N x d in total, and the
+gradient of a row shard is still row-sparse. What columns repeat on every rank is the cost per read and
+per row (sorting the DP group's reads, fetching a row): benchmarks/RESULTS.md, sharding. Meta's
+ColwiseEmbeddingBag makes the same choice but only over one group; here the group may span TP and DP.
 
 Gradients never materialise densely: the table is a buffer (not a Parameter: DeepSpeed must neither
 broadcast, reduce nor optimise it) that requires grad and receives a coalesced sparse COO gradient
 from `weighted_bag`; `pretrain` steps it with a row-sparse optimizer. Step 2 is the same kernel at
 every memory-parallel size (one process is the size-1 case): the fused backward of
 model/pkm/cpu_kernels.py on CPU, torch ops elsewhere. Why not fbgemm's table-batched kernels
-(fbgemm-gpu-cpu): see the README's "Value-table kernels" and benchmarks/pkm_layer.py `fbgemm_vs_ours`.
+(fbgemm-gpu-cpu): the README's Design section, and `fbgemm_vs_ours` in benchmarks/pkm_layer.py.
 """
 from __future__ import annotations
 
@@ -281,6 +282,7 @@ class ValueTable(nn.Module):
         self._hook_grad()
 
     def _hook_grad(self) -> None:
+        """Keep the gradient's coalesced flag through autograd's accumulation (`_mark_coalesced`)."""
         w = self.weight
         if w.requires_grad and w.is_leaf and not getattr(w, "_pkm_marks_coalesced", False):
             w.register_post_accumulate_grad_hook(_mark_coalesced)
