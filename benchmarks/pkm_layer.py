@@ -9,6 +9,10 @@ Figures (fp32, torch threads = 2, medians of interleaved repetitions A B C A B C
                       memory (AdamW only)
   step_dense_values_vs_dense   the same PKM GPT with the value table a dense-gradient Parameter inside
                       one torch AdamW (the "inside the DeepSpeed engine" alternative) / the dense GPT
+  fbgemm_vs_ours      the value path alone (fbgemm_vs_ours()): fbgemm's table-batched embedding bags with
+                      their fused row-wise Adagrad / our weighted_bag + the same row-wise Adagrad, same
+                      ids, weights and table (null-valued keys and a note when fbgemm-gpu-cpu is absent);
+                      also vs our lazy-Adam path, CPU-time ratio, and the output/gradient/update agreement
 Sizes: dim 512, n_keys 512 (262,144 slots), heads 4, knn 32, k_dim 256 (lucidrains dim_head 128: the
 same 128-wide half keys), batch 8 x 128 tokens; FFN dim -> 4 dim -> dim with GELU.
 
@@ -197,6 +201,100 @@ def profile_layer(iters: int = 3) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Value path: fbgemm's table-batched embedding bags vs ours (issue #15)
+
+
+def rowwise_adagrad_(table: torch.Tensor, state: torch.Tensor, grad: torch.Tensor, lr: float, eps: float) -> None:
+    """fbgemm's EXACT_ROWWISE_ADAGRAD on a coalesced sparse gradient, in torch ops: per row r read,
+    state[r] += mean(g_r ** 2); table[r] -= lr * g_r / (sqrt(state[r]) + eps)."""
+    rows, g = grad._indices()[0], grad._values()
+    state.index_add_(0, rows, g.pow(2).mean(1))
+    table.index_add_(0, rows, g / (state[rows].sqrt() + eps).unsqueeze(1), alpha=-lr)
+
+
+def fbgemm_vs_ours(reps: int) -> dict:
+    """The value read of the layer above (N_KEYS**2 x DIM table, BATCH*SEQ tokens x HEADS*KNN reads, ids
+    and softmax weights from our layer's own lookup), forward + backward + one update, interleaved:
+      ours            weighted_bag (model/pkm/value_table.py, every memory-parallel size) + row-wise
+                      Adagrad in torch ops on its coalesced gradient (rowwise_adagrad_)
+      ours_lazy_adam  weighted_bag + the trainer's SparseValueOptimizer (lazy row Adam: two full-width moments)
+      fbgemm          SplitTableBatchedEmbeddingBagsCodegen (HOST, CPU) with its fused EXACT_ROWWISE_ADAGRAD
+    fbgemm-gpu-cpu cannot hand a table gradient back (OptimType.NONE needs EmbeddingLocation.DEVICE):
+    its kernel is only usable, and measurable, with its update fused into the backward.
+    Agreement, one step from the same table: output, per-read weight gradient, updated table and
+    row statistic of fbgemm vs `ours` (max absolute differences)."""
+    try:
+        import importlib.metadata as md
+
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice, OptimType, SplitTableBatchedEmbeddingBagsCodegen)
+    except ImportError as e:
+        log(f"NOTE: fbgemm_vs_ours skipped: fbgemm-gpu-cpu not installed ({e})")
+        return {"fbgemm_vs_ours": None, "fbgemm_vs_ours_lazy_adam": None, "fbgemm_vs_ours_cpu": None,
+                "fbgemm": f"skipped: fbgemm-gpu-cpu not installed ({e})"}
+    from model.config import PKMConfig
+    from model.pkm.memory import ProductKeyMemory
+    from model.pkm.value_table import weighted_bag
+    from pretrain.optim import SparseValueOptimizer
+
+    lr, eps = VALUE_LR, 1e-8
+    torch.manual_seed(0)
+    layer = ProductKeyMemory(DIM, PKMConfig(n_keys=N_KEYS, heads=HEADS, knn=KNN, k_dim=K_DIM))
+    with torch.no_grad():
+        indices, weights = layer.lookup(torch.randn(BATCH * SEQ, DIM))
+    g = torch.randn(BATCH * SEQ, DIM)
+    n, k = indices.shape
+    table = layer.values.weight  # ours: the layer's own table (a leaf that requires grad)
+    state = torch.zeros(table.shape[0])
+    fb = SplitTableBatchedEmbeddingBagsCodegen([(table.shape[0], DIM, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+                                               optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=lr, eps=eps,
+                                               pooling_mode=PoolingMode.SUM)
+    with torch.no_grad():
+        fb.weights_host.copy_(table.reshape(-1))
+    flat, offsets = indices.reshape(-1), torch.arange(0, n * k + 1, k)
+
+    def run_fbgemm():
+        w = weights.clone().requires_grad_(True)
+        out = fb(flat, offsets, per_sample_weights=w.reshape(-1))
+        out.backward(g)  # the update happens here
+        return out, w.grad
+
+    def run_ours(update):
+        def run():
+            w = weights.clone().requires_grad_(True)
+            out = weighted_bag(indices, w, table)
+            out.backward(g)
+            with torch.no_grad():
+                update()
+            table.grad = None
+            return out, w.grad
+        return run
+
+    lazy_adam = SparseValueOptimizer([layer.values], lr=lr, betas=(0.9, 0.98))
+    variants = {"ours": run_ours(lambda: rowwise_adagrad_(table, state, table.grad, lr, eps)),
+                "ours_lazy_adam": run_ours(lazy_adam.step),
+                "fbgemm": run_fbgemm}
+    out_f, wg_f = variants["fbgemm"]()
+    out_o, wg_o = variants["ours"]()
+    agreement = {"output": (out_f - out_o).abs().max().item(), "weight_grad": (wg_f - wg_o).abs().max().item(),
+                 "updated_table": (fb.weights_host.view_as(table) - table).abs().max().item(),
+                 "row_statistic": (fb.momentum1_host - state).abs().max().item()}
+    log(f"value path: table {tuple(table.shape)}, {n} tokens x {k} reads; fbgemm vs ours after one step: "
+        + ", ".join(f"{key} {v:.1e}" for key, v in agreement.items()) + f"; {reps} interleaved reps")
+    wall, cpu = interleaved({key: (lambda f=f: f()) for key, f in variants.items()}, reps)
+    ms = {key: median(v) for key, v in wall.items()}
+    return {
+        "fbgemm_vs_ours": round(ms["fbgemm"] / ms["ours"], 3),
+        "fbgemm_vs_ours_lazy_adam": round(ms["fbgemm"] / ms["ours_lazy_adam"], 3),
+        "fbgemm_vs_ours_cpu": round(median(cpu["fbgemm"]) / median(cpu["ours"]), 3),
+        "value_path_ms": ms, "value_path_cpu_ms": {key: median(v) for key, v in cpu.items()},
+        "fbgemm_agreement_max_abs": {key: float(f"{v:.2e}") for key, v in agreement.items()},
+        "fbgemm": f"fbgemm-gpu-cpu {md.version('fbgemm-gpu-cpu')}",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Training step: GPT with PKM at layer 3 vs GPT without memory
 
 
@@ -339,6 +437,8 @@ def main(argv=None) -> dict:
     cpu_ms = {k: median(v) for k, v in lc.items()}
     del runs
 
+    value_path = fbgemm_vs_ours(layer_reps)
+
     step_ms, step_cpu, timers, torch_sparse_adam = {}, {}, None, False
     if not args.skip_step:
         log(f"step: GPT {GPT}, vocab {VOCAB}, PKM at layer {PKM_LAYER} (add), {step_reps} interleaved reps")
@@ -372,6 +472,7 @@ def main(argv=None) -> dict:
         "k_dim": K_DIM, "lucidrains": notes["lucidrains"], "torch": torch.__version__,
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
+    result.update(value_path)
     if args.before:
         result.update(before=args.before, pkm_before_ms=ms["pkm_before"], pkm_before_vs_ffn=ratio(ms, "pkm_before", "ffn"),
                       pkm_before_vs_ffn_cpu=ratio(cpu_ms, "pkm_before", "ffn"))
@@ -383,6 +484,11 @@ def main(argv=None) -> dict:
           (f" | ours as of {args.before} {ms['pkm_before']:.0f} ms" if args.before else ""))
     print(f"pkm_vs_ffn {result['pkm_vs_ffn']} (goal <= 1.5) | lucidrains_vs_ffn {result['lucidrains_vs_ffn']} | "
           f"CPU time: ours {cpu_ms['pkm']:.0f} ms, FFN {cpu_ms['ffn']:.0f} ms -> {result['pkm_vs_ffn_cpu']}")
+    if value_path["fbgemm_vs_ours"] is not None:
+        vp = value_path["value_path_ms"]
+        print(f"value path      ours {vp['ours']:.0f} ms | ours with lazy row Adam {vp['ours_lazy_adam']:.0f} ms | "
+              f"fbgemm {vp['fbgemm']:.0f} ms -> fbgemm_vs_ours {value_path['fbgemm_vs_ours']} "
+              f"(agreement, max abs: {value_path['fbgemm_agreement_max_abs']})")
     if step_ms:
         print(f"train step      dense {step_ms['dense']:.0f} ms | +PKM lazy row Adam {step_ms['pkm_sparse']:.0f} ms | "
               f"+PKM dense values {step_ms['pkm_dense_values']:.0f} ms")

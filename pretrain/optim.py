@@ -125,7 +125,9 @@ class SparseValueOptimizer:
                 g = reduce_sparse_grad(g, m.replica_group, m.replica_size)
             else:
                 g = g.coalesce()
-            w.grad = g * m.grad_scale if m.grad_scale != 1.0 else g
+            if m.grad_scale != 1.0:
+                g._values().mul_(m.grad_scale)  # in place: `g * s` copies indices and values, ~10x the time
+            w.grad = g
             updated.append(g.indices()[0])
         if self.optimizer is not None:
             self.optimizer.step()

@@ -261,7 +261,11 @@ class Trainer:
         replicated = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for p in self.model.parameters():
             if p.grad is not None:
-                sq = p.grad.detach().double().pow(2).sum()
+                # a dot product in (at least) fp32: ~1e-6 relative, enough for a logged norm, and ~8x
+                # less time than an fp64 copy of the gradient (replicated on every DP rank)
+                g = p.grad.detach().reshape(-1)
+                g = g.to(torch.promote_types(g.dtype, torch.float32))
+                sq = torch.dot(g, g).double()
                 if getattr(p, "tensor_model_parallel", False):
                     split += sq
                 else:

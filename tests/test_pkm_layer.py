@@ -10,9 +10,9 @@ from torch import nn
 
 from model.config import PKMConfig
 from model.pkm import cpu_kernels
-from model.pkm.memory import MaskedBatchNorm, ProductKeyMemory, weighted_bag
+from model.pkm.memory import MaskedBatchNorm, ProductKeyMemory
 from model.pkm.product_keys import _candidate_pairs, brute_force_topk, product_key_topk
-from model.pkm.value_table import ValueTable
+from model.pkm.value_table import ValueTable, weighted_bag
 
 
 def _layer(dim=16, dtype=torch.float64, seed=0, **pkm) -> ProductKeyMemory:

@@ -18,8 +18,7 @@ from torch import nn
 
 from model.config import PKMConfig
 from model.errors import ModelError
-from model.pkm import cpu_kernels
-from model.pkm.product_keys import product_key_topk, sort_ids
+from model.pkm.product_keys import product_key_topk
 from model.pkm.value_table import MemoryParallel, ValueTable
 from model.precision import compute_dtype, keep_at_least_fp32
 
@@ -99,72 +98,6 @@ class MaskedBatchNorm(nn.Module):
         return y.to(x.dtype)
 
 
-class _WeightedBag(torch.autograd.Function):
-    """out[n] = sum_k weights[n, k] * table[indices[n, k]], with the table's gradient a *coalesced*
-    sparse COO tensor (one row per distinct slot read).
-
-    Same values as `F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum",
-    sparse=True)`, whose backward instead copies one gradient row per read (N x K rows: 268 MB at
-    1024 tokens x 128 reads x 512 dims), scales it, and leaves the duplicates for the optimizer's
-    coalesce (a sort of all N x K rows). Here the reads are sorted by slot (N x K ints) and each
-    slot's row is one weighted bag of output-gradient rows: the [N, dim] gradient stays in cache and
-    only the distinct rows are written, already coalesced. The weight gradient (one dot product per
-    read) walks the table in the same sorted order.
-    """
-
-    @staticmethod
-    def forward(ctx, indices, weights, table):
-        ctx.save_for_backward(indices, weights, table)
-        return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        indices, weights, table = ctx.saved_tensors
-        n, k = indices.shape
-        grad = grad.contiguous()
-        # Visit the reads in slot order: the table rows are then read in address order (twice as fast
-        # as random order for the weight gradient) and each slot's reads are adjacent.
-        flat, order = sort_ids(indices.reshape(-1))
-        grad_weights = grad_table = None
-        if all(ctx.needs_input_grad[1:]) and cpu_kernels.available(grad, table, weights):
-            # the weight gradient and the table rows in one pass (model/pkm/cpu_kernels.py)
-            grad_weights, slots, rows = cpu_kernels.weighted_bag_backward(grad, table, weights, flat, order)
-        else:
-            bags = order // k  # token of each read
-            if ctx.needs_input_grad[1]:
-                offsets = torch.arange(0, n * k, k, device=grad.device)  # unused: `bags` is given
-                dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, table, flat, offsets, bags,
-                                                                                 0, -1)
-                grad_weights = torch.empty_like(dots).index_copy_(0, order, dots).view(n, k)
-            if ctx.needs_input_grad[2]:
-                slots, counts = torch.unique_consecutive(flat, return_counts=True)
-                offsets = counts.cumsum(0) - counts
-                rows = F.embedding_bag(bags, grad, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
-        if ctx.needs_input_grad[2]:
-            grad_table = torch.sparse_coo_tensor(slots.unsqueeze(0), rows, table.shape, is_coalesced=True,
-                                                 check_invariants=False)
-        return None, grad_weights, grad_table
-
-
-def weighted_bag(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """[N, K] slot ids and weights -> [N, dim] weighted sums of `table` rows; sparse coalesced table grad."""
-    return _WeightedBag.apply(indices, weights, table)
-
-
-def _mark_coalesced(table: torch.Tensor) -> None:
-    """Post-accumulate-grad hook: autograd's AccumulateGrad re-wraps a sparse gradient without its
-    coalesced flag, and the optimizer's `coalesce()` would then sort and copy all rows again (~160 ms
-    for 100k rows x 512). Strictly increasing row ids prove the gradient is coalesced (a sum of two
-    backward passes is not, and keeps the flag off)."""
-    g = table.grad
-    if g is None or not g.is_sparse or g.is_coalesced() or g.sparse_dim() != 1:
-        return
-    rows = g._indices()[0]
-    if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
-        g._coalesced_(True)
-
-
 class ProductKeyMemory(nn.Module):
     """A PKM layer mapping [..., dim] -> [..., dim]. `padding_mask` ([...], True = padding) keeps
     padded tokens out of the query BatchNorm statistics and out of the usage metrics."""
@@ -185,21 +118,8 @@ class ProductKeyMemory(nn.Module):
         bound = 1.0 / math.sqrt(half)
         self.keys = nn.Parameter(torch.empty(h, 2, cfg.n_keys, half).uniform_(-bound, bound))
         self.values = ValueTable(cfg.n_keys ** 2, dim, parallel, init_seed=init_seed)
-        self._hook_value_grad()
         self.record_lookups = False
         self.last_lookup: Optional[PKMLookup] = None
-
-    def _hook_value_grad(self) -> None:
-        w = self.values.weight
-        if w.requires_grad and w.is_leaf and not getattr(w, "_pkm_marks_coalesced", False):
-            w.register_post_accumulate_grad_hook(_mark_coalesced)
-            w._pkm_marks_coalesced = True
-
-    def _apply(self, fn, recurse=True):
-        # ValueTable._apply hands back a new leaf tensor for .to()/.cuda()/.double(): hook it again.
-        super()._apply(fn, recurse)
-        self._hook_value_grad()
-        return self
 
     def lookup(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, dim] -> (slot indices [N, heads*knn], softmax weights [N, heads*knn])."""
@@ -224,11 +144,7 @@ class ProductKeyMemory(nn.Module):
         x = x.reshape(-1, self.dim)
         keep = None if padding_mask is None else ~padding_mask.reshape(-1).to(torch.bool)
         indices, weights = self.lookup(x, keep)
-        if self.values.parallel.size == 1:
-            # One process: the same sum as ValueTable.forward, with the faster sparse backward above.
-            out = weighted_bag(indices, weights, self.values.weight)
-        else:
-            out = self.values(indices, weights)
+        out = self.values(indices, weights)
         out = F.dropout(out.to(x.dtype), self.cfg.value_dropout, self.training)
         if self.record_lookups:
             self.last_lookup = PKMLookup(indices.detach(), weights.detach(), keep)

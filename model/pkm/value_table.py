@@ -9,13 +9,17 @@ dp_rank holds columns [s * d/P, (s + 1) * d/P) of every row. A lookup:
   4. all-gathers the columns of the TP part (same tokens)                  (all_gather, N x d)
 Why columns and not rows (an all-to-all of indices to row owners): with rows, each rank must send back
 one partial sum of the full width d per token to every owner (P x N x d per rank, and hot slots load
-one owner); with columns every rank does exactly 1/P of the work and moves N x d in total, and the
-gradient of a row shard is still row-sparse. Meta's ColwiseEmbeddingBag makes the same choice but
-only over one group; here the group may span TP and DP.
+one owner); with columns every rank does 1/P of the arithmetic and moves N x d in total, and the
+gradient of a row shard is still row-sparse. What columns repeat on every rank is the cost per read and
+per row (sorting the DP group's reads, fetching a row): benchmarks/RESULTS.md, sharding. Meta's
+ColwiseEmbeddingBag makes the same choice but only over one group; here the group may span TP and DP.
 
 Gradients never materialise densely: the table is a buffer (not a Parameter: DeepSpeed must neither
-broadcast, reduce nor optimise it) that requires grad and receives a sparse COO gradient from
-`embedding_bag(sparse=True)`; `pretrain` steps it with a lazy (sparse) Adam.
+broadcast, reduce nor optimise it) that requires grad and receives a coalesced sparse COO gradient
+from `weighted_bag`; `pretrain` steps it with a row-sparse optimizer. Step 2 is the same kernel at
+every memory-parallel size (one process is the size-1 case): the fused backward of
+model/pkm/cpu_kernels.py on CPU, torch ops elsewhere. Why not fbgemm's table-batched kernels
+(fbgemm-gpu-cpu): the README's Design section, and `fbgemm_vs_ours` in benchmarks/pkm_layer.py.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import ModelError
+from model.pkm import cpu_kernels
+from model.pkm.product_keys import sort_ids
 from model.precision import TABLE_DTYPE, keep_at_least_fp32
 
 
@@ -146,6 +152,76 @@ class _ReduceGrad(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
+# The local read: one kernel at every memory-parallel size
+
+
+class _WeightedBag(torch.autograd.Function):
+    """out[n] = sum_k weights[n, k] * table[indices[n, k]], with the table's gradient a *coalesced*
+    sparse COO tensor (one row per distinct slot read).
+
+    Same values as `F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum",
+    sparse=True)`, whose backward instead copies one gradient row per read (N x K rows: 268 MB at
+    1024 tokens x 128 reads x 512 dims), scales it, and leaves the duplicates for the optimizer's
+    coalesce (a sort of all N x K rows). Here the reads are sorted by slot (N x K ints) and each
+    slot's row is one weighted bag of output-gradient rows: the [N, dim] gradient stays in cache and
+    only the distinct rows are written, already coalesced. The weight gradient (one dot product per
+    read) walks the table in the same sorted order.
+    """
+
+    @staticmethod
+    def forward(ctx, indices, weights, table):
+        ctx.save_for_backward(indices, weights, table)
+        return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        indices, weights, table = ctx.saved_tensors
+        n, k = indices.shape
+        grad = grad.contiguous()
+        # Visit the reads in slot order: the table rows are then read in address order (twice as fast
+        # as random order for the weight gradient) and each slot's reads are adjacent.
+        flat, order = sort_ids(indices.reshape(-1))
+        grad_weights = grad_table = None
+        if all(ctx.needs_input_grad[1:]) and cpu_kernels.available(grad, table, weights):
+            # the weight gradient and the table rows in one pass (model/pkm/cpu_kernels.py)
+            grad_weights, slots, rows = cpu_kernels.weighted_bag_backward(grad, table, weights, flat, order)
+        else:
+            bags = order // k  # token of each read
+            if ctx.needs_input_grad[1]:
+                offsets = torch.arange(0, n * k, k, device=grad.device)  # unused: `bags` is given
+                dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, table, flat, offsets, bags,
+                                                                                 0, -1)
+                grad_weights = torch.empty_like(dots).index_copy_(0, order, dots).view(n, k)
+            if ctx.needs_input_grad[2]:
+                slots, counts = torch.unique_consecutive(flat, return_counts=True)
+                offsets = counts.cumsum(0) - counts
+                rows = F.embedding_bag(bags, grad, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
+        if ctx.needs_input_grad[2]:
+            grad_table = torch.sparse_coo_tensor(slots.unsqueeze(0), rows, table.shape, is_coalesced=True,
+                                                 check_invariants=False)
+        return None, grad_weights, grad_table
+
+
+def weighted_bag(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[N, K] slot ids and weights -> [N, dim] weighted sums of `table` rows; sparse coalesced table grad."""
+    return _WeightedBag.apply(indices, weights, table)
+
+
+def _mark_coalesced(table: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: autograd's AccumulateGrad re-wraps a sparse gradient without its
+    coalesced flag, and the optimizer's `coalesce()` would then sort and copy all rows again (~160 ms
+    for 100k rows x 512). Strictly increasing row ids prove the gradient is coalesced (a sum of two
+    backward passes is not, and keeps the flag off)."""
+    g = table.grad
+    if g is None or not g.is_sparse or g.is_coalesced() or g.sparse_dim() != 1:
+        return
+    rows = g._indices()[0]
+    if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+        g._coalesced_(True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Layout-independent blocks of the global table (initialisation, checkpoints)
 
 # Part of the definition of the initial table: changing it changes every table a seed gives.
@@ -203,6 +279,14 @@ class ValueTable(nn.Module):
         weight = torch.empty(n_slots, self.shard_dim, dtype=dtype, device="meta" if _shape_only.get() else device)
         self.reset_parameters(weight, init_seed)
         self.register_buffer("weight", weight.requires_grad_(True))
+        self._hook_grad()
+
+    def _hook_grad(self) -> None:
+        """Keep the gradient's coalesced flag through autograd's accumulation (`_mark_coalesced`)."""
+        w = self.weight
+        if w.requires_grad and w.is_leaf and not getattr(w, "_pkm_marks_coalesced", False):
+            w.register_post_accumulate_grad_hook(_mark_coalesced)
+            w._pkm_marks_coalesced = True
 
     @torch.no_grad()
     def reset_parameters(self, weight: torch.Tensor, seed: int) -> None:
@@ -225,7 +309,7 @@ class ValueTable(nn.Module):
         """indices, weights: [N, K] -> [N, dim] = sum_k weights[:, k] * table[indices[:, k]]."""
         p = self.parallel
         if p.size == 1:
-            return F.embedding_bag(indices, self.weight, per_sample_weights=weights, mode="sum", sparse=True)
+            return weighted_bag(indices, weights, self.weight)
         if p.tp_size > 1:
             weights = _ReduceGrad.apply(weights, p.tp_group)
         counts = [indices.shape[0]]
@@ -233,7 +317,7 @@ class ValueTable(nn.Module):
             counts = _all_counts(indices.shape[0], p.dp_size, p.dp_group, indices.device)
             indices = _GatherTokens.apply(indices, counts, p.dp_group)
             weights = _GatherTokens.apply(weights, counts, p.dp_group)
-        out = F.embedding_bag(indices, self.weight, per_sample_weights=weights, mode="sum", sparse=True)
+        out = weighted_bag(indices, weights, self.weight)  # the same kernel as one process, on my columns
         if p.dp_size > 1:
             out = _ReturnColumns.apply(out, counts, p.dp_rank, p.dp_group)
         if p.tp_size > 1:
@@ -247,6 +331,7 @@ class ValueTable(nn.Module):
         weight = self._buffers.pop("weight")
         super()._apply(fn, recurse)
         self._buffers["weight"] = keep_at_least_fp32(fn, weight.detach()).detach().requires_grad_(True)
+        self._hook_grad()  # a new leaf: hook it again
         return self
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
