@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from pretrain.errors import PretrainError
-from pretrain.online_eval.adapters import Adaptation
+from pretrain.online_eval.trainable import Adaptation
 from pretrain.online_eval.config import OnlineEvalConfig
-from pretrain.online_eval.corpus import BOOK_NAMES, BOOKS_DIR, Document, bundled_books, load_corpus, tokenize
+from pretrain.online_eval.corpus import (BOOK_NAMES, BOOKS_DIR, SHIFT_NAMES, Document, bundled_books, load_corpus,
+                                         tokenize)
 from pretrain.online_eval.engine import OnlineRun, compare
 
 S = 32  # chunk / stride used by most tests
@@ -106,11 +107,14 @@ def chunk_means(result):
 # corpus
 
 
-def test_bundled_books_are_the_three_non_austen_books():
+def test_bundled_books_are_the_three_non_austen_books_plus_the_kjv_excerpts():
     files = sorted(p.name for p in BOOKS_DIR.glob("*.txt"))
-    assert files == sorted(f"{n}.txt" for n in BOOK_NAMES)
+    assert files == sorted(f"{n}.txt" for n in BOOK_NAMES + SHIFT_NAMES)
     assert sum((BOOKS_DIR / f).stat().st_size for f in files) <= 3 * 2**20
     texts = {d.name: d.text for d in bundled_books()}
+    assert sorted(texts) == sorted(BOOK_NAMES)  # the shift documents only when named
+    kjv = bundled_books(["kjv_genesis"])[0].text
+    assert kjv.startswith("The First Book of Moses") and "In the beginning God created" in kjv
     assert "PRIDE AND PREJUDICE" not in "".join(t[:2000] for t in texts.values())
     assert texts["great_expectations"].startswith("GREAT EXPECTATIONS")
     assert "public domain" in (BOOKS_DIR / "LICENSE.md").read_text()
@@ -376,8 +380,8 @@ def test_update_every_k_skips_backward_on_other_chunks(tok):
 def test_krause_rms_rule_dense_and_lazy_sparse():
     """Dense: one step matches the formula. Sparse with fixed (calibration) MS: a row read at steps 1
     and 3 ends where the dense rule leaves it after steps 1, 2 (zero gradient) and 3. atol 1e-6."""
-    from pretrain.online_eval.adapters import Trainable
-    from pretrain.online_eval.optim import OnlineOptimizer
+    from pretrain.online_eval.trainable import Trainable
+    from pretrain.online_eval.online_optimizers import OnlineOptimizer
 
     torch.manual_seed(0)
     cfg = OnlineEvalConfig(mode="dynamic", optimizer="rms", lr=0.1, rms_decay=0.2, betas=(0.9, 0.5))
@@ -417,7 +421,7 @@ def test_rms_calibration_statistics(tok):
     model = tiny_llama(tok)
     docs = book(tok, tokens=4 * S)
     calib = tokenize(bundled_books(["great_expectations"]), tok, max_tokens=4 * S)
-    # per-weight normalisation by a small calibration text needs a small step (see optim.py)
+    # per-weight normalisation by a small calibration text needs a small step (see online_optimizers.py)
     cfg = OnlineEvalConfig(mode="dynamic", optimizer="rms", lr=1e-4, rms_decay=0.01, chunk=S)
     static, online = compare(model, docs, [OnlineEvalConfig(chunk=S), cfg], progress=False)
     run = OnlineRun(model, docs, cfg, calibration=calib)

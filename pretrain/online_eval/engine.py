@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.errors import PretrainError
-from pretrain.online_eval.adapters import Adaptation
+from pretrain.online_eval.trainable import Adaptation
 from pretrain.online_eval.config import OnlineEvalConfig, run_names
 from pretrain.online_eval.corpus import TokenizedDocument
 from pretrain.online_eval.costs import FlopModel, PeakMemory, causal_keys, now
-from pretrain.online_eval.optim import OnlineOptimizer
+from pretrain.online_eval.online_optimizers import OnlineOptimizer
 
 log = logging.getLogger("pkm.online_eval")
 
