@@ -45,9 +45,7 @@ def register(sub) -> None:
 
 def run_export_hf(args: argparse.Namespace) -> int:
     from pretrain.errors import PretrainError
-
-    from model.hf.export import export_hf
-    from pretrain.checkpoint import CheckpointReader, checkpoint_tokenizer
+    from pretrain.export import export_hf
 
     if args.push_to_hub:  # a bad repo id fails before the export, not after
         from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -56,42 +54,15 @@ def run_export_hf(args: argparse.Namespace) -> int:
             validate_repo_id(args.push_to_hub)
         except HFValidationError as e:
             raise PretrainError(f"--push-to-hub {args.push_to_hub!r}: {e}") from None
-    from data_pipeline.outputs import check_writable
-    from pretrain.checkpoint import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(args.checkpoint)
-    check_writable(args.out_dir)  # before the checkpoint is read
-    reader = CheckpointReader(ckpt)  # value tables stream from it block by block of rows
-    tokenizer = args.tokenizer or checkpoint_tokenizer(reader.path)
-    card = card_info(reader.cfg, reader.info)
-    out = export_hf(reader.state_dict(), reader.cfg.model, tokenizer, args.out_dir, card,
-                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    out = export_hf(args.checkpoint, args.out_dir, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
+                    overwrite=args.overwrite)
     print(f"exported to {out}", flush=True)
     if args.push_to_hub:
         from model.hf.hub import push_to_hub
 
-        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        url = push_to_hub(str(out), args.push_to_hub, private=args.private)
         print(f"pushed to {url}", flush=True)
     return 0
-
-
-def card_info(run_config, info: dict) -> dict:
-    """What the model card says about the run, from the run config and the checkpoint's info."""
-    data = run_config.data
-    out = {
-        "base_model": run_config.checkpoint.init_from,
-        "training_data": list(data.paths) or "the bundled Jane Austen demo corpus",
-        "train_steps": info.get("step"),
-        "tokens_seen": info.get("tokens_seen"),
-        "final_loss": info.get("final_loss", info.get("loss")),
-        "final_eval_loss": info.get("final_eval_loss", info.get("eval_loss")),
-        "memory_usage": info.get("memory_usage") or info.get("usage"),
-        "tokenizer_name": (info.get("tokenizer") or {}).get("name"),
-    }
-    report = info.get("memory_report")
-    if report and not out["memory_usage"]:
-        out["memory_usage"] = {k: v for k, v in report.items()}
-    return out
 
 
 def run_finetune(args: argparse.Namespace) -> int:
