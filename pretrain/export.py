@@ -7,10 +7,9 @@ The checkpoint may have any TP/DP layout: value tables stream from it block by b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: Optional[str] = None,
+def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | None = None,
               max_shard_size: str = "2GB", overwrite: bool = False) -> Path:
     """Write `out_dir` (model.safetensors, config.json with auto_map, the modeling code, the tokenizer,
     a model card) from `checkpoint`: RUN_DIR/checkpoints/step_XXXXXXX, or a checkpoints/ or run
@@ -18,7 +17,11 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: Optiona
     Raises PretrainError / ModelError with a one-line reason; nothing is left half-written."""
     from data_pipeline.outputs import check_writable
     from model.hf.export import export_hf as export_state_dict
-    from pretrain.checkpoint import CheckpointReader, checkpoint_tokenizer, resolve_checkpoint
+    from pretrain.checkpoint import (
+        CheckpointReader,
+        checkpoint_tokenizer,
+        resolve_checkpoint,
+    )
 
     ckpt = resolve_checkpoint(checkpoint)
     check_writable(str(out_dir))  # before the checkpoint is read

@@ -545,6 +545,24 @@ def test_cli_on_an_exported_pkm_gpt(tmp_path, tok, capsys):
     assert rc == 2 and len(err) == 1 and err[0].startswith("pkm: error:") and "no such model" in err[0]
 
 
+def test_run_online_eval_is_the_command_without_its_parser(tmp_path, tok):
+    """`pkm eval online` only parses: the function it calls gives the same results from Python, and
+    rejects a job it cannot run before loading anything."""
+    from pretrain.online_eval import OnlineEvalJob, run_online_eval
+
+    model_dir = export_like_ours(tiny_pkm_gpt(tok), tok, tmp_path / "pkm_gpt")
+    runs = [OnlineEvalConfig(chunk=S), OnlineEvalConfig(mode="dynamic", chunk=S, adapt="pkm-values", optimizer="adamw",
+                                                        lr=1e-2)]
+    results, summary = run_online_eval(OnlineEvalJob(model=str(model_dir), runs=runs, corpus="books:the_war_of_the_worlds",
+                                                     max_tokens=2 * S, out=str(tmp_path / "eval"), progress=False))
+    assert [r.name for r in results] == ["static/txl", "dynamic/txl/pkm-values/adamw"]
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["runs"] == json.loads(json.dumps(summary["runs"]))
+    assert results[1].rows_updated > 0 and results[0].tokens == 2 * S
+    mixed = [OnlineEvalConfig(), OnlineEvalConfig(doc_start="none")]
+    with pytest.raises(PretrainError, match="doc_start differs"):
+        run_online_eval(OnlineEvalJob(model=str(tmp_path / "not_loaded"), runs=mixed, out=str(tmp_path / "e2")))
+
+
 def test_committed_lm_eval_yaml_is_the_generated_one(tmp_path):
     from pretrain.cli import main
     from pretrain.online_eval import lm_eval_task
