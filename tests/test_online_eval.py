@@ -553,10 +553,12 @@ def test_run_online_eval_is_the_command_without_its_parser(tmp_path, tok):
     model_dir = export_like_ours(tiny_pkm_gpt(tok), tok, tmp_path / "pkm_gpt")
     runs = [OnlineEvalConfig(chunk=S), OnlineEvalConfig(mode="dynamic", chunk=S, adapt="pkm-values", optimizer="adamw",
                                                         lr=1e-2)]
-    results, summary = run_online_eval(OnlineEvalJob(model=str(model_dir), runs=runs, corpus="books:the_war_of_the_worlds",
-                                                     max_tokens=2 * S, out=str(tmp_path / "eval"), progress=False))
+    job = OnlineEvalJob(model=str(model_dir), runs=runs, corpus="books:the_war_of_the_worlds", max_tokens=2 * S,
+                        out=str(tmp_path / "eval"), progress=False)
+    results, summary = run_online_eval(job)
     assert [r.name for r in results] == ["static/txl", "dynamic/txl/pkm-values/adamw"]
-    assert json.loads((tmp_path / "eval" / "results.json").read_text())["runs"] == json.loads(json.dumps(summary["runs"]))
+    written = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert written["runs"] == json.loads(json.dumps(summary["runs"]))
     assert results[1].rows_updated > 0 and results[0].tokens == 2 * S
     mixed = [OnlineEvalConfig(), OnlineEvalConfig(doc_start="none")]
     with pytest.raises(PretrainError, match="doc_start differs"):

@@ -10,7 +10,8 @@ import itertools
 import json
 
 from data_pipeline.argtypes import non_negative_float, positive_float, positive_int
-from pretrain.online_eval.config import ADAPTS, MODES, OPTIMIZERS, RESETS, STRATEGIES, OnlineEvalConfig, OnlineEvalJob
+from pretrain.online_eval.config import (ADAPTS, MODES, OPTIMIZERS, RESETS, STRATEGIES, OnlineEvalConfig,
+                                         OnlineEvalJob)
 
 
 def register(subparsers) -> None:

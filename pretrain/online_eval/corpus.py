@@ -44,7 +44,8 @@ def bundled_books(names: Optional[Sequence[str]] = None) -> list[Document]:
     for name in names:
         path = BOOKS_DIR / f"{name}.txt"
         if not path.is_file():
-            raise PretrainError(f"bundled book {name!r} not found at {path} (known: {', '.join(BOOK_NAMES + SHIFT_NAMES)})")
+            known = ", ".join(BOOK_NAMES + SHIFT_NAMES)
+            raise PretrainError(f"bundled book {name!r} not found at {path} (known: {known})")
         docs.append(Document(name=name, text=path.read_text(encoding="utf-8")))
     return docs
 
