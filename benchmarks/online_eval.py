@@ -15,10 +15,18 @@ SmolLM2) they go in three groups, each with its own static TXL run: time ratios 
 chunks, no update);
 PKM runs are timed against the static run of the model that holds the memory (`static_pkm`).
 
---quick: a tiny random PKM-GPT (our modeling code, demo tokenizer) on 512 tokens: checks the
-machinery and prints the same keys in well under a minute; its ratios say nothing about real models.
+The context experiment (`--experiments context`; Rannen-Triki et al. 2024, "memory in weights vs
+memory in activations"): static TXL evaluation at the model's context L (SmolLM2: 512; our PKM-GPT:
+its seq_length) against static and dynamic TXL evaluation at L/2, L/4, L/8, on the held-out books and
+under a distribution shift (the bundled KJV excerpts), with the FLOPs and seconds of each run;
+`--context-json` writes the figures (benchmarks/results/context.json).
+
+--quick: a tiny random PKM-GPT (our modeling code, demo tokenizer) on 512 tokens (context experiment:
+128 per document): checks the machinery and prints the same keys in under a minute; its ratios say
+nothing about real models.
 --json: the last line is one JSON object with txl_vs_static, overlap_vs_static, lora_vs_static,
-pkm_values_vs_static, ppl_static, ppl_txl (and more).
+pkm_values_vs_static, ppl_static, ppl_txl (and more), and for the context experiment ppl_/flops_/
+seconds_ of static_L, static_L2.., txl_L2.. (suffix _shift: the KJV documents).
 """
 from __future__ import annotations
 
