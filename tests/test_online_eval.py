@@ -300,8 +300,13 @@ def test_txl_position_restart_equals_overlapping(tok, arch):
 
 
 def test_txl_rejects_a_chunk_that_does_not_fit(tok):
-    with pytest.raises(PretrainError, match="chunk=600 plus its memory exceeds the model's 1024 positions"):
+    with pytest.raises(PretrainError, match=r"chunk=600 plus its memory \(.*\) exceeds the model's 1024 positions"):
         OnlineRun(tiny_llama(tok), book(tok), OnlineEvalConfig(chunk=600))
+    # the sink tokens count too: a restart re-encodes [4 sink tokens; 512] and reads 512 more (was an
+    # IndexError in a learned-position table mid-run)
+    with pytest.raises(PretrainError, match="sink=4 tokens.*use chunk <= 510"):
+        OnlineRun(tiny_llama(tok), book(tok), OnlineEvalConfig(chunk=512))
+    OnlineRun(tiny_llama(tok), book(tok), OnlineEvalConfig(chunk=512, sink=0))
     with pytest.raises(PretrainError, match="window=2048 exceeds"):
         OnlineRun(tiny_llama(tok), book(tok), OnlineEvalConfig(strategy="overlapping", window=2048))
     with pytest.raises(PretrainError, match="adapt=pkm-values: LlamaForCausalLM has no PKM value table"):
