@@ -236,7 +236,7 @@ def context_runs(model, L: int, p: dict, extras: bool) -> tuple[dict, list]:
     of the context experiment. `extras`: also dynamic TXL at L, dynamic overlapping windows of L (stride
     L/2) and TXL at L updating every 4 chunks (claims 2 and 3), and, for a model with a memory,
     PKM-values-only updates at each shorter context."""
-    base = OnlineEvalConfig(chunk=L // 2, window=L, position_bin=p.get("bin", 1024))
+    base = OnlineEvalConfig(chunk=L // 2, window=L, sink=p.get("sink", 4), position_bin=p.get("bin", 1024))
     dyn = base.replace(mode="dynamic", optimizer=p["full_opt"], lr=p["full_lr"])
     runs = {"static_L": (base, None)}
     for k in CONTEXT_DIVISORS[1:]:
@@ -259,16 +259,18 @@ def context_runs(model, L: int, p: dict, extras: bool) -> tuple[dict, list]:
 
 
 def context_experiment(label: str, model, tok, L: int, p: dict, tokens: int, extras: bool, progress: bool,
-                       save=None) -> dict:
+                       save=None, domains=("books", "shift")) -> dict:
     """Both domains for one model: per run its perplexity, FLOPs, seconds and ratios to static_L.
     `save(partial)` is called after each domain (a long run keeps what it has measured)."""
     t_start = time.time()
-    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "model": label,
-           "L": L, "tokens_per_doc": tokens, "optimizer": p["full_opt"], "lr": p["full_lr"]}
+    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "model": label, "L": L,
+           "sink": p.get("sink", 4), "tokens_per_doc": tokens, "optimizer": p["full_opt"], "lr": p["full_lr"]}
     runs, groups = context_runs(model, L, p, extras)
     if sum(t.numel() for t in model.parameters()) < 50e6:  # small: all runs side by side in one group
         groups = None
     for domain, books in (("books", EVAL_BOOKS), ("shift", SHIFT_BOOKS)):
+        if domain not in domains:
+            continue
         docs = tokenize(bundled_books(books), tok, max_tokens=tokens)
         t0 = time.time()
         res = compare_named(model, docs, runs, progress=progress, groups=groups)
@@ -296,7 +298,7 @@ def context_keys(ctx: dict) -> dict:
     """Flat --json keys: ppl_/flops_/seconds_ of every run, `_shift` for the KJV documents."""
     out = {}
     for domain, suffix in (("books", ""), ("shift", "_shift")):
-        for name, r in ctx[domain]["runs"].items():
+        for name, r in ctx.get(domain, {}).get("runs", {}).items():
             for key in ("ppl", "flops", "seconds"):
                 out[f"{key}_{name}{suffix}"] = r[key]
     return out
@@ -319,7 +321,9 @@ def main() -> int:
     ap.add_argument("--context-tokens", type=int, default=None, help="tokens read per document (full: 2048)")
     ap.add_argument("--context-json", default=None,
                     help="write the context experiment's figures here (an existing file keeps the entries of the "
-                         "models not run this time)")
+                         "models and domains not run this time)")
+    ap.add_argument("--context-domains", nargs="+", choices=("books", "shift"), default=["books", "shift"],
+                    help="the context experiment's documents: the held-out books, the KJV excerpts (shift)")
     ap.add_argument("--models", nargs="+", choices=("smollm2", "pkm-gpt"), default=["smollm2", "pkm-gpt"],
                     help="full mode: the models evaluated (the modes experiment needs smollm2)")
     ap.add_argument("--no-progress", action="store_true")
@@ -410,8 +414,9 @@ def main() -> int:
                 if args.context_json:
                     path = Path(args.context_json)
                     kept = json.loads(path.read_text()) if path.is_file() else {}
+                    kept[name] = {**kept.get(name, {}), **partial}  # other domains' figures stay
                     with atomic_output(path) as tmp:
-                        tmp.write_text(json.dumps({**kept, **ctx}, indent=1) + "\n")
+                        tmp.write_text(json.dumps(kept, indent=1) + "\n")
                     print(f"wrote {path}", flush=True)
             return save
 
@@ -419,14 +424,16 @@ def main() -> int:
             name = "quick" if args.quick else "smollm2"
             print(f"\n== context experiment: {label}")
             context_experiment(label, model, tok, context_L, p, context_tokens, extras=args.quick,
-                               progress=not args.no_progress, save=saver(name))
+                               progress=not args.no_progress, save=saver(name), domains=args.context_domains)
             out.update(context_keys(ctx[name]))
         if pkm_gpt is not None:
             gpt, gpt_tok = pkm_gpt
             print(f"\n== context experiment: our PKM-GPT ({args.pkm_model})")
+            # L = its seq_length, and no sink tokens: [memory; chunk] fills exactly the positions it was trained
+            # on, and it learned no sink (its training windows start anywhere in the text)
             context_experiment(f"our PKM-GPT ({args.pkm_model})", gpt, gpt_tok, gpt.config.max_position_embeddings,
-                               PKM_GPT, context_tokens, extras=True, progress=not args.no_progress,
-                               save=saver("pkm_gpt"))
+                               dict(PKM_GPT, sink=0), context_tokens, extras=True, progress=not args.no_progress,
+                               save=saver("pkm_gpt"), domains=args.context_domains)
         out["context"] = ctx
     out["wall_s"] = time.time() - t_start
     if args.json:
