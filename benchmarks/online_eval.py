@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import sys
 import time
@@ -49,7 +48,7 @@ from data_pipeline.outputs import atomic_output  # noqa: E402
 from pretrain.online_eval import report  # noqa: E402
 from pretrain.online_eval.config import OnlineEvalConfig  # noqa: E402
 from pretrain.online_eval.corpus import bundled_books, tokenize  # noqa: E402
-from pretrain.online_eval.engine import OnlineRun, compare  # noqa: E402
+from pretrain.online_eval.engine import compare  # noqa: E402
 
 EVAL_BOOKS = ["the_war_of_the_worlds", "great_expectations"]
 DEV_BOOK = "twenty_thousand_leagues_under_the_sea"
