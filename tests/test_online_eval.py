@@ -622,12 +622,8 @@ def test_lm_eval_rolling_loglikelihood_matches_static(tmp_path, tok, monkeypatch
 @pytest.mark.slow
 def test_native_checkpoint_is_exported_then_evaluated(tmp_path, capsys):
     """`pkm pretrain` a few steps of the tiny PKM-GPT, then evaluate its checkpoint directory: the
-    loader exports it with `pkm export hf` to a temporary directory and adapts its PKM values."""
-    import pretrain.checkpoint as checkpoint
-
-    if not hasattr(checkpoint, "load_consolidated"):
-        pytest.skip("native checkpoints are exported by `pkm export hf`, which needs "
-                    "pretrain.checkpoint.load_consolidated (not in this checkout yet)")
+    loader exports it with `pretrain.export.export_hf` (what `pkm export hf` runs) to a temporary
+    directory and adapts its PKM values."""
     from pretrain.cli import main
 
     repo = Path(__file__).resolve().parents[1]
