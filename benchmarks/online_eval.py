@@ -222,9 +222,9 @@ def pkm_gpt_section(model, tok, docs_text, args) -> dict:
 
 # -- the context experiment (Rannen-Triki et al. 2024: memory in weights vs memory in activations) -------
 # "Context c" is a TXL run with chunks of c/2 and the previous chunk as its memory: each token attends to
-# c/2..c tokens (plus the document's first 4, the sinks). Static at the model's context L is compared
-# with static and dynamic runs at L/2, L/4, L/8, in-domain (the held-out books) and under a shift (the
-# KJV excerpts). Dynamic runs keep the optimizer and lr picked on the dev book at the issue-#8 chunk;
+# c/2..c tokens (plus the sink tokens, by default the document's first 4). Static at the model's context
+# L is compared with static and dynamic runs at L/2, L/4, L/8, in-domain (the held-out books) and under
+# a shift (the KJV excerpts). Dynamic runs keep the optimizer and lr picked on the dev book at the issue-#8 chunk;
 # nothing is re-tuned per context.
 CONTEXT_DIVISORS = (1, 2, 4, 8)
 SHIFT_BOOKS = ["kjv_genesis", "kjv_luke"]
