@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from pretrain.errors import PretrainError
-from pretrain.online_eval.adapters import Adaptation
+from pretrain.online_eval.trainable import Adaptation
 from pretrain.online_eval.config import OnlineEvalConfig
-from pretrain.online_eval.corpus import BOOK_NAMES, BOOKS_DIR, Document, bundled_books, load_corpus, tokenize
+from pretrain.online_eval.corpus import (BOOK_NAMES, BOOKS_DIR, SHIFT_NAMES, Document, bundled_books, load_corpus,
+                                         tokenize)
 from pretrain.online_eval.engine import OnlineRun, compare
 
 S = 32  # chunk / stride used by most tests
@@ -106,11 +107,14 @@ def chunk_means(result):
 # corpus
 
 
-def test_bundled_books_are_the_three_non_austen_books():
+def test_bundled_books_are_the_three_non_austen_books_plus_the_kjv_excerpts():
     files = sorted(p.name for p in BOOKS_DIR.glob("*.txt"))
-    assert files == sorted(f"{n}.txt" for n in BOOK_NAMES)
+    assert files == sorted(f"{n}.txt" for n in BOOK_NAMES + SHIFT_NAMES)
     assert sum((BOOKS_DIR / f).stat().st_size for f in files) <= 3 * 2**20
     texts = {d.name: d.text for d in bundled_books()}
+    assert sorted(texts) == sorted(BOOK_NAMES)  # the shift documents only when named
+    kjv = bundled_books(["kjv_genesis"])[0].text
+    assert kjv.startswith("The First Book of Moses") and "In the beginning God created" in kjv
     assert "PRIDE AND PREJUDICE" not in "".join(t[:2000] for t in texts.values())
     assert texts["great_expectations"].startswith("GREAT EXPECTATIONS")
     assert "public domain" in (BOOKS_DIR / "LICENSE.md").read_text()
@@ -296,8 +300,13 @@ def test_txl_position_restart_equals_overlapping(tok, arch):
 
 
 def test_txl_rejects_a_chunk_that_does_not_fit(tok):
-    with pytest.raises(PretrainError, match="chunk=600 plus its memory exceeds the model's 1024 positions"):
+    with pytest.raises(PretrainError, match=r"chunk=600 plus its memory \(.*\) exceeds the model's 1024 positions"):
         OnlineRun(tiny_llama(tok), book(tok), OnlineEvalConfig(chunk=600))
+    # the sink tokens count too: a restart re-encodes [4 sink tokens; 512] and reads 512 more (was an
+    # IndexError in a learned-position table mid-run)
+    with pytest.raises(PretrainError, match="sink=4 tokens.*use chunk <= 510"):
+        OnlineRun(tiny_llama(tok), book(tok), OnlineEvalConfig(chunk=512))
+    OnlineRun(tiny_llama(tok), book(tok), OnlineEvalConfig(chunk=512, sink=0))
     with pytest.raises(PretrainError, match="window=2048 exceeds"):
         OnlineRun(tiny_llama(tok), book(tok), OnlineEvalConfig(strategy="overlapping", window=2048))
     with pytest.raises(PretrainError, match="adapt=pkm-values: LlamaForCausalLM has no PKM value table"):
@@ -376,8 +385,8 @@ def test_update_every_k_skips_backward_on_other_chunks(tok):
 def test_krause_rms_rule_dense_and_lazy_sparse():
     """Dense: one step matches the formula. Sparse with fixed (calibration) MS: a row read at steps 1
     and 3 ends where the dense rule leaves it after steps 1, 2 (zero gradient) and 3. atol 1e-6."""
-    from pretrain.online_eval.adapters import Trainable
-    from pretrain.online_eval.optim import OnlineOptimizer
+    from pretrain.online_eval.trainable import Trainable
+    from pretrain.online_eval.online_optimizers import OnlineOptimizer
 
     torch.manual_seed(0)
     cfg = OnlineEvalConfig(mode="dynamic", optimizer="rms", lr=0.1, rms_decay=0.2, betas=(0.9, 0.5))
@@ -417,7 +426,7 @@ def test_rms_calibration_statistics(tok):
     model = tiny_llama(tok)
     docs = book(tok, tokens=4 * S)
     calib = tokenize(bundled_books(["great_expectations"]), tok, max_tokens=4 * S)
-    # per-weight normalisation by a small calibration text needs a small step (see optim.py)
+    # per-weight normalisation by a small calibration text needs a small step (see online_optimizers.py)
     cfg = OnlineEvalConfig(mode="dynamic", optimizer="rms", lr=1e-4, rms_decay=0.01, chunk=S)
     static, online = compare(model, docs, [OnlineEvalConfig(chunk=S), cfg], progress=False)
     run = OnlineRun(model, docs, cfg, calibration=calib)
@@ -541,6 +550,26 @@ def test_cli_on_an_exported_pkm_gpt(tmp_path, tok, capsys):
     assert rc == 2 and len(err) == 1 and err[0].startswith("pkm: error:") and "no such model" in err[0]
 
 
+def test_run_online_eval_is_the_command_without_its_parser(tmp_path, tok):
+    """`pkm eval online` only parses: the function it calls gives the same results from Python, and
+    rejects a job it cannot run before loading anything."""
+    from pretrain.online_eval import OnlineEvalJob, run_online_eval
+
+    model_dir = export_like_ours(tiny_pkm_gpt(tok), tok, tmp_path / "pkm_gpt")
+    runs = [OnlineEvalConfig(chunk=S), OnlineEvalConfig(mode="dynamic", chunk=S, adapt="pkm-values", optimizer="adamw",
+                                                        lr=1e-2)]
+    job = OnlineEvalJob(model=str(model_dir), runs=runs, corpus="books:the_war_of_the_worlds", max_tokens=2 * S,
+                        out=str(tmp_path / "eval"), progress=False)
+    results, summary = run_online_eval(job)
+    assert [r.name for r in results] == ["static/txl", "dynamic/txl/pkm-values/adamw"]
+    written = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert written["runs"] == json.loads(json.dumps(summary["runs"]))
+    assert results[1].rows_updated > 0 and results[0].tokens == 2 * S
+    mixed = [OnlineEvalConfig(), OnlineEvalConfig(doc_start="none")]
+    with pytest.raises(PretrainError, match="doc_start differs"):
+        run_online_eval(OnlineEvalJob(model=str(tmp_path / "not_loaded"), runs=mixed, out=str(tmp_path / "e2")))
+
+
 def test_committed_lm_eval_yaml_is_the_generated_one(tmp_path):
     from pkm.cli import main
     from pretrain.online_eval import lm_eval_task
@@ -593,12 +622,8 @@ def test_lm_eval_rolling_loglikelihood_matches_static(tmp_path, tok, monkeypatch
 @pytest.mark.slow
 def test_native_checkpoint_is_exported_then_evaluated(tmp_path, capsys):
     """`pkm pretrain` a few steps of the tiny PKM-GPT, then evaluate its checkpoint directory: the
-    loader exports it with `pkm export hf` to a temporary directory and adapts its PKM values."""
-    import pretrain.checkpoint as checkpoint
-
-    if not hasattr(checkpoint, "load_consolidated"):
-        pytest.skip("native checkpoints are exported by `pkm export hf`, which needs "
-                    "pretrain.checkpoint.load_consolidated (not in this checkout yet)")
+    loader exports it with `pretrain.export.export_hf` (what `pkm export hf` runs) to a temporary
+    directory and adapts its PKM values."""
     from pkm.cli import main
 
     repo = Path(__file__).resolve().parents[1]

@@ -13,12 +13,17 @@ Python API (importing this package imports no torch; the names below load on fir
     results = compare(model, docs, [OnlineEvalConfig(),
                                     OnlineEvalConfig(mode="dynamic", optimizer="adamw", lr=1e-4)])
     print(results[1].perplexity / results[0].perplexity)  # < 1: reading the book made the model better
+
+or, as `pkm eval online` does (load, compare, write OUT/results.json and plots):
+
+    results, summary = run_online_eval(OnlineEvalJob(model="smollm2", runs=[OnlineEvalConfig(), ...]))
 """
 from __future__ import annotations
 
-from pretrain.online_eval.config import OnlineEvalConfig
+from pretrain.online_eval.config import OnlineEvalConfig, OnlineEvalJob
 
 _LAZY = {
+    "run_online_eval": "pretrain.online_eval.evaluate",
     "OnlineRun": "pretrain.online_eval.engine",
     "RunResult": "pretrain.online_eval.engine",
     "compare": "pretrain.online_eval.engine",
@@ -29,7 +34,7 @@ _LAZY = {
     "Document": "pretrain.online_eval.corpus",
 }
 
-__all__ = ["OnlineEvalConfig", *_LAZY]
+__all__ = ["OnlineEvalConfig", "OnlineEvalJob", *_LAZY]
 
 
 def __getattr__(name: str):

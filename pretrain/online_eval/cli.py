@@ -1,16 +1,17 @@
 """`pkm eval online ...` (dynamic evaluation) and `pkm eval lm-eval-data ...` (documents for lm-eval).
 
-Heavy imports (torch, transformers) happen inside the command functions.
+The handlers only parse: `pkm eval online` builds an `OnlineEvalJob` and calls `run_online_eval`
+(pretrain.online_eval.evaluate). Heavy imports (torch, transformers) happen inside the command functions.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import time
 
 from data_pipeline.argtypes import non_negative_float, positive_float, positive_int
-from pretrain.online_eval.config import ADAPTS, MODES, OPTIMIZERS, RESETS, STRATEGIES, OnlineEvalConfig
+from pretrain.online_eval.config import (ADAPTS, MODES, OPTIMIZERS, RESETS, STRATEGIES, OnlineEvalConfig,
+                                         OnlineEvalJob)
 
 
 def register(subparsers) -> None:
@@ -57,13 +58,13 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="runs/online_eval", help="writes results.json, loss_by_position.png, tensorboard/")
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_online)
+    p.set_defaults(func=cmd_online)
 
     p = sub.add_parser("lm-eval-data", help="write documents as jsonl for the local lm-eval task (configs/lm_eval)")
     p.add_argument("--corpus", default="books")
     p.add_argument("--json-key", default="text")
     p.add_argument("--out", default="runs/lm_eval/books.jsonl")
-    p.set_defaults(func=_cmd_lm_eval_data)
+    p.set_defaults(func=cmd_lm_eval_data)
 
 
 def configs_from_args(args: argparse.Namespace) -> list[OnlineEvalConfig]:
@@ -83,45 +84,23 @@ def configs_from_args(args: argparse.Namespace) -> list[OnlineEvalConfig]:
     return out
 
 
-def _cmd_online(args: argparse.Namespace) -> int:
-    import logging
+def job_from_args(args: argparse.Namespace) -> OnlineEvalJob:
+    return OnlineEvalJob(model=args.model, runs=configs_from_args(args), corpus=args.corpus, tokenizer=args.tokenizer,
+                         json_key=args.json_key, max_docs=args.max_docs, max_tokens=args.max_tokens,
+                         rms_calibration=args.rms_calibration, interleave=args.interleave, device=args.device,
+                         dtype=args.dtype, threads=args.threads, out=args.out, progress=not args.no_progress)
+
+
+def cmd_online(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
-    from data_pipeline.outputs import check_writable
     from pretrain.log import setup_logging
     from pretrain.online_eval import report
-    from pretrain.online_eval.corpus import load_corpus, tokenize
-    from pretrain.online_eval.engine import compare
-    from pretrain.online_eval.models import load_causal_lm
+    from pretrain.online_eval.evaluate import run_online_eval
 
     setup_logging()
-    log = logging.getLogger("pkm.online_eval")
-    configs = configs_from_args(args)
-    check_writable(args.out)  # before the model loads and the runs take their time
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    corpus = load_corpus(args.corpus, args.json_key, args.max_docs)  # a bad corpus before the model loads
-    calibration = load_corpus(args.rms_calibration, args.json_key) if args.rms_calibration else None
-    t0 = time.time()
-    model, tok = load_causal_lm(args.model, tokenizer=args.tokenizer, device=device, dtype=args.dtype)
-    log.info("loaded %s (%s, %.1fM parameters) in %.1f s", args.model, type(model).__name__,
-             sum(p.numel() for p in model.parameters()) / 1e6, time.time() - t0)
-    vocab = model.get_input_embeddings().num_embeddings
-    docs = tokenize(corpus, tok, args.doc_start, args.max_tokens, vocab)
-    if calibration is not None:
-        calibration = tokenize(calibration, tok, args.doc_start, args.max_tokens, vocab)
-    log.info("%d documents, %d tokens; %d runs", len(docs), sum(d.n_scored for d in docs), len(configs))
-    results = compare(model, docs, configs, interleave=args.interleave, calibration=calibration,
-                      progress=not args.no_progress)
+    results, summary = run_online_eval(job_from_args(args))
     out = Path(args.out)
-    meta = dict(model=args.model, corpus=args.corpus, device=device, threads=torch.get_num_threads(),
-                date=time.strftime("%Y-%m-%d %H:%M:%S"), interleave=args.interleave)
-    summary = report.write_json(out / "results.json", results, meta)
-    report.plot(out / "loss_by_position.png", results, title=f"{args.model} on {args.corpus}")
-    report.tensorboard(out / "tensorboard", results)
     print(report.table(results))
     print(f"wrote {out / 'results.json'}, {out / 'loss_by_position.png'}, {out / 'tensorboard'}")
     if args.json:
@@ -129,7 +108,7 @@ def _cmd_online(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_lm_eval_data(args: argparse.Namespace) -> int:
+def cmd_lm_eval_data(args: argparse.Namespace) -> int:
     from pretrain.online_eval.corpus import load_corpus
     from pretrain.online_eval.lm_eval_task import write_documents
 

