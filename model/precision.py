@@ -49,6 +49,10 @@ def check_policy(model: torch.nn.Module) -> None:
     from model.pkm.value_table import ValueTable
 
     for name, m in model.named_modules():
+        if isinstance(m, ValueTable) and m.storage_dtype == torch.bfloat16:
+            if m.weight.dtype != torch.bfloat16:
+                raise AssertionError(f"precision policy: {name}.weight is {m.weight.dtype}, configured bf16")
+            continue
         tensors = {"weight": m.weight} if isinstance(m, ValueTable) else (
             {"running_mean": m.running_mean, "running_var": m.running_var} if isinstance(m, MaskedBatchNorm) else {})
         for key, t in tensors.items():

@@ -2,7 +2,7 @@
 
 Layout of `run_dir/checkpoints/`:
   step_0000100/            dist_checkpointing shards (model, dense Adam moments, value tables and their
-                           sparse-Adam moments, each by its logical layout, so any TP/DP layout reloads it),
+                           value-optimizer state, each by its logical layout, so any TP/DP layout reloads it),
                            common state (trainer, scheduler, sampler), rng/rank_K.pt, config.yaml,
                            tokenizer/, manifest.json (sizes + sha256 of every file; written last)
   latest                   the directory name of the newest published checkpoint
@@ -239,22 +239,6 @@ def _base_optimizer(trainer):
     return getattr(opt, "optimizer", opt) if trainer.cfg.train.zero_stage > 0 else opt
 
 
-def _value_moments(sparse, w: torch.Tensor) -> dict:
-    """The lazy-Adam state of value table `w`, created as LazyRowAdam would at its first step (step 0,
-    zero moments) when missing, so saves and loads use the optimizer's own tensors."""
-    st = sparse.state[w]
-    if not st:
-        st.update(step=0, exp_avg=torch.zeros_like(w, dtype=torch.float32),
-                  exp_avg_sq=torch.zeros_like(w, dtype=torch.float32))
-    return st
-
-
-def _rows_of(t: torch.Tensor, sh) -> torch.Tensor:
-    """The rows of `t` (a rank's shard) that ShardedTensor block `sh` covers."""
-    start = sh.global_offset[0]
-    return t.detach()[start:start + sh.local_shape[0]]
-
-
 def sharded_state(trainer, for_load: bool = False) -> dict:
     """The dist_checkpointing state dict of a trainer (shapes and layout; data when saving)."""
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
@@ -277,15 +261,9 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
                    if for_load else _dense_moments(trainer, p))
         for k, v in moments.items():
             optim[f"{k}.{name}"] = make_sharded_optimizer_tensor(sh, v.float(), f"optimizer.{k}")
-    sparse = trainer.value_optimizer.optimizer
-    for name, m in trainer.memories:
-        # The moments are saved from, and loaded into, the optimizer's own tensors (no copies), by the
-        # value table's row blocks (ValueTable.sharded_state_dict).
-        moments = _value_moments(sparse, m.values.weight)
-        for k in ("exp_avg", "exp_avg_sq"):
-            optim[f"values.{k}.{name}"] = [
-                make_sharded_optimizer_tensor(sh, _rows_of(moments[k], sh), f"value_optimizer.{k}")
-                for sh in model_sd[f"model.{name}.values.weight"]]
+    # The value optimizer's state is saved from, and loaded into, its own tensors (no copies).
+    optim.update(trainer.value_optimizer.sharded_state_dict([(f"{n}.values", m.values) for n, m in trainer.memories],
+                                                            model_sd))
     state["optimizer"] = optim
     # bf16 weights are saved (and loaded) as DeepSpeed's fp32 master copies: a resume is exact, and
     # the checkpoint does not depend on the precision it was trained in
@@ -294,7 +272,7 @@ def sharded_state(trainer, for_load: bool = False) -> dict:
             master = torch.zeros_like(sh.data, dtype=torch.float32) if for_load else _get_master(trainer, sh.data)
             master = sh.data if master is None else master  # a weight outside the optimizer has no master
             model_sd[key] = replace(sh, data=master.detach().float(), dtype=torch.float32)
-    state["value_optimizer_steps"] = [int(sparse.state[m.values.weight]["step"]) for _, m in trainer.memories]
+    state.update(trainer.value_optimizer.common_state())
     state["dense_optimizer_step"] = trainer.step
     return state
 
@@ -422,6 +400,7 @@ class Checkpointer:
         from megatron.core import dist_checkpointing
 
         tr = self.trainer
+        tr.value_optimizer.check_checkpoint(dist_checkpointing.load_common_state_dict(str(path)), path)
         template = sharded_state(tr, for_load=True)
         loaded = dist_checkpointing.load(template, str(path))
         weights = _model_tensors(loaded["model"], tr.model)
@@ -440,10 +419,7 @@ class Checkpointer:
             for st in base.state.values():
                 if "step" in st:
                     st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
-        sparse = tr.value_optimizer.optimizer
-        for (_, m), vstep in zip(tr.memories, loaded["value_optimizer_steps"]):
-            # The moments were read in place; the step is a Python int, as SparseAdam's.
-            sparse.state[m.values.weight]["step"] = int(vstep)
+        tr.value_optimizer.load_sharded_state_dict(loaded)
         tr.load_state_dict(loaded["trainer"])
         rng = path / "rng" / f"rank_{tr.env.rank}.pt"
         manifest = json.loads((path / MANIFEST).read_text())

@@ -164,11 +164,14 @@ class Trainer:
         dense_opt = 2 * sum(p.numel() for p in self.model.parameters()) * 4
         if self.cfg.train.zero_stage >= 1:
             dense_opt //= self.env.dp_size
+        from pretrain.optim import value_optimizer_bytes
+
+        value_opt = value_optimizer_bytes(self.cfg.model.pkm.value_optimizer, [m.values for _, m in self.memories])
         self.memory_report = {"dense_param_bytes": dense, "value_shard_bytes": values,
-                              "dense_optimizer_bytes": dense_opt, "value_optimizer_bytes": 2 * values}
+                              "dense_optimizer_bytes": dense_opt, "value_optimizer_bytes": value_opt}
         log.info("rank %d memory: dense params %s, value shard %s (%d PKM layers, %d slots), "
                  "dense optimizer %s, value optimizer %s", self.env.rank, _mb(dense), _mb(values),
-                 len(self.memories), slots, _mb(dense_opt), _mb(2 * values))
+                 len(self.memories), slots, _mb(dense_opt), _mb(value_opt))
 
     def _build_data(self) -> None:
         from data_pipeline.samplers import GlobalBatchSampler, build_datasets
@@ -216,7 +219,7 @@ class Trainer:
         pkm = self.cfg.model.pkm
         self.value_optimizer = SparseValueOptimizer([m.values for _, m in self.memories], lr=pkm.value_lr,
                                                     betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                                    memory=self.env.memory)
+                                                    memory=self.env.memory, kind=pkm.value_optimizer, seed=t.seed)
 
     # -- state ----------------------------------------------------------------------------------
 
