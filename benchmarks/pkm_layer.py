@@ -373,6 +373,7 @@ def main(argv=None) -> dict:
     del runs
 
     step_ms, step_cpu, timers, torch_sparse_adam = {}, {}, None, False
+    value_bytes = {} if args.skip_step else value_bytes_per_param()  # before the step's models: less at once
     if not args.skip_step:
         log(f"step: GPT {GPT}, vocab {VOCAB}, PKM at layer {PKM_LAYER} (add), {step_reps} interleaved reps")
         init_megatron()
@@ -407,8 +408,7 @@ def main(argv=None) -> dict:
     }
     result["step_rowwise_vs_adam"] = ratio(step_ms, "pkm_rowwise_adagrad", "pkm_sparse")
     result["step_rowwise_adagrad_ms"] = step_ms.get("pkm_rowwise_adagrad")
-    if not args.skip_step:
-        result.update(value_bytes_per_param())
+    result.update(value_bytes)
     if args.before:
         result.update(before=args.before, pkm_before_ms=ms["pkm_before"], pkm_before_vs_ffn=ratio(ms, "pkm_before", "ffn"),
                       pkm_before_vs_ffn_cpu=ratio(cpu_ms, "pkm_before", "ffn"))
