@@ -111,6 +111,10 @@ class LazyRowAdam(torch.optim.Optimizer):
         p.index_add_(0, rows, m.div_(v.sqrt_().add_(eps)), alpha=-step_size)
 
 
+# Rows rounded at once (bf16 tables): the rounding's int64 temporaries take ~50 bytes per value.
+ROUND_CHUNK_ROWS = 4096
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (Wellons' lowbias32) of int64 tensors holding values in [0, 2**32)."""
     x = x ^ (x >> 16)
@@ -172,11 +176,15 @@ class _RowwiseOptimizer(torch.optim.Optimizer):
                 mean_sq = self.row_sum(vals.pow(2).sum(1)) / group["dim"]
                 w = p.detach().index_select(0, rows).float()
                 self.update_rows(st, group, rows, w, vals, mean_sq)
-                if p.dtype == torch.bfloat16:
-                    element = rows.unsqueeze(1) * group["dim"] + group["column_start"] + torch.arange(
-                        w.shape[1], device=rows.device)
-                    w = stochastic_round_bf16(w, element, self.seed * 1000003 + st["step"])
-                p.detach().index_copy_(0, rows, w.to(p.dtype))
+                if p.dtype != torch.bfloat16:
+                    p.detach().index_copy_(0, rows, w)
+                    continue
+                cols = group["column_start"] + torch.arange(w.shape[1], device=rows.device)
+                for a in range(0, rows.numel(), ROUND_CHUNK_ROWS):  # the hash's int64 temporaries: by chunks
+                    r = rows[a:a + ROUND_CHUNK_ROWS]
+                    element = r.unsqueeze(1) * group["dim"] + cols
+                    p.detach().index_copy_(0, r, stochastic_round_bf16(w[a:a + ROUND_CHUNK_ROWS], element,
+                                                                       self.seed * 1000003 + st["step"]))
         return None
 
 
