@@ -7,6 +7,10 @@ Figures (fp32, torch threads = 2, medians of interleaved repetitions A B C A B C
                       (forward, backward, AdamW on the parameters + the trainer's lazy row-sparse Adam,
                       pretrain.optim.SparseValueOptimizer, on the value table) / the same GPT without
                       memory (AdamW only)
+  step_rowwise_vs_adam  the PKM GPT step with model.pkm.value_optimizer=rowwise_adagrad / with adam
+  bytes_per_value_param_adam, _rowwise_adagrad, _rowwise_adagrad_bf16   storage bytes of the live value
+                      table and value-optimizer state tensors per value parameter, after 3 real steps of
+                      the layer's reads (issue #15 goals: rowwise_adagrad <= 4.1, its bf16 <= 2.1)
   step_dense_values_vs_dense   the same PKM GPT with the value table a dense-gradient Parameter inside
                       one torch AdamW (the "inside the DeepSpeed engine" alternative) / the dense GPT
   fbgemm_vs_ours      the value path alone (fbgemm_vs_ours()): fbgemm's table-batched embedding bags with
@@ -393,6 +397,11 @@ def step_variants(timers: dict | None = None, torch_sparse_adam: bool = False) -
         "pkm_dense_values": make(pkm_dense, torch.optim.AdamW([{"params": list(pkm_dense.parameters())}, value_group],
                                                               lr=1e-4), name="pkm_dense_values"),
     }
+    pkm_rowwise = gpt(pkm=True)
+    variants["pkm_rowwise_adagrad"] = make(
+        pkm_rowwise, torch.optim.AdamW(pkm_rowwise.parameters(), lr=1e-4),
+        SparseValueOptimizer([m.values for _, m in memory_layers(pkm_rowwise)], lr=VALUE_LR, kind="rowwise_adagrad"),
+        name="pkm_rowwise_adagrad")
     if torch_sparse_adam:  # what the trainer used before pretrain.optim.LazyRowAdam
         pkm_torch = gpt(pkm=True)
         variants["pkm_torch_sparse_adam"] = make(
@@ -400,6 +409,30 @@ def step_variants(timers: dict | None = None, torch_sparse_adam: bool = False) -
             torch.optim.SparseAdam([m.values.weight for _, m in memory_layers(pkm_torch)], lr=VALUE_LR, betas=(0.9, 0.98)),
             name="pkm_torch_sparse_adam")
     return variants
+
+
+def value_bytes_per_param(steps: int = 3) -> dict:
+    """Bytes per value parameter of the table and its optimizer state, read from the live tensors'
+    storages after `steps` real sparse steps (the layer's sizes and reads) of each value optimizer."""
+    from model.pkm.value_table import ValueTable
+    from pretrain.optim import SparseValueOptimizer
+
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for name, kind, dtype in (("adam", "adam", torch.float32), ("rowwise_adagrad", "rowwise_adagrad", torch.float32),
+                              ("rowwise_adagrad_bf16", "rowwise_adagrad", torch.bfloat16)):
+        table = ValueTable(N_KEYS ** 2, DIM, init_seed=1, dtype=dtype)
+        opt = SparseValueOptimizer([table], lr=VALUE_LR, betas=(0.9, 0.98), kind=kind)
+        for _ in range(steps):
+            ids = torch.randint(0, N_KEYS ** 2, (BATCH * SEQ, HEADS * KNN), generator=gen)
+            weights = torch.rand(BATCH * SEQ, HEADS * KNN, generator=gen).softmax(-1)
+            (table(ids, weights) ** 2).sum().backward()
+            opt.step()
+        live = table.weight.untyped_storage().nbytes() + opt.state_bytes()
+        out[f"bytes_per_value_param_{name}"] = round(live / table.weight.numel(), 4)
+        log(f"{name}: table {table.weight.dtype} + state = {live / 2**20:.1f} MiB for {table.weight.numel():,} values")
+        del table, opt
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +473,7 @@ def main(argv=None) -> dict:
     value_path = fbgemm_vs_ours(layer_reps)
 
     step_ms, step_cpu, timers, torch_sparse_adam = {}, {}, None, False
+    value_bytes = {} if args.skip_step else value_bytes_per_param()  # before the step's models: less at once
     if not args.skip_step:
         log(f"step: GPT {GPT}, vocab {VOCAB}, PKM at layer {PKM_LAYER} (add), {step_reps} interleaved reps")
         init_megatron()
@@ -473,6 +507,9 @@ def main(argv=None) -> dict:
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
     result.update(value_path)
+    result["step_rowwise_vs_adam"] = ratio(step_ms, "pkm_rowwise_adagrad", "pkm_sparse")
+    result["step_rowwise_adagrad_ms"] = step_ms.get("pkm_rowwise_adagrad")
+    result.update(value_bytes)
     if args.before:
         result.update(before=args.before, pkm_before_ms=ms["pkm_before"], pkm_before_vs_ffn=ratio(ms, "pkm_before", "ffn"),
                       pkm_before_vs_ffn_cpu=ratio(cpu_ms, "pkm_before", "ffn"))

@@ -14,8 +14,11 @@ dense model (~21e6 parameters, its Adam moments gathered whole at each save) sta
 table whose handling is measured.
 --json keys:
   value_params          parameters of the value table
-  table_gb              its fp32 size (1e9 bytes)
-  shard_gb_w4, _w2      one rank's value shard + its lazy-Adam moments (3 x table / world)
+  value_optimizer, value_dtype  --value-optimizer (model.pkm.value_optimizer), --value-dtype
+  table_gb              its size in its dtype (1e9 bytes)
+  checkpoint_gb         the size of A's step-3 checkpoint
+  shard_gb_w4, _w2      one rank's value shard + its value-optimizer state ((table + state) / world)
+  max_value_params_rowwise  value_params, in a run with a row-wise value optimizer (issue #15)
   peak_rss_gb_w4, _w2   largest rank's peak RSS in A (init, train, save) and in C (load included)
   rss_over_shard_w4, _w2  peak_rss_gb_wN / shard_gb_wN      (goal at >= 1e9: <= 1.5)
   init_s_w4             model build in A (value-table init included), from rank 0's log
@@ -28,6 +31,10 @@ A process's fixed part (python, torch, megatron, deepspeed: ~1 GB) is inside eve
 --quick sizes it dominates the ratios, which are then not goals.
 
     python benchmarks/scale.py [--quick] [--json] [--workdir DIR] [--keep]
+                               [--value-optimizer adam|rowwise_adagrad|rowwise_adam] [--value-dtype fp32|bf16]
+                               [--n-keys N]
+The largest tables of issue #15: `--value-optimizer rowwise_adagrad --value-dtype bf16 --n-keys 2000`
+(4.1e9 values, 8.2 GB); with adam, ~1.3e9 is this machine's limit (12 bytes per value).
 """
 from __future__ import annotations
 
@@ -63,10 +70,12 @@ def free_port() -> int:
 
 def overrides(size: dict, run_dir: Path, cache: Path, world: int, steps: int, resume: Path | None,
               save_interval: int = 0) -> list[str]:
+    """`size`: hidden, n_keys, heads, value_optimizer, value_dtype."""
     out = ["model.num_layers=2", f"model.hidden_size={size['hidden']}", f"model.ffn_hidden_size={size['hidden']}",
            f"model.num_attention_heads={size['heads']}",
            "model.seq_length=32", "model.pkm.layers=[1]", f"model.pkm.n_keys={size['n_keys']}", "model.pkm.heads=2",
-           "model.pkm.knn=8", "model.pkm.k_dim=64", "parallel.tensor_parallel=1", "parallel.memory_parallel=dp",
+           "model.pkm.knn=8", "model.pkm.k_dim=64", f"model.pkm.value_optimizer={size['value_optimizer']}",
+           f"model.pkm.value_dtype={size['value_dtype']}", "parallel.tensor_parallel=1", "parallel.memory_parallel=dp",
            "train.zero_stage=1", "train.precision=fp32", "train.global_batch_size=4",
            f"train.micro_batch_size={4 // world}", f"train.train_steps={steps}", "train.warmup_steps=1",
            "train.eval_interval=0", "logging.tensorboard=false", "logging.progress=false", "logging.log_interval=1",
@@ -163,14 +172,25 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--workdir", help="where runs and checkpoints go (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--value-optimizer", default="adam", choices=["adam", "rowwise_adagrad", "rowwise_adam"],
+                    help="model.pkm.value_optimizer (bytes per value parameter: 12 / ~4 / ~8 in fp32)")
+    ap.add_argument("--value-dtype", default="fp32", choices=["fp32", "bf16"], help="model.pkm.value_dtype")
+    ap.add_argument("--n-keys", type=int, help="the table has n_keys**2 x hidden values (default: 1024; --quick 256)")
     args = ap.parse_args()
-    size = QUICK if args.quick else FULL
+    size = {**(QUICK if args.quick else FULL), "value_optimizer": args.value_optimizer, "value_dtype": args.value_dtype}
+    if args.n_keys:
+        size["n_keys"] = args.n_keys
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pkm-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     value_params = size["n_keys"] ** 2 * size["hidden"]
-    table_gb = value_params * 4 / 1e9
-    log(f"value table {value_params:.3e} parameters ({table_gb:.2f} GB fp32); work dir {work}")
+    table_gb = value_params * (2 if args.value_dtype == "bf16" else 4) / 1e9
+    # the optimizer's state in GB: two fp32 moments per value (adam), one per value + one per row
+    # (rowwise_adam), one fp32 per row (rowwise_adagrad)
+    per_value = {"adam": 8, "rowwise_adam": 4, "rowwise_adagrad": 0}[args.value_optimizer]
+    optimizer_gb = (value_params * per_value + (size["n_keys"] ** 2 * 4 if args.value_optimizer != "adam" else 0)) / 1e9
+    log(f"value table {value_params:.3e} parameters ({table_gb:.2f} GB {args.value_dtype}, {args.value_optimizer} "
+        f"state {optimizer_gb:.2f} GB); work dir {work}")
     t_all = time.perf_counter()
     stage = {}
     try:
@@ -191,9 +211,11 @@ def main() -> None:
                 "assert torch.isfinite(y).all()\nprint('loaded', sum(p.numel() for p in m.parameters()))\n")
         stage["F_transformers_load"], _, loaded = run([sys.executable, "-c", load, str(out)], "F: transformers load")
         step4_a, step4_c = losses(a)[4], losses(c)[4]
-        shard_w4, shard_w2 = 3 * table_gb / 4, 3 * table_gb / 2
+        shard_w4, shard_w2 = (table_gb + optimizer_gb) / 4, (table_gb + optimizer_gb) / 2
         result = {
-            "quick": args.quick, "value_params": value_params, "table_gb": round(table_gb, 3),
+            "quick": args.quick, "value_optimizer": args.value_optimizer, "value_dtype": args.value_dtype,
+            "value_params": value_params, "table_gb": round(table_gb, 3),
+            "checkpoint_gb": round(sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 1e9, 3),
             "shard_gb_w4": round(shard_w4, 3), "shard_gb_w2": round(shard_w2, 3),
             "peak_rss_gb_w4": round(peak_w4 / 1e9, 3), "peak_rss_gb_w2": round(peak_w2 / 1e9, 3),
             "rss_over_shard_w4": round(peak_w4 / 1e9 / shard_w4, 3),
@@ -209,6 +231,8 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
         }
+        if args.value_optimizer != "adam":  # the table this run trained, saved, resumed and exported
+            result["max_value_params_rowwise"] = value_params
         if not args.quick:
             result["goals"] = {"rss_over_shard_w4 <= 1.5": result["rss_over_shard_w4"] <= 1.5,
                                "rss_over_shard_w2 <= 1.5": result["rss_over_shard_w2"] <= 1.5,

@@ -24,6 +24,13 @@ class PKMConfig:
     query_dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
     value_dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
     value_lr: float = field(default=1e-3, metadata={"ge": 0.0})  # constant, no weight decay (as XLM's mem_values_optimizer)
+    # The value tables' sparse optimizer (pretrain/optim.py): "adam" (XLM's lazy Adam, two fp32 moments per
+    # value: 12 bytes per value parameter), "rowwise_adagrad" (one fp32 scalar per row: ~4 bytes),
+    # "rowwise_adam" (per-value first moment, per-row second moment: ~8 bytes).
+    value_optimizer: Literal["adam", "rowwise_adagrad", "rowwise_adam"] = "adam"
+    # Storage of the value tables (model/precision.py): bf16 halves the table; updates are computed in
+    # fp32 and stochastically rounded. Needs a row-wise value_optimizer.
+    value_dtype: Literal["fp32", "bf16"] = "fp32"
 
     @property
     def slots(self) -> int:

@@ -3,11 +3,21 @@
 `train.precision=bf16` (the default on GPUs, `auto`):
 - Dense weights and activations are bf16 under DeepSpeed's bf16 mode, which keeps fp32 master weights
   and fp32 Adam moments inside its optimizer (ZeRO or not).
-- PKM value tables are stored in fp32 (`TABLE_DTYPE`), with fp32 lazy-Adam moments (`zeros_like` of
-  the table). Why not bf16: an update of lr 1e-3 on a value of ~dim^-0.5 is below bf16's resolution
-  (8 bits of mantissa) for most rows, and rows are updated rarely, so bf16 rows would stall; the lazy
-  Adam kernels and the checkpoints are fp32 too. A table read is summed in fp32 (the softmax weights
-  are fp32) and handed back to the layer in the activations' dtype.
+- PKM value tables are stored in fp32 (`TABLE_DTYPE`) by default, with an fp32 value-optimizer state
+  (lazy Adam's two moments, or the row-wise optimizers' per-row scalars: pretrain/optim.py). A table
+  read is summed in fp32 (the softmax weights are fp32) and handed back to the layer in the
+  activations' dtype.
+- `model.pkm.value_dtype=bf16` (issue #15, with a row-wise value optimizer) stores the tables in bf16:
+  2 bytes per value instead of 4. The update is computed in fp32 on the touched rows (gathered and
+  widened) and rounded back *stochastically* (up or down with probability given by the distance,
+  unbiased), as fbgemm does for its fp16/bf16 tables. Round to nearest would stall the table: an
+  update of lr 1e-3 times a shrinking Adagrad factor on a value of ~dim^-0.5 is mostly below half a
+  bf16 step (8 bits of mantissa), and rows are updated rarely. The rounding bits are a hash of
+  (seed, step, row, global column), so every TP/DP layout rounds the same element the same way and a
+  resume continues exactly. A bf16 table is read in bf16 (the read weights are cast to bf16, the
+  output widened back), so its reads are rounded more coarsely than fp32 ones; checkpoints hold the
+  table in bf16 (half the bytes); the Hugging Face export writes it in the model's dtype (fp32).
+  bf16 tables with `adam` are refused: Adam's 8 bytes of moments would dwarf the 2 bytes saved.
 - fp32 stays fp32 for what is statistics rather than weights: the query BatchNorm's batch and running
   statistics (and the normalisation itself), the query-key scores and their softmax (top-k ties and
   the softmax's exponent need the mantissa), and the loss sums (fp32 on the device, fp64 across ranks).
@@ -49,6 +59,10 @@ def check_policy(model: torch.nn.Module) -> None:
     from model.pkm.value_table import ValueTable
 
     for name, m in model.named_modules():
+        if isinstance(m, ValueTable) and m.storage_dtype == torch.bfloat16:
+            if m.weight.dtype != torch.bfloat16:
+                raise AssertionError(f"precision policy: {name}.weight is {m.weight.dtype}, configured bf16")
+            continue
         tensors = {"weight": m.weight} if isinstance(m, ValueTable) else (
             {"running_mean": m.running_mean, "running_var": m.running_var} if isinstance(m, MaskedBatchNorm) else {})
         for key, t in tensors.items():

@@ -2,7 +2,7 @@
 
 Layout of `run_dir/checkpoints/`:
   step_0000100/            dist_checkpointing shards (model, dense Adam moments, value tables and their
-                           sparse-Adam moments, each by its logical layout, so any TP/DP layout reloads it),
+                           value-optimizer state, each by its logical layout, so any TP/DP layout reloads it),
                            common state (trainer, scheduler, sampler), rng/rank_K.pt, config.yaml,
                            tokenizer/, manifest.json (sizes + sha256 of every file; written last)
   latest                   the directory name of the newest published checkpoint
@@ -259,22 +259,6 @@ def _low_precision(p: torch.Tensor) -> bool:
     return p.dtype in (torch.bfloat16, torch.float16)
 
 
-def _value_moments(sparse, w: torch.Tensor) -> dict:
-    """The lazy-Adam state of value table `w`, created as LazyRowAdam would at its first step (step 0,
-    zero moments) when missing, so saves and loads use the optimizer's own tensors."""
-    st = sparse.state[w]
-    if not st:
-        st.update(step=0, exp_avg=torch.zeros_like(w, dtype=torch.float32),
-                  exp_avg_sq=torch.zeros_like(w, dtype=torch.float32))
-    return st
-
-
-def _rows_of(t: torch.Tensor, sh) -> torch.Tensor:
-    """The rows of `t` (a rank's shard) that ShardedTensor block `sh` covers."""
-    start = sh.global_offset[0]
-    return t.detach()[start:start + sh.local_shape[0]]
-
-
 def sharded_state(states: TrainingState, for_load: bool = False) -> dict:
     """The dist_checkpointing state dict of a training state (shapes and layout; data when saving)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -298,15 +282,9 @@ def sharded_state(states: TrainingState, for_load: bool = False) -> dict:
                    if for_load else dense.moments(p))
         for k, v in moments.items():
             optim[f"{k}.{name}"] = make_sharded_optimizer_tensor(sh, v.float(), f"optimizer.{k}")
-    sparse = states.value_optimizer.optimizer
-    for name, m in states.pkm_layers:
-        # The moments are saved from, and loaded into, the optimizer's own tensors (no copies), by the
-        # value table's row blocks (ValueTable.sharded_state_dict).
-        moments = _value_moments(sparse, m.values.weight)
-        for k in ("exp_avg", "exp_avg_sq"):
-            optim[f"values.{k}.{name}"] = [
-                make_sharded_optimizer_tensor(sh, _rows_of(moments[k], sh), f"value_optimizer.{k}")
-                for sh in model_sd[f"model.{name}.values.weight"]]
+    # The value optimizer's state is saved from, and loaded into, its own tensors (no copies).
+    optim.update(states.value_optimizer.sharded_state_dict(
+        [(f"{n}.values", m.values) for n, m in states.pkm_layers], model_sd))
     state["optimizer"] = optim
     # bf16 weights are saved (and loaded) as DeepSpeed's fp32 master copies: a resume is exact, and
     # the checkpoint does not depend on the precision it was trained in
@@ -315,7 +293,7 @@ def sharded_state(states: TrainingState, for_load: bool = False) -> dict:
             master = torch.zeros_like(sh.data, dtype=torch.float32) if for_load else dense.master(sh.data)
             master = sh.data if master is None else master  # a weight outside the optimizer has no master
             model_sd[key] = replace(sh, data=master.detach().float(), dtype=torch.float32)
-    state["value_optimizer_steps"] = [int(sparse.state[m.values.weight]["step"]) for _, m in states.pkm_layers]
+    state.update(states.value_optimizer.common_state())
     state["dense_optimizer_step"] = loop_state["step"]
     return state
 
@@ -449,6 +427,7 @@ class Checkpointer:
 
         st = self.states
         dense, model = st.dense_optimizer, st.model
+        st.value_optimizer.check_checkpoint(dist_checkpointing.load_common_state_dict(str(path)), path)
         template = sharded_state(st, for_load=True)
         loaded = dist_checkpointing.load(template, str(path))
         weights = _model_tensors(loaded["model"], model)
@@ -463,10 +442,7 @@ class Checkpointer:
         for name, p in model.named_parameters():
             dense.set_moments(p, {k: loaded["optimizer"][f"{k}.{name}"] for k in ("exp_avg", "exp_avg_sq")}, step)
         dense.set_step(step)
-        sparse = st.value_optimizer.optimizer
-        for (_, m), vstep in zip(st.pkm_layers, loaded["value_optimizer_steps"]):
-            # The moments were read in place; the step is a Python int, as SparseAdam's.
-            sparse.state[m.values.weight]["step"] = int(vstep)
+        st.value_optimizer.load_sharded_state_dict(loaded)
         st.loop.load_state_dict(loaded["trainer"])
         rng = path / "rng" / f"rank_{self.env.rank}.pt"
         manifest = json.loads((path / MANIFEST).read_text())

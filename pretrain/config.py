@@ -274,6 +274,9 @@ def validate(cfg: RunConfig, after_init: bool = False) -> None:
         raise ConfigError(f"model.pkm.k_dim: must be even, got {p.k_dim}")
     if p.knn > p.n_keys:
         raise ConfigError(f"model.pkm.knn: {p.knn} is larger than model.pkm.n_keys={p.n_keys}")
+    if p.value_dtype == "bf16" and p.value_optimizer == "adam":
+        raise ConfigError("model.pkm.value_dtype: bf16 tables need a row-wise model.pkm.value_optimizer "
+                          "(rowwise_adagrad or rowwise_adam), not adam")
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"model.hidden_size: {m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
     if m.num_query_groups and m.num_attention_heads % m.num_query_groups:

@@ -35,7 +35,7 @@ from pretrain.distributed import MegatronMPU, init_distributed, shutdown
 from pretrain.errors import PretrainError
 from pretrain.log import quiet_third_party, setup_logging
 from pretrain.metrics import MetricsWriter, PKMUsage, step_line, step_scalars
-from pretrain.optim import SparseValueOptimizer, dense_param_groups, lr_lambda
+from pretrain.optim import SparseValueOptimizer, dense_param_groups, lr_lambda, value_optimizer_bytes
 from pretrain.resolve import ResolvedRun, resolve_run
 
 log = logging.getLogger("pkm.train")
@@ -147,11 +147,12 @@ class Trainer:
         dense_opt = 2 * sum(p.numel() for p in self.model.parameters()) * 4
         if self.cfg.train.zero_stage >= 1:
             dense_opt //= self.env.dp_size
+        value_opt = value_optimizer_bytes(self.cfg.model.pkm.value_optimizer, [m.values for _, m in self.pkm_layers])
         self.sizes = {"dense_param_bytes": dense, "value_shard_bytes": values,
-                      "dense_optimizer_bytes": dense_opt, "value_optimizer_bytes": 2 * values}
+                      "dense_optimizer_bytes": dense_opt, "value_optimizer_bytes": value_opt}
         log.info("rank %d sizes: dense params %s, value shard %s (%d PKM layers, %d slots), "
                  "dense optimizer %s, value optimizer %s", self.env.rank, _mb(dense), _mb(values),
-                 len(self.pkm_layers), slots, _mb(dense_opt), _mb(2 * values))
+                 len(self.pkm_layers), slots, _mb(dense_opt), _mb(value_opt))
 
     def _build_data(self) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -190,7 +191,8 @@ class Trainer:
         pkm = self.cfg.model.pkm
         self.value_optimizer = SparseValueOptimizer([m.values for _, m in self.pkm_layers], lr=pkm.value_lr,
                                                     betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                                    memory=self.env.memory_parallel)
+                                                    parallel=self.env.memory_parallel, kind=pkm.value_optimizer,
+                                                    seed=t.seed)
 
     # -- state ----------------------------------------------------------------------------------
 

@@ -24,14 +24,14 @@ class DenseValueAdam:
     whole shard every step (what a value table inside the DeepSpeed engine would cost)."""
 
     def __init__(self, sparse, lr: float, betas, eps: float):
-        self.weights, self.memory = sparse.weights, sparse.memory
+        self.weights, self.parallel = sparse.weights, sparse.parallel
         self.optimizer = torch.optim.Adam(self.weights, lr=lr, betas=betas, eps=eps)
 
     @torch.no_grad()
     def step(self) -> list[torch.Tensor]:
         from model.pkm.value_table import reduce_sparse_grad
 
-        m, updated = self.memory, []
+        m, updated = self.parallel, []
         for w in self.weights:
             g = w.grad
             g = reduce_sparse_grad(g, m.replica_group, m.replica_size) if m.replica_size > 1 else g.coalesce()

@@ -20,7 +20,7 @@ from model.config import PKMConfig
 from model.errors import ModelError
 from model.pkm.product_keys import product_key_topk
 from model.pkm.value_table import MemoryParallel, ValueTable
-from model.precision import compute_dtype, keep_at_least_fp32
+from model.precision import TABLE_DTYPE, compute_dtype, keep_at_least_fp32
 
 
 @dataclass
@@ -117,7 +117,8 @@ class ProductKeyMemory(nn.Module):
         self.query_layernorm = nn.LayerNorm(k) if cfg.query_layernorm else None
         bound = 1.0 / math.sqrt(half)
         self.keys = nn.Parameter(torch.empty(h, 2, cfg.n_keys, half).uniform_(-bound, bound))
-        self.values = ValueTable(cfg.n_keys ** 2, dim, parallel, init_seed=init_seed)
+        self.values = ValueTable(cfg.n_keys ** 2, dim, parallel, init_seed=init_seed,
+                                 dtype=torch.bfloat16 if cfg.value_dtype == "bf16" else TABLE_DTYPE)
         self.record_lookups = False
         self.last_lookup: Optional[PKMLookup] = None
 

@@ -274,6 +274,7 @@ class ValueTable(nn.Module):
             raise ModelError(f"PKM value dim {dim} (model.hidden_size) is not divisible by the "
                              f"memory-parallel size {parallel.size}")
         self.n_slots, self.dim, self.parallel = n_slots, dim, parallel
+        self.storage_dtype = dtype  # fp32 (TABLE_DTYPE), or bf16 by choice (model/precision.py)
         self.shard_dim = dim // parallel.size
         self.column_start = parallel.shard * self.shard_dim
         weight = torch.empty(n_slots, self.shard_dim, dtype=dtype, device="meta" if _shape_only.get() else device)
@@ -308,6 +309,8 @@ class ValueTable(nn.Module):
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """indices, weights: [N, K] -> [N, dim] = sum_k weights[:, k] * table[indices[:, k]]."""
         p = self.parallel
+        if weights.dtype != self.weight.dtype:  # a bf16 table (model.pkm.value_dtype) reads bf16 weights
+            return self(indices, weights.to(self.weight.dtype)).to(weights.dtype)
         if p.size == 1:
             return weighted_bag(indices, weights, self.weight)
         if p.tp_size > 1:
@@ -327,10 +330,12 @@ class ValueTable(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.to()/.cuda()/.double() rebuild buffers through autograd, which would leave the table a
         # non-leaf (its gradient lost): keep it a leaf that requires grad. Casts to bf16/fp16 leave it
-        # fp32 (model/precision.py).
+        # fp32 (model/precision.py); a table stored in bf16 by choice (model.pkm.value_dtype) stays bf16.
         weight = self._buffers.pop("weight")
         super()._apply(fn, recurse)
-        self._buffers["weight"] = keep_at_least_fp32(fn, weight.detach()).detach().requires_grad_(True)
+        moved = (weight.detach().to(fn(torch.empty(0, device=weight.device)).device) if weight.dtype == torch.bfloat16
+                 else keep_at_least_fp32(fn, weight.detach()))
+        self._buffers["weight"] = moved.detach().requires_grad_(True)
         self._hook_grad()  # a new leaf: hook it again
         return self
 
