@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import math
 import os
 import platform
 import socket
@@ -43,6 +41,8 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import emit, log  # noqa: E402
 # THP is read at process start: --alloc thp re-executes this script with it.
 ALLOC_ENV = {"thp": {"THP_MEM_ALLOC_ENABLE": "1"}}  # torch backs large tensors with 2 MB pages
 ALLOC_HELP = ("pkm: what `pkm pretrain` does on CPU (train.cpu_keep_freed_memory: glibc keeps freed memory, "
@@ -63,9 +63,6 @@ BATCH, SEQ = 8, 128
 GPT = dict(num_layers=6, hidden_size=512, num_attention_heads=8, seq_length=SEQ)
 VOCAB, PKM_LAYER, VALUE_LR = 8192, 3, 1e-3
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def interleaved(variants: dict, reps: int, warmup: int = 1) -> tuple[dict, dict]:
@@ -541,9 +538,7 @@ def main(argv=None) -> dict:
         print(profile_layer())
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(f"wall {result['wall_s']} s, load average {result['loadavg_1min']} (1 min, start/end), allocator {args.alloc}")
-    if args.json:
-        print(json.dumps(result))
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,18 +53,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import free_port, log  # noqa: E402
 FULL = {"hidden": 1024, "n_keys": 1024, "heads": 8}
 QUICK = {"hidden": 256, "n_keys": 256, "heads": 4}
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(size: dict, run_dir: Path, cache: Path, world: int, steps: int, resume: Path | None,

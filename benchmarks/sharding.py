@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import emit, free_port, log  # noqa: E402
 WORKER = ROOT / "benchmarks" / "workers" / "sharding_worker.py"
 GLOBAL_BATCH = 8
 N_KEYS = 256
@@ -53,14 +54,6 @@ RUN = ["parallel.tensor_parallel=1", "parallel.memory_parallel=dp", "train.zero_
        "logging.progress=false", "checkpoint.save_interval=0"]
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_world(world: int, work: Path, warmup: int, steps: int, dense: bool, threads: int, n_keys: int) -> list[dict]:
@@ -175,9 +168,7 @@ def main(argv=None) -> dict:
     print(f"step_time_w2_over_w1 {result['step_time_w2_over_w1']} | step_time_w4_over_w1 "
           f"{result['step_time_w4_over_w1']}{note}")
     print(f"wall {result['wall_s']} s")
-    if args.json:
-        print(json.dumps(result))
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

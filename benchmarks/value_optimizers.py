@@ -26,14 +26,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import emit, log  # noqa: E402
 VARIANTS = {"adam": ["model.pkm.value_optimizer=adam"],
             "rowwise_adagrad": ["model.pkm.value_optimizer=rowwise_adagrad"],
             "rowwise_adagrad_bf16": ["model.pkm.value_optimizer=rowwise_adagrad", "model.pkm.value_dtype=bf16"],
             "rowwise_adam": ["model.pkm.value_optimizer=rowwise_adam"]}
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def train(config: str, overrides: list[str], run_dir: Path) -> dict:
@@ -93,9 +92,7 @@ def main(argv=None) -> dict:
                 result[name]["gap_vs_adam"] = round((result[name]["valid_loss"] - result["adam"]["valid_loss"])
                                                     / result["adam"]["valid_loss"], 5)
     result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    if args.json:
-        print(json.dumps(result))
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":
