@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.test_sharding import losses, run
+from tests.test_sharding import loss_curve, run
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 TOL = 1e-5
@@ -89,7 +89,7 @@ def test_reshard_resume_trains_like_uninterrupted(uninterrupted: Path, tmp_path:
         f"train.zero_stage={zero}", f"train.micro_batch_size={8 // nproc}", f"train.train_steps={STEPS}",
         f"checkpoint.save_interval={SAVED_AT}", "checkpoint.resume=auto")
 
-    ref, got = losses(uninterrupted)[SAVED_AT:], losses(d)
+    ref, got = loss_curve(uninterrupted)[SAVED_AT:], loss_curve(d)
     assert len(ref) == len(got) == STEPS - SAVED_AT, (ref, got)
     for step, (a, b) in enumerate(zip(ref, got), SAVED_AT + 1):
         assert abs(a - b) <= TOL * abs(a), f"step {step}: uninterrupted {a} vs resumed at {nproc} ranks {b}"

@@ -142,7 +142,7 @@ def test_resume_in_row_blocks_at_another_layout(tmp_path, monkeypatch):
       read whole, so a rank briefly holds one saved shard: bounded by the saving layout's shard.)"""
     import shutil
 
-    from tests.test_sharding import losses, run
+    from tests.test_sharding import loss_curve, run
 
     blocks8 = str(48 ** 2 * 64 * 4 // 8)
     for name, saved_blocks, world in (("blocks", blocks8, 4), ("single_chunk", "", 1)):
@@ -155,5 +155,5 @@ def test_resume_in_row_blocks_at_another_layout(tmp_path, monkeypatch):
         monkeypatch.setenv("PKM_TEST_CHECKPOINT_BLOCK_BYTES", blocks8)
         run("tiny_gpt.yaml", world, b, "parallel.tensor_parallel=1", "parallel.memory_parallel=dp",
             f"train.micro_batch_size={8 // world}", "train.train_steps=3", "checkpoint.resume=auto")
-        (continued,), (resumed,) = losses(a)[2:], losses(b)
+        (continued,), (resumed,) = loss_curve(a)[2:], loss_curve(b)
         assert abs(resumed - continued) <= 1e-5 * abs(continued), (name, resumed, continued)

@@ -4,17 +4,13 @@ real Trainer against a single-process run of the same global batch: per-step los
 full-size table or table gradient (checked op by op inside each worker, tests/workers/sharded_train.py)."""
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, losses, torchrun
+
 WORKER = ROOT / "tests" / "workers" / "sharded_train.py"
 COMMON = ["model.pkm.n_keys=48", "train.train_steps=5", "logging.tensorboard=false", "checkpoint.keep_last=1",
           "train.global_batch_size=8"]
@@ -22,26 +18,17 @@ TOL = 1e-5
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(config: str, nproc: int, run_dir: Path, *overrides: str) -> Path:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_port()), str(WORKER), str(ROOT / "configs" / config), f"run_dir={run_dir}",
-           f"data.cache_dir={run_dir.parent / 'cache'}", *COMMON, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    r = torchrun(WORKER, ROOT / "configs" / config, f"run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}",
+                 *COMMON, *overrides, nproc=nproc)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert r.stdout.count("largest dense table-shaped tensor") == nproc
     return run_dir
 
 
-def losses(run_dir: Path) -> list[float]:
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["lm loss"] for r in recs if "lm loss" in r]
+def loss_curve(run_dir: Path) -> list[float]:
+    """The per-step losses in step order."""
+    return [v for _, v in sorted(losses(run_dir).items())]
 
 
 def value_table(run_dir: Path) -> torch.Tensor:
@@ -82,7 +69,7 @@ def test_sharded_matches_single_process(reference, tmp_path, family, nproc, tp, 
     dp = nproc // tp
     out = run(f"tiny_{family}.yaml", nproc, tmp_path / "run", f"parallel.tensor_parallel={tp}",
               f"parallel.memory_parallel={mp}", f"train.zero_stage={zero}", f"train.micro_batch_size={8 // dp}")
-    ref_losses, got = losses(reference[family]), losses(out)
+    ref_losses, got = loss_curve(reference[family]), loss_curve(out)
     assert len(got) == len(ref_losses) == 5
     for step, (a, b) in enumerate(zip(ref_losses, got), 1):
         assert abs(a - b) <= TOL * abs(a), f"step {step}: single {a} vs {nproc} ranks {b}"
@@ -125,7 +112,7 @@ def test_rowwise_value_optimizers_match_single_process(rowwise_reference, tmp_pa
     out = run(f"tiny_{family}.yaml", nproc, tmp_path / "run", f"parallel.tensor_parallel={tp}",
               f"parallel.memory_parallel={mp}", f"train.zero_stage={zero}", f"train.micro_batch_size={8 // dp}",
               f"model.pkm.value_optimizer={kind}")
-    ref_losses, got = losses(rowwise_reference[kind]), losses(out)
+    ref_losses, got = loss_curve(rowwise_reference[kind]), loss_curve(out)
     assert len(got) == len(ref_losses) == 5
     for step, (a, b) in enumerate(zip(ref_losses, got), 1):
         assert abs(a - b) <= TOL * abs(a), f"step {step}: single {a} vs {nproc} ranks {b}"
