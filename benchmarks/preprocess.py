@@ -226,7 +226,7 @@ def cpu_seconds() -> float:
 def run_child(methods: list[str], inp: str, out: str, workers: int) -> dict:
     r = subprocess.run([sys.executable, __file__, "--child", ",".join(methods), inp, out, str(workers)],
                        capture_output=True, text=True, cwd=REPO)
-    res = [json.loads(l[7:]) for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    res = [json.loads(line[7:]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     if r.returncode != 0 or len(res) != len(methods):
         raise SystemExit(f"{methods} failed:\n{r.stderr[-3000:]}")
     out = {x["method"]: x for x in res}

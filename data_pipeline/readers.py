@@ -130,10 +130,10 @@ def _split_bytes(src: str, kind: str, json_key: str, chunk_bytes: int, boundary:
             if boundary is not None:
                 cut = buf.rfind(boundary) + 1
             else:
-                m = None
-                for m in _BLANK_LINE.finditer(buf):
+                last = None
+                for last in _BLANK_LINE.finditer(buf):  # noqa: B007 - the last match is what we want
                     pass
-                cut = m.end() if m else 0
+                cut = last.end() if last else 0
             if cut <= 0:  # no boundary yet (one huge record): read as much again, so time stays linear
                 rest, want = buf, max(chunk_bytes, len(buf))
                 continue

@@ -90,7 +90,10 @@ def test_gpu_pkm_layer_matches_fp32_cpu():
     ref16 = run(cpu16_weights, "cpu", torch.float32)
     got32 = run(gpu32, "cuda", torch.float32)
     got16 = run(gpu16, "cuda", torch.bfloat16)
-    rel = lambda a, b: float((a.detach().float().cpu() - b.detach().float().cpu()).norm() / b.float().norm())
+
+    def rel(a, b) -> float:
+        return float((a.detach().float().cpu() - b.detach().float().cpu()).norm() / b.float().norm())
+
     for a, b in zip(got32, ref):
         assert rel(a, b) < 1e-4
     assert gpu16.values.weight.dtype == torch.float32 and gpu16.values.weight.grad.dtype == torch.float32

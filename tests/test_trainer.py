@@ -26,11 +26,11 @@ def gpt_run(tmp_path_factory) -> Path:
 
 
 def test_gpt_trains_and_reports(gpt_run: Path):
-    l = losses(gpt_run)
-    assert sorted(l) == list(range(1, 21))
-    assert l[20] < l[1] - 0.5, f"loss did not fall: {l[1]:.3f} -> {l[20]:.3f}"
+    by_step = losses(gpt_run)
+    assert sorted(by_step) == list(range(1, 21))
+    assert by_step[20] < by_step[1] - 0.5, f"loss did not fall: {by_step[1]:.3f} -> {by_step[20]:.3f}"
     if GOLDEN_FIRST_LOSS_GPT is not None:
-        assert abs(l[1] - GOLDEN_FIRST_LOSS_GPT) < 1e-4
+        assert abs(by_step[1] - GOLDEN_FIRST_LOSS_GPT) < 1e-4
     out = (gpt_run / "stdout.txt").read_text()
     assert "pretraining finished: 20 steps" in out and "slots read %" in out
 
@@ -113,8 +113,8 @@ def test_bert_trains(tmp_path: Path):
     run = tmp_path / "bert"
     r = run_pkm("pretrain", "--config", str(TINY_BERT), f"run_dir={run}")
     assert r.returncode == 0, r.stderr[-3000:]
-    l = losses(run)
-    assert l[max(l)] < l[1] - 0.3, l
+    by_step = losses(run)
+    assert by_step[max(by_step)] < by_step[1] - 0.3, by_step
 
 
 def test_value_updates_are_row_sparse(megatron_single_process, tmp_path: Path):

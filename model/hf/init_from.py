@@ -243,7 +243,9 @@ def _expand(rules: tuple[Rule, ...], num_layers: int) -> dict[str, tuple[Rule, t
     for rule in rules:
         layers = range(num_layers) if "{i}" in rule.megatron else [None]
         for i in layers:
-            fmt = (lambda s: s.replace("{i}", str(i))) if i is not None else (lambda s: s)
+            def fmt(s: str, i=i) -> str:
+                return s if i is None else s.replace("{i}", str(i))
+
             out[fmt(rule.megatron)] = (rule, tuple(fmt(h) for h in rule.hf))
     return out
 

@@ -49,7 +49,10 @@ def table(results: Sequence[RunResult]) -> str:
             f"{r.peak_memory_bytes / 2**20:.0f}", f"{r.state_bytes / 2**20:.1f}", str(r.updates),
         ])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def fmt(cells) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(row) for row in rows]
     if results:
         tokens, n_bytes = results[0].tokens, results[0].bytes
