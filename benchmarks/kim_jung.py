@@ -58,8 +58,8 @@ ARMS = [Arm("control", None, None),
         Arm("own_replace", "own", "replace"), Arm("own_add", "own", "add")]
 
 # N steps of batch x seq tokens per arm; the rest of the recipe is in the YAML.
-FULL = dict(steps=30, batch=8, seq=64, eval_interval=15, eval_steps=8, log_interval=3, window=10,
-            ft_steps=30, ft_batch=16, ft_max_length=32, ft_eval_size=250, ft_seeds=1)
+FULL = dict(steps=40, batch=4, seq=64, eval_interval=20, eval_steps=8, log_interval=4, window=10,
+            ft_steps=24, ft_batch=16, ft_max_length=32, ft_eval_size=150, ft_seeds=1)
 QUICK = dict(steps=2, batch=2, seq=32, eval_interval=2, eval_steps=1, log_interval=1, window=2,
              ft_steps=2, ft_batch=4, ft_max_length=16, ft_eval_size=20, ft_seeds=1)
 
