@@ -60,7 +60,7 @@ ARMS = [Arm("control", None, None),
         Arm("minilm_replace", "minilm", "replace"), Arm("minilm_add", "minilm", "add"),
         Arm("own_replace", "own", "replace"), Arm("own_add", "own", "add")]
 
-PARALLEL = 4  # arms at a time
+PARALLEL = 8  # arms at a time: all of them (own_* wait for the control)
 # N steps of batch x seq tokens per arm; the rest of the recipe is in the YAML.
 FULL = dict(steps=20, batch=4, seq=64, eval_interval=10, eval_steps=8, log_interval=2, window=10,
             ft_steps=20, ft_batch=16, ft_max_length=32, ft_eval_size=150, ft_seeds=1)
@@ -248,6 +248,7 @@ def main() -> None:
                      "corpus": {"books": [b.stem for b in books], "tokens": manifest.get("tokens"),
                                 "documents": manifest.get("documents")},
                      "tokens_per_arm": sizes["steps"] * sizes["batch"] * sizes["seq"], "arms": {}}
+    lock = threading.Lock()
     control_done = threading.Event()  # own_* start from the control's step-N checkpoint
 
     def chain(arm: Arm | None) -> None:
@@ -275,7 +276,11 @@ def main() -> None:
                     **summarise(run, sizes["window"], at_step=sizes["steps"])}
             model_dir = export(run, out)
         entry.update(accuracy_summary([finetune(name, model_dir, sizes, out, seed) for seed in range(sizes["ft_seeds"])]))
-        results["arms"][name] = entry
+        with lock:
+            results["arms"][name] = entry
+            if args.results:  # what is finished so far, in case the grid is stopped early
+                Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.results).write_text(json.dumps({**results, "partial": True}, indent=1) + "\n")
 
     # Arms run PARALLEL at a time (one torch thread each): on a shared machine each process gets its
     # own share of the cores, and most of a short run is start-up. own_* are queued last.
