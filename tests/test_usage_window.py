@@ -53,7 +53,7 @@ def test_top1_usage_counts_each_heads_best_slot():
     """Top-1 usage (Lample et al.): the share of slots that were the highest-weight slot of some head for
     some token; per head, not over a token's heads x knn reads together."""
     from model.config import PKMConfig
-    from model.pkm.memory import ProductKeyMemory, PKMLookup
+    from model.pkm.memory import PKMLookup, ProductKeyMemory
     from pretrain.metrics import PKMUsage
 
     mem = ProductKeyMemory(8, PKMConfig(n_keys=4, heads=2, knn=2, k_dim=4))  # 16 slots
