@@ -62,8 +62,8 @@ ARMS = [Arm("control", None, None),
 
 PARALLEL = 8  # arms at a time: all of them (own_* wait for the control)
 # N steps of batch x seq tokens per arm; the rest of the recipe is in the YAML.
-FULL = {"steps": 20, "batch": 4, "seq": 64, "eval_interval": 10, "eval_steps": 8, "log_interval": 2, "window": 10,
-        "ft_steps": 20, "ft_batch": 16, "ft_max_length": 32, "ft_eval_size": 150, "ft_seeds": 1}
+FULL = {"steps": 200, "batch": 8, "seq": 64, "eval_interval": 50, "eval_steps": 8, "log_interval": 10, "window": 10,
+        "ft_steps": 60, "ft_batch": 16, "ft_max_length": 32, "ft_eval_size": 200, "ft_seeds": 2}
 QUICK = {"steps": 2, "batch": 2, "seq": 32, "eval_interval": 2, "eval_steps": 1, "log_interval": 1, "window": 2,
          "ft_steps": 2, "ft_batch": 4, "ft_max_length": 16, "ft_eval_size": 20, "ft_seeds": 1}
 
