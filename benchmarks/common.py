@@ -1,4 +1,5 @@
 """What every benchmark script shares: progress on stderr, a free port, and the `--json` last line."""
+
 from __future__ import annotations
 
 import json

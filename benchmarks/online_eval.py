@@ -28,6 +28,7 @@ nothing about real models.
 pkm_values_vs_static, ppl_static, ppl_txl (and more), and for the context experiment ppl_/flops_/
 seconds_ of static_L, static_L2.., txl_L2.. (suffix _shift: the KJV documents).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,19 @@ EVAL_BOOKS = ["the_war_of_the_worlds", "great_expectations"]
 DEV_BOOK = "twenty_thousand_leagues_under_the_sea"
 
 # Picked on the dev book (first 2,048 tokens), never on the evaluation books.
-SMOLLM2 = dict(chunk=256, window=512, full_opt="adamw", full_lr=1e-4, lora_lr=3e-3, pkm_opt="adamw", pkm_lr=1.0,
-               txl_every=4, pkm_every=2, pkm_layer=26, pkm_keys=256)
+SMOLLM2 = dict(
+    chunk=256,
+    window=512,
+    full_opt="adamw",
+    full_lr=1e-4,
+    lora_lr=3e-3,
+    pkm_opt="adamw",
+    pkm_lr=1.0,
+    txl_every=4,
+    pkm_every=2,
+    pkm_layer=26,
+    pkm_keys=256,
+)
 
 
 class MLPWithMemory(nn.Module):
@@ -108,8 +120,10 @@ def run_set(model, docs, p, pkm_model=None, include_overlap=True):
         "lora": (dyn.replace(adapt="lora", optimizer="adamw", lr=p["lora_lr"]), None),
         "static_pkm": (base, pkm_model),
         "pkm_values": (dyn.replace(adapt="pkm-values", optimizer=p["pkm_opt"], lr=p["pkm_lr"]), pkm_model),
-        "pkm_values_every": (dyn.replace(adapt="pkm-values", optimizer=p["pkm_opt"], lr=p["pkm_lr"],
-                                         update_every=p["pkm_every"]), pkm_model),
+        "pkm_values_every": (
+            dyn.replace(adapt="pkm-values", optimizer=p["pkm_opt"], lr=p["pkm_lr"], update_every=p["pkm_every"]),
+            pkm_model,
+        ),
     }
     if include_overlap:
         runs["overlap"] = (dyn.replace(strategy="overlapping"), None)
@@ -130,10 +144,10 @@ def compare_named(model, docs, runs, progress, groups=None):
     for group in groups or [list(runs)]:
         names = [n for n in group if n in runs]
         # static runs leave their model untouched and share it; each dynamic run adapts its own copy
-        models = [runs[n][1] or model if runs[n][0].mode == "static" else copy.deepcopy(runs[n][1] or model)
-                  for n in names]
-        results = compare(model, docs, [runs[n][0] for n in names], interleave=True, progress=progress,
-                          models=models)
+        models = [
+            runs[n][1] or model if runs[n][0].mode == "static" else copy.deepcopy(runs[n][1] or model) for n in names
+        ]
+        results = compare(model, docs, [runs[n][0] for n in names], interleave=True, progress=progress, models=models)
         del models
         by_name = dict(zip(names, results))
         for n, r in by_name.items():
@@ -176,9 +190,11 @@ def headline(res: dict) -> dict:
     return d
 
 
-GROUPS = [["static", "static_overlap", "txl", "overlap"],
-          ["static", "txl_every", "lora"],
-          ["static", "static_pkm", "pkm_values", "pkm_values_every"]]
+GROUPS = [
+    ["static", "static_overlap", "txl", "overlap"],
+    ["static", "txl_every", "lora"],
+    ["static", "static_pkm", "pkm_values", "pkm_values_every"],
+]
 
 
 def tables(res: dict) -> str:
@@ -192,8 +208,9 @@ def tables(res: dict) -> str:
 
 
 # picked on the dev book (2,048 tokens) for the `make demo` model (4 layers, d=128, 16k-slot memory)
-PKM_GPT = dict(full_opt="adamw", full_lr=3e-4, lora_lr=1e-3, pkm_opt="adamw", pkm_lr=1e-2, txl_every=4, pkm_every=2,
-               bin=512)
+PKM_GPT = dict(
+    full_opt="adamw", full_lr=3e-4, lora_lr=1e-3, pkm_opt="adamw", pkm_lr=1e-2, txl_every=4, pkm_every=2, bin=512
+)
 
 
 def load_pkm_gpt(path: str):
@@ -251,19 +268,39 @@ def context_runs(model, L: int, p: dict, extras: bool) -> tuple[dict, list]:
         groups += [["static_L", "txl_L"], ["static_L", "overlap_L"], ["static_L", "txl_L_every4"]]
         if _has_memory(model):
             for k in CONTEXT_DIVISORS[1:]:
-                runs[f"pkmv_L{k}"] = (dyn.replace(chunk=L // (2 * k), adapt="pkm-values", optimizer=p["pkm_opt"],
-                                                  lr=p["pkm_lr"]), None)
+                runs[f"pkmv_L{k}"] = (
+                    dyn.replace(chunk=L // (2 * k), adapt="pkm-values", optimizer=p["pkm_opt"], lr=p["pkm_lr"]),
+                    None,
+                )
             groups.append(["static_L"] + [f"pkmv_L{k}" for k in CONTEXT_DIVISORS[1:]])
     return runs, groups
 
 
-def context_experiment(label: str, model, tok, L: int, p: dict, tokens: int, extras: bool, progress: bool,
-                       save=None, domains=("books", "shift")) -> dict:
+def context_experiment(
+    label: str,
+    model,
+    tok,
+    L: int,
+    p: dict,
+    tokens: int,
+    extras: bool,
+    progress: bool,
+    save=None,
+    domains=("books", "shift"),
+) -> dict:
     """Both domains for one model: per run its perplexity, FLOPs, seconds and ratios to static_L.
     `save(partial)` is called after each domain (a long run keeps what it has measured)."""
     t_start = time.time()
-    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "model": label, "L": L,
-           "sink": p.get("sink", 4), "tokens_per_doc": tokens, "optimizer": p["full_opt"], "lr": p["full_lr"]}
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "model": label,
+        "L": L,
+        "sink": p.get("sink", 4),
+        "tokens_per_doc": tokens,
+        "optimizer": p["full_opt"],
+        "lr": p["full_lr"],
+    }
     runs, groups = context_runs(model, L, p, extras)
     if sum(t.numel() for t in model.parameters()) < 50e6:  # small: all runs side by side in one group
         groups = None
@@ -273,19 +310,33 @@ def context_experiment(label: str, model, tok, L: int, p: dict, tokens: int, ext
         docs = tokenize(bundled_books(books), tok, max_tokens=tokens)
         t0 = time.time()
         res = compare_named(model, docs, runs, progress=progress, groups=groups)
-        print(f"\ncontext experiment, {domain} ({', '.join(books)}; {sum(d.n_scored for d in docs)} tokens, "
-              f"L={L}), {time.time() - t0:.0f} s:")
+        print(
+            f"\ncontext experiment, {domain} ({', '.join(books)}; {sum(d.n_scored for d in docs)} tokens, "
+            f"L={L}), {time.time() - t0:.0f} s:"
+        )
         print(tables(res))
         static = res["static_L"]
         out[domain] = {
-            "books": books, "tokens": sum(d.n_scored for d in docs),
-            "runs": {n: {"ppl": r.perplexity, "nats_per_token": r.nats_per_token, "chunk": r.config["chunk"],
-                         "strategy": r.config["strategy"], "mode": r.config["mode"], "adapt": r.config["adapt"],
-                         "update_every": r.config["update_every"], "flops": r.flops, "seconds": r.wall_s,
-                         "updates": r.updates, "ppl_vs_static_L": r.perplexity / static.perplexity - 1,
-                         "time_vs_static_L": r.wall_s / r.group_static.wall_s,
-                         "flops_vs_static_L": r.flops / r.group_static.flops}
-                     for n, r in res.items()},
+            "books": books,
+            "tokens": sum(d.n_scored for d in docs),
+            "runs": {
+                n: {
+                    "ppl": r.perplexity,
+                    "nats_per_token": r.nats_per_token,
+                    "chunk": r.config["chunk"],
+                    "strategy": r.config["strategy"],
+                    "mode": r.config["mode"],
+                    "adapt": r.config["adapt"],
+                    "update_every": r.config["update_every"],
+                    "flops": r.flops,
+                    "seconds": r.wall_s,
+                    "updates": r.updates,
+                    "ppl_vs_static_L": r.perplexity / static.perplexity - 1,
+                    "time_vs_static_L": r.wall_s / r.group_static.wall_s,
+                    "flops_vs_static_L": r.flops / r.group_static.flops,
+                }
+                for n, r in res.items()
+            },
         }
         out["wall_s"] = time.time() - t_start
         if save is not None:
@@ -309,29 +360,58 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--tokens", type=int, default=None, help="tokens read per book (full: 2048, quick: 512)")
     ap.add_argument("--books", nargs="+", default=None)
-    ap.add_argument("--pkm-model", default=str(REPO / "runs" / "demo_gpt" / "checkpoints"),
-                    help="our PKM-GPT: exported HF dir or native checkpoint ('' to skip)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: two threads fighting other processes on 2 shared cores are slower)")
+    ap.add_argument(
+        "--pkm-model",
+        default=str(REPO / "runs" / "demo_gpt" / "checkpoints"),
+        help="our PKM-GPT: exported HF dir or native checkpoint ('' to skip)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: two threads fighting other processes on 2 shared cores are slower)",
+    )
     ap.add_argument("--out", default=None, help="also write results.json / loss_by_position.png here")
-    ap.add_argument("--experiments", nargs="+", choices=("modes", "context"), default=["modes", "context"],
-                    help="modes: static vs dynamic variants (issue #8); context: static at L vs dynamic at L/2, "
-                         "L/4, L/8, in-domain and under a shift (issue #12)")
+    ap.add_argument(
+        "--experiments",
+        nargs="+",
+        choices=("modes", "context"),
+        default=["modes", "context"],
+        help="modes: static vs dynamic variants (issue #8); context: static at L vs dynamic at L/2, "
+        "L/4, L/8, in-domain and under a shift (issue #12)",
+    )
     ap.add_argument("--context-tokens", type=int, default=None, help="tokens read per document (full: 2048)")
-    ap.add_argument("--context-json", default=None,
-                    help="write the context experiment's figures here (an existing file keeps the entries of the "
-                         "models and domains not run this time)")
-    ap.add_argument("--context-domains", nargs="+", choices=("books", "shift"), default=["books", "shift"],
-                    help="the context experiment's documents: the held-out books, the KJV excerpts (shift)")
-    ap.add_argument("--models", nargs="+", choices=("smollm2", "pkm-gpt"), default=["smollm2", "pkm-gpt"],
-                    help="full mode: the models evaluated (the modes experiment needs smollm2)")
+    ap.add_argument(
+        "--context-json",
+        default=None,
+        help="write the context experiment's figures here (an existing file keeps the entries of the "
+        "models and domains not run this time)",
+    )
+    ap.add_argument(
+        "--context-domains",
+        nargs="+",
+        choices=("books", "shift"),
+        default=["books", "shift"],
+        help="the context experiment's documents: the held-out books, the KJV excerpts (shift)",
+    )
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        choices=("smollm2", "pkm-gpt"),
+        default=["smollm2", "pkm-gpt"],
+        help="full mode: the models evaluated (the modes experiment needs smollm2)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     if not args.quick and "modes" in args.experiments and "smollm2" not in args.models:
         ap.error("--experiments modes needs --models smollm2")
     torch.set_num_threads(args.threads)
     t_start = time.time()
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "mode": "quick" if args.quick else "full"}
+    out: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "mode": "quick" if args.quick else "full",
+    }
 
     if args.quick:
         from model.hf.modeling.configuration_pkm import PKMGPTConfig
@@ -340,14 +420,32 @@ def main() -> int:
 
         tok = load_tokenizer_for_export(str(REPO / "data_pipeline" / "assets" / "tokenizer" / "austen_gpt.model"))
         torch.manual_seed(0)
-        cfg = PKMGPTConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=256, max_position_embeddings=512, normalization="RMSNorm",
-                           activation="swiglu", position_embedding="rope", add_bias_linear=False,
-                           pkm={"layers": [1], "n_keys": 32, "heads": 2, "knn": 8, "k_dim": 32,
-                                "query_batchnorm": False})
+        cfg = PKMGPTConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=512,
+            normalization="RMSNorm",
+            activation="swiglu",
+            position_embedding="rope",
+            add_bias_linear=False,
+            pkm={"layers": [1], "n_keys": 32, "heads": 2, "knn": 8, "k_dim": 32, "query_batchnorm": False},
+        )
         model = PKMGPTForCausalLM(cfg).eval()
-        p = dict(chunk=64, window=128, full_opt="adamw", full_lr=3e-3, lora_lr=1e-2, pkm_opt="adamw", pkm_lr=3e-2,
-                 txl_every=4, pkm_every=2, bin=256)
+        p = dict(
+            chunk=64,
+            window=128,
+            full_opt="adamw",
+            full_lr=3e-3,
+            lora_lr=1e-2,
+            pkm_opt="adamw",
+            pkm_lr=3e-2,
+            txl_every=4,
+            pkm_every=2,
+            bin=256,
+        )
         label, context_L, context_tokens = "tiny random PKM-GPT (quick)", 128, args.context_tokens or 128
     else:
         from pretrain.online_eval.models import load_causal_lm
@@ -374,16 +472,19 @@ def main() -> int:
             res = compare_named(model, docs, run_set(model, docs, p), progress=not args.no_progress)
         else:
             grafted = graft_memory(model, p["pkm_layer"], p["pkm_keys"])
-            ids = torch.tensor(docs[0].ids[:p["chunk"]])[None]
+            ids = torch.tensor(docs[0].ids[: p["chunk"]])[None]
             with torch.no_grad():  # zero values: the grafted model is SmolLM2, bit for bit
                 assert torch.equal(model(ids).logits, grafted(ids).logits)
-            res = compare_named(model, docs, run_set(model, docs, p, pkm_model=grafted),
-                                progress=not args.no_progress, groups=GROUPS)
+            res = compare_named(
+                model, docs, run_set(model, docs, p, pkm_model=grafted), progress=not args.no_progress, groups=GROUPS
+            )
             del grafted
             label += f" (PKM runs: + zero-valued memory in layer {p['pkm_layer']}, {p['pkm_keys']}^2 slots)"
         n_tokens = sum(d.n_scored for d in docs)
-        print(f"\n{label}: {len(docs)} books ({', '.join(books)}), {n_tokens} tokens, chunk {p['chunk']}, "
-              f"window {p['window']}; {out['machine']}")
+        print(
+            f"\n{label}: {len(docs)} books ({', '.join(books)}), {n_tokens} tokens, chunk {p['chunk']}, "
+            f"window {p['window']}; {out['machine']}"
+        )
         print(tables(res))
         out.update(headline(res))
         out["details"] = ratios(res)
@@ -395,14 +496,20 @@ def main() -> int:
             report.plot(Path(args.out) / "loss_by_position.png", list(res.values()), title=label)
         if pkm_gpt is not None:
             out["pkm_gpt"] = pkm_gpt_section(*pkm_gpt, bundled_books(books), args)
-        print(f"\nTXL dynamic: {out['txl_vs_static']:.2f}x static time (every {p['txl_every']} chunks: "
-              f"{out['txl_every_vs_static']:.2f}x; goal <= 2x); "
-              + (f"overlapping: {out['overlap_vs_static']:.2f}x; " if out["overlap_vs_static"] else "")
-              + f"LoRA: {out['lora_vs_static']:.2f}x; "
-              + (f"PKM values: {out['pkm_values_vs_static']:.2f}x (every {p['pkm_every']} chunks: "
-                 f"{out['pkm_values_every_vs_static']:.2f}x; goal <= 1.3x); " if out["pkm_values_vs_static"] else "")
-              + f"ppl static {out['ppl_static']:.3f} -> TXL dynamic {out['ppl_txl']:.3f}"
-              + (f" ({100 * out['txl_vs_overlap_ppl']:+.2f}% vs overlapping)" if "txl_vs_overlap_ppl" in out else ""))
+        print(
+            f"\nTXL dynamic: {out['txl_vs_static']:.2f}x static time (every {p['txl_every']} chunks: "
+            f"{out['txl_every_vs_static']:.2f}x; goal <= 2x); "
+            + (f"overlapping: {out['overlap_vs_static']:.2f}x; " if out["overlap_vs_static"] else "")
+            + f"LoRA: {out['lora_vs_static']:.2f}x; "
+            + (
+                f"PKM values: {out['pkm_values_vs_static']:.2f}x (every {p['pkm_every']} chunks: "
+                f"{out['pkm_values_every_vs_static']:.2f}x; goal <= 1.3x); "
+                if out["pkm_values_vs_static"]
+                else ""
+            )
+            + f"ppl static {out['ppl_static']:.3f} -> TXL dynamic {out['ppl_txl']:.3f}"
+            + (f" ({100 * out['txl_vs_overlap_ppl']:+.2f}% vs overlapping)" if "txl_vs_overlap_ppl" in out else "")
+        )
 
     if "context" in args.experiments:
         ctx = {}
@@ -417,22 +524,42 @@ def main() -> int:
                     with atomic_output(path) as tmp:
                         tmp.write_text(json.dumps(kept, indent=1) + "\n")
                     print(f"wrote {path}", flush=True)
+
             return save
 
         if model is not None:
             name = "quick" if args.quick else "smollm2"
             print(f"\n== context experiment: {label}")
-            context_experiment(label, model, tok, context_L, p, context_tokens, extras=args.quick,
-                               progress=not args.no_progress, save=saver(name), domains=args.context_domains)
+            context_experiment(
+                label,
+                model,
+                tok,
+                context_L,
+                p,
+                context_tokens,
+                extras=args.quick,
+                progress=not args.no_progress,
+                save=saver(name),
+                domains=args.context_domains,
+            )
             out.update(context_keys(ctx[name]))
         if pkm_gpt is not None:
             gpt, gpt_tok = pkm_gpt
             print(f"\n== context experiment: our PKM-GPT ({args.pkm_model})")
             # L = its seq_length, and no sink tokens: [memory; chunk] fills exactly the positions it was trained
             # on, and it learned no sink (its training windows start anywhere in the text)
-            context_experiment(f"our PKM-GPT ({args.pkm_model})", gpt, gpt_tok, gpt.config.max_position_embeddings,
-                               dict(PKM_GPT, sink=0), context_tokens, extras=True, progress=not args.no_progress,
-                               save=saver("pkm_gpt"), domains=args.context_domains)
+            context_experiment(
+                f"our PKM-GPT ({args.pkm_model})",
+                gpt,
+                gpt_tok,
+                gpt.config.max_position_embeddings,
+                dict(PKM_GPT, sink=0),
+                context_tokens,
+                extras=True,
+                progress=not args.no_progress,
+                save=saver("pkm_gpt"),
+                domains=args.context_domains,
+            )
         out["context"] = ctx
     out["wall_s"] = time.time() - t_start
     if args.json:

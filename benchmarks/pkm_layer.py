@@ -27,6 +27,7 @@ line; `--profile` adds a torch.profiler table of our layer and per-phase timers 
 `--alloc pkm` (default) runs under the malloc settings `pkm pretrain` applies on CPU
 (pretrain/cpu_alloc.py: glibc keeps freed memory); `--alloc default` under glibc's defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,16 +44,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit, log  # noqa: E402
+
 # THP is read at process start: --alloc thp re-executes this script with it.
 ALLOC_ENV = {"thp": {"THP_MEM_ALLOC_ENABLE": "1"}}  # torch backs large tensors with 2 MB pages
-ALLOC_HELP = ("pkm: what `pkm pretrain` does on CPU (train.cpu_keep_freed_memory: glibc keeps freed memory, "
-              "pretrain/cpu_alloc.py); default: glibc's defaults; thp: THP_MEM_ALLOC_ENABLE=1")
+ALLOC_HELP = (
+    "pkm: what `pkm pretrain` does on CPU (train.cpu_keep_freed_memory: glibc keeps freed memory, "
+    "pretrain/cpu_alloc.py); default: glibc's defaults; thp: THP_MEM_ALLOC_ENABLE=1"
+)
 _mode = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--alloc=")), None)
 if "--alloc" in sys.argv[:-1]:
     _mode = sys.argv[sys.argv.index("--alloc") + 1]
 if _mode in ALLOC_ENV and os.environ.get("PKM_BENCH_ALLOC") is None:
-    os.execve(sys.executable, [sys.executable] + sys.argv,
-              {**os.environ, **ALLOC_ENV.get(_mode, {}), "PKM_BENCH_ALLOC": _mode})
+    os.execve(
+        sys.executable,
+        [sys.executable] + sys.argv,
+        {**os.environ, **ALLOC_ENV.get(_mode, {}), "PKM_BENCH_ALLOC": _mode},
+    )
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -62,7 +69,6 @@ DIM, N_KEYS, HEADS, KNN, K_DIM = 512, 512, 4, 32, 256
 BATCH, SEQ = 8, 128
 GPT = dict(num_layers=6, hidden_size=512, num_attention_heads=8, seq_length=SEQ)
 VOCAB, PKM_LAYER, VALUE_LR = 8192, 3, 1e-3
-
 
 
 def interleaved(variants: dict, reps: int, warmup: int = 1) -> tuple[dict, dict]:
@@ -103,8 +109,12 @@ def layer_before(commit: str):
     import model.pkm.memory as memory
     from model.config import PKMConfig
 
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:model/pkm/product_keys.py"],
-                         capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{commit}:model/pkm/product_keys.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     ns: dict = {}
     exec(compile(src, f"{commit}:model/pkm/product_keys.py", "exec"), ns)
     layer = memory.ProductKeyMemory(DIM, PKMConfig(n_keys=N_KEYS, heads=HEADS, knn=KNN, k_dim=K_DIM))
@@ -135,9 +145,9 @@ def layer_variants(before: str | None = None) -> tuple[dict, dict]:
     }
     notes = {}
     try:
-        from product_key_memory import PKM
-
         import importlib.metadata as md
+
+        from product_key_memory import PKM
 
         modules["lucidrains"] = PKM(DIM, heads=HEADS, num_keys=N_KEYS, topk=KNN, dim_head=K_DIM // 2)
         notes["lucidrains"] = f"product-key-memory {md.version('product-key-memory')}"
@@ -154,6 +164,7 @@ def layer_variants(before: str | None = None) -> tuple[dict, dict]:
             for t in list(m.parameters()) + [b for b in m.buffers() if b.requires_grad]:
                 t.grad = None
             x.grad = None
+
         return run
 
     return {k: step(m) for k, m in modules.items()}, notes
@@ -161,19 +172,39 @@ def layer_variants(before: str | None = None) -> tuple[dict, dict]:
 
 # Where our layer's time goes: profiler ops grouped by the stage they belong to.
 STAGES = {  # torch.profiler op -> stage; a custom autograd Function's self time is its numba kernel
-    "query network (Linear, BatchNorm)": ("aten::addmm", "aten::mm", "aten::sum", "aten::mul", "aten::add",
-                                          "aten::sub", "aten::rsqrt", "aten::cat", "aten::pow", "aten::div"),
+    "query network (Linear, BatchNorm)": (
+        "aten::addmm",
+        "aten::mm",
+        "aten::sum",
+        "aten::mul",
+        "aten::add",
+        "aten::sub",
+        "aten::rsqrt",
+        "aten::cat",
+        "aten::pow",
+        "aten::div",
+    ),
     "sub-key scoring (bmm)": ("aten::bmm",),
     "top-k of halves and pairs (numba kernel)": ("_ProductKeyTopK",),
     "top-k (torch ops)": ("aten::topk", "aten::gather", "aten::index_select", "aten::index", "aten::stack"),
     "softmax": ("aten::_softmax", "aten::_softmax_backward_data"),
     "value backward: weight grads + table rows (numba kernel)": ("_WeightedBagBackward",),
     "value backward: weight grads (torch)": ("aten::_embedding_bag_per_sample_weights_backward",),
-    "EmbeddingBags: value read, query/key grads": ("aten::_embedding_bag", "aten::_embedding_bag_forward_only",
-                                                   "aten::embedding_dense_backward", "aten::_embedding_bag_backward",
-                                                   "aten::_embedding_bag_sparse_backward"),
-    "sort / unique (grouping reads)": ("aten::sort", "aten::unique_consecutive", "aten::bincount",
-                                       "aten::cumsum", "aten::floor_divide", "aten::index_copy_"),
+    "EmbeddingBags: value read, query/key grads": (
+        "aten::_embedding_bag",
+        "aten::_embedding_bag_forward_only",
+        "aten::embedding_dense_backward",
+        "aten::_embedding_bag_backward",
+        "aten::_embedding_bag_sparse_backward",
+    ),
+    "sort / unique (grouping reads)": (
+        "aten::sort",
+        "aten::unique_consecutive",
+        "aten::bincount",
+        "aten::cumsum",
+        "aten::floor_divide",
+        "aten::index_copy_",
+    ),
     "copies / fills": ("aten::copy_", "aten::fill_", "aten::zero_", "aten::clone", "aten::empty"),
 }
 
@@ -229,11 +260,18 @@ def fbgemm_vs_ours(reps: int) -> dict:
 
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-            ComputeDevice, OptimType, SplitTableBatchedEmbeddingBagsCodegen)
+            ComputeDevice,
+            OptimType,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
     except ImportError as e:
         log(f"NOTE: fbgemm_vs_ours skipped: fbgemm-gpu-cpu not installed ({e})")
-        return {"fbgemm_vs_ours": None, "fbgemm_vs_ours_lazy_adam": None, "fbgemm_vs_ours_cpu": None,
-                "fbgemm": f"skipped: fbgemm-gpu-cpu not installed ({e})"}
+        return {
+            "fbgemm_vs_ours": None,
+            "fbgemm_vs_ours_lazy_adam": None,
+            "fbgemm_vs_ours_cpu": None,
+            "fbgemm": f"skipped: fbgemm-gpu-cpu not installed ({e})",
+        }
     from model.config import PKMConfig
     from model.pkm.memory import ProductKeyMemory
     from model.pkm.value_table import weighted_bag
@@ -248,9 +286,13 @@ def fbgemm_vs_ours(reps: int) -> dict:
     n, k = indices.shape
     table = layer.values.weight  # ours: the layer's own table (a leaf that requires grad)
     state = torch.zeros(table.shape[0])
-    fb = SplitTableBatchedEmbeddingBagsCodegen([(table.shape[0], DIM, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-                                               optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=lr, eps=eps,
-                                               pooling_mode=PoolingMode.SUM)
+    fb = SplitTableBatchedEmbeddingBagsCodegen(
+        [(table.shape[0], DIM, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=lr,
+        eps=eps,
+        pooling_mode=PoolingMode.SUM,
+    )
     with torch.no_grad():
         fb.weights_host.copy_(table.reshape(-1))
     flat, offsets = indices.reshape(-1), torch.arange(0, n * k + 1, k)
@@ -270,26 +312,36 @@ def fbgemm_vs_ours(reps: int) -> dict:
                 update()
             table.grad = None
             return out, w.grad
+
         return run
 
     lazy_adam = SparseValueOptimizer([layer.values], lr=lr, betas=(0.9, 0.98))
-    variants = {"ours": run_ours(lambda: rowwise_adagrad_(table, state, table.grad, lr, eps)),
-                "ours_lazy_adam": run_ours(lazy_adam.step),
-                "fbgemm": run_fbgemm}
+    variants = {
+        "ours": run_ours(lambda: rowwise_adagrad_(table, state, table.grad, lr, eps)),
+        "ours_lazy_adam": run_ours(lazy_adam.step),
+        "fbgemm": run_fbgemm,
+    }
     out_f, wg_f = variants["fbgemm"]()
     out_o, wg_o = variants["ours"]()
-    agreement = {"output": (out_f - out_o).abs().max().item(), "weight_grad": (wg_f - wg_o).abs().max().item(),
-                 "updated_table": (fb.weights_host.view_as(table) - table).abs().max().item(),
-                 "row_statistic": (fb.momentum1_host - state).abs().max().item()}
-    log(f"value path: table {tuple(table.shape)}, {n} tokens x {k} reads; fbgemm vs ours after one step: "
-        + ", ".join(f"{key} {v:.1e}" for key, v in agreement.items()) + f"; {reps} interleaved reps")
+    agreement = {
+        "output": (out_f - out_o).abs().max().item(),
+        "weight_grad": (wg_f - wg_o).abs().max().item(),
+        "updated_table": (fb.weights_host.view_as(table) - table).abs().max().item(),
+        "row_statistic": (fb.momentum1_host - state).abs().max().item(),
+    }
+    log(
+        f"value path: table {tuple(table.shape)}, {n} tokens x {k} reads; fbgemm vs ours after one step: "
+        + ", ".join(f"{key} {v:.1e}" for key, v in agreement.items())
+        + f"; {reps} interleaved reps"
+    )
     wall, cpu = interleaved({key: (lambda f=f: f()) for key, f in variants.items()}, reps)
     ms = {key: median(v) for key, v in wall.items()}
     return {
         "fbgemm_vs_ours": round(ms["fbgemm"] / ms["ours"], 3),
         "fbgemm_vs_ours_lazy_adam": round(ms["fbgemm"] / ms["ours_lazy_adam"], 3),
         "fbgemm_vs_ours_cpu": round(median(cpu["fbgemm"]) / median(cpu["ours"]), 3),
-        "value_path_ms": ms, "value_path_cpu_ms": {key: median(v) for key, v in cpu.items()},
+        "value_path_ms": ms,
+        "value_path_cpu_ms": {key: median(v) for key, v in cpu.items()},
         "fbgemm_agreement_max_abs": {key: float(f"{v:.2e}") for key, v in agreement.items()},
         "fbgemm": f"fbgemm-gpu-cpu {md.version('fbgemm-gpu-cpu')}",
     }
@@ -326,8 +378,11 @@ def gpt(pkm: bool):
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
     layers = [PKM_LAYER] if pkm else []
-    cfg = ModelConfig(family="gpt", **GPT, pkm=PKMConfig(layers=layers, placement="add", n_keys=N_KEYS,
-                                                       heads=HEADS, knn=KNN, k_dim=K_DIM))
+    cfg = ModelConfig(
+        family="gpt",
+        **GPT,
+        pkm=PKMConfig(layers=layers, placement="add", n_keys=N_KEYS, heads=HEADS, knn=KNN, k_dim=K_DIM),
+    )
     return build_model(cfg, VOCAB)
 
 
@@ -378,6 +433,7 @@ def step_variants(timers: dict | None = None, torch_sparse_adam: bool = False) -
             if timers is not None:
                 for phase, a, b in zip(("forward", "backward", "adamw", "value_adam"), t, t[1:]):
                     timers.setdefault(name, {}).setdefault(phase, []).append((b - a) * 1e3)
+
         return run
 
     dense = gpt(pkm=False)
@@ -389,22 +445,35 @@ def step_variants(timers: dict | None = None, torch_sparse_adam: bool = False) -
     value_group = {"params": values, "lr": VALUE_LR, "weight_decay": 0.0, "betas": (0.9, 0.98)}
     variants = {
         "dense": make(dense, torch.optim.AdamW(dense.parameters(), lr=1e-4), name="dense"),
-        "pkm_sparse": make(pkm, torch.optim.AdamW(pkm.parameters(), lr=1e-4),
-                           SparseValueOptimizer(tables, lr=VALUE_LR, betas=(0.9, 0.98)), name="pkm_sparse"),
-        "pkm_dense_values": make(pkm_dense, torch.optim.AdamW([{"params": list(pkm_dense.parameters())}, value_group],
-                                                              lr=1e-4), name="pkm_dense_values"),
+        "pkm_sparse": make(
+            pkm,
+            torch.optim.AdamW(pkm.parameters(), lr=1e-4),
+            SparseValueOptimizer(tables, lr=VALUE_LR, betas=(0.9, 0.98)),
+            name="pkm_sparse",
+        ),
+        "pkm_dense_values": make(
+            pkm_dense,
+            torch.optim.AdamW([{"params": list(pkm_dense.parameters())}, value_group], lr=1e-4),
+            name="pkm_dense_values",
+        ),
     }
     pkm_rowwise = gpt(pkm=True)
     variants["pkm_rowwise_adagrad"] = make(
-        pkm_rowwise, torch.optim.AdamW(pkm_rowwise.parameters(), lr=1e-4),
+        pkm_rowwise,
+        torch.optim.AdamW(pkm_rowwise.parameters(), lr=1e-4),
         SparseValueOptimizer([m.values for _, m in memory_layers(pkm_rowwise)], lr=VALUE_LR, kind="rowwise_adagrad"),
-        name="pkm_rowwise_adagrad")
+        name="pkm_rowwise_adagrad",
+    )
     if torch_sparse_adam:  # what the trainer used before pretrain.optim.LazyRowAdam
         pkm_torch = gpt(pkm=True)
         variants["pkm_torch_sparse_adam"] = make(
-            pkm_torch, torch.optim.AdamW(pkm_torch.parameters(), lr=1e-4),
-            torch.optim.SparseAdam([m.values.weight for _, m in memory_layers(pkm_torch)], lr=VALUE_LR, betas=(0.9, 0.98)),
-            name="pkm_torch_sparse_adam")
+            pkm_torch,
+            torch.optim.AdamW(pkm_torch.parameters(), lr=1e-4),
+            torch.optim.SparseAdam(
+                [m.values.weight for _, m in memory_layers(pkm_torch)], lr=VALUE_LR, betas=(0.9, 0.98)
+            ),
+            name="pkm_torch_sparse_adam",
+        )
     return variants
 
 
@@ -416,12 +485,15 @@ def value_bytes_per_param(steps: int = 3) -> dict:
 
     out = {}
     gen = torch.Generator().manual_seed(0)
-    for name, kind, dtype in (("adam", "adam", torch.float32), ("rowwise_adagrad", "rowwise_adagrad", torch.float32),
-                              ("rowwise_adagrad_bf16", "rowwise_adagrad", torch.bfloat16)):
-        table = ValueTable(N_KEYS ** 2, DIM, init_seed=1, dtype=dtype)
+    for name, kind, dtype in (
+        ("adam", "adam", torch.float32),
+        ("rowwise_adagrad", "rowwise_adagrad", torch.float32),
+        ("rowwise_adagrad_bf16", "rowwise_adagrad", torch.bfloat16),
+    ):
+        table = ValueTable(N_KEYS**2, DIM, init_seed=1, dtype=dtype)
         opt = SparseValueOptimizer([table], lr=VALUE_LR, betas=(0.9, 0.98), kind=kind)
         for _ in range(steps):
-            ids = torch.randint(0, N_KEYS ** 2, (BATCH * SEQ, HEADS * KNN), generator=gen)
+            ids = torch.randint(0, N_KEYS**2, (BATCH * SEQ, HEADS * KNN), generator=gen)
             weights = torch.rand(BATCH * SEQ, HEADS * KNN, generator=gen).softmax(-1)
             (table(ids, weights) ** 2).sum().backward()
             opt.step()
@@ -442,8 +514,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action="store_true", help="profile our layer and the PKM step phases")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--alloc", choices=["pkm", "default", *ALLOC_ENV], default="pkm", help=ALLOC_HELP)
-    ap.add_argument("--before", metavar="COMMIT", help="also time our layer as of COMMIT (git) side by side, "
-                    "e.g. e079137 (before the speed work)")
+    ap.add_argument(
+        "--before",
+        metavar="COMMIT",
+        help="also time our layer as of COMMIT (git) side by side, e.g. e079137 (before the speed work)",
+    )
     ap.add_argument("--skip-step", action="store_true", help="layer figures only")
     ap.add_argument("--layer-reps", type=int, default=None)
     ap.add_argument("--step-reps", type=int, default=None)
@@ -458,8 +533,10 @@ def main(argv=None) -> dict:
     step_reps = args.step_reps or (2 if args.quick else 8)
     t_start = time.perf_counter()
 
-    log(f"layer: dim {DIM}, n_keys {N_KEYS}, heads {HEADS}, knn {KNN}, k_dim {K_DIM}, {BATCH}x{SEQ} tokens, "
-        f"fwd+bwd, {layer_reps} interleaved reps")
+    log(
+        f"layer: dim {DIM}, n_keys {N_KEYS}, heads {HEADS}, knn {KNN}, k_dim {K_DIM}, {BATCH}x{SEQ} tokens, "
+        f"fwd+bwd, {layer_reps} interleaved reps"
+    )
     runs, notes = layer_variants(args.before)
     load_start = os.getloadavg()[0]
     lt, lc = interleaved(runs, layer_reps)
@@ -491,53 +568,80 @@ def main(argv=None) -> dict:
         "step_pkm_vs_dense": ratio(step_ms, "pkm_sparse", "dense"),
         "step_dense_values_vs_dense": ratio(step_ms, "pkm_dense_values", "dense"),
         "step_torch_sparse_adam_vs_dense": ratio(step_ms, "pkm_torch_sparse_adam", "dense"),
-        "pkm_ms": ms["pkm"], "ffn_ms": ms["ffn"], "lucidrains_ms": ms.get("lucidrains"),
-        "step_dense_ms": step_ms.get("dense"), "step_pkm_ms": step_ms.get("pkm_sparse"),
-        "step_dense_values_ms": step_ms.get("pkm_dense_values"), "step_torch_sparse_adam_ms": step_ms.get("pkm_torch_sparse_adam"),
+        "pkm_ms": ms["pkm"],
+        "ffn_ms": ms["ffn"],
+        "lucidrains_ms": ms.get("lucidrains"),
+        "step_dense_ms": step_ms.get("dense"),
+        "step_pkm_ms": step_ms.get("pkm_sparse"),
+        "step_dense_values_ms": step_ms.get("pkm_dense_values"),
+        "step_torch_sparse_adam_ms": step_ms.get("pkm_torch_sparse_adam"),
         "cpu_ms": {**{f"layer_{k}": v for k, v in cpu_ms.items()}, **{f"step_{k}": v for k, v in step_cpu.items()}},
         "pkm_vs_ffn_cpu": ratio(cpu_ms, "pkm", "ffn"),
         "step_pkm_vs_dense_cpu": ratio(step_cpu, "pkm_sparse", "dense"),
         "alloc": args.alloc,
         "loadavg_1min": [round(load_start, 1), round(os.getloadavg()[0], 1)],
-        "layer_reps": layer_reps, "step_reps": None if args.skip_step else step_reps, "threads": args.threads,
-        "k_dim": K_DIM, "lucidrains": notes["lucidrains"], "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "layer_reps": layer_reps,
+        "step_reps": None if args.skip_step else step_reps,
+        "threads": args.threads,
+        "k_dim": K_DIM,
+        "lucidrains": notes["lucidrains"],
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
     result.update(value_path)
     result["step_rowwise_vs_adam"] = ratio(step_ms, "pkm_rowwise_adagrad", "pkm_sparse")
     result["step_rowwise_adagrad_ms"] = step_ms.get("pkm_rowwise_adagrad")
     result.update(value_bytes)
     if args.before:
-        result.update(before=args.before, pkm_before_ms=ms["pkm_before"], pkm_before_vs_ffn=ratio(ms, "pkm_before", "ffn"),
-                      pkm_before_vs_ffn_cpu=ratio(cpu_ms, "pkm_before", "ffn"))
+        result.update(
+            before=args.before,
+            pkm_before_ms=ms["pkm_before"],
+            pkm_before_vs_ffn=ratio(ms, "pkm_before", "ffn"),
+            pkm_before_vs_ffn_cpu=ratio(cpu_ms, "pkm_before", "ffn"),
+        )
     if timers:
         result["step_phases_ms"] = {k: {p: median(v[-step_reps:]) for p, v in ph.items()} for k, ph in timers.items()}
 
-    print(f"layer fwd+bwd   ours {ms['pkm']:.0f} ms | FFN {ms['ffn']:.0f} ms | lucidrains "
-          f"{ms.get('lucidrains', float('nan')):.0f} ms" +
-          (f" | ours as of {args.before} {ms['pkm_before']:.0f} ms" if args.before else ""))
-    print(f"pkm_vs_ffn {result['pkm_vs_ffn']} (goal <= 1.5) | lucidrains_vs_ffn {result['lucidrains_vs_ffn']} | "
-          f"CPU time: ours {cpu_ms['pkm']:.0f} ms, FFN {cpu_ms['ffn']:.0f} ms -> {result['pkm_vs_ffn_cpu']}")
+    print(
+        f"layer fwd+bwd   ours {ms['pkm']:.0f} ms | FFN {ms['ffn']:.0f} ms | lucidrains "
+        f"{ms.get('lucidrains', float('nan')):.0f} ms"
+        + (f" | ours as of {args.before} {ms['pkm_before']:.0f} ms" if args.before else "")
+    )
+    print(
+        f"pkm_vs_ffn {result['pkm_vs_ffn']} (goal <= 1.5) | lucidrains_vs_ffn {result['lucidrains_vs_ffn']} | "
+        f"CPU time: ours {cpu_ms['pkm']:.0f} ms, FFN {cpu_ms['ffn']:.0f} ms -> {result['pkm_vs_ffn_cpu']}"
+    )
     if value_path["fbgemm_vs_ours"] is not None:
         vp = value_path["value_path_ms"]
-        print(f"value path      ours {vp['ours']:.0f} ms | ours with lazy row Adam {vp['ours_lazy_adam']:.0f} ms | "
-              f"fbgemm {vp['fbgemm']:.0f} ms -> fbgemm_vs_ours {value_path['fbgemm_vs_ours']} "
-              f"(agreement, max abs: {value_path['fbgemm_agreement_max_abs']})")
+        print(
+            f"value path      ours {vp['ours']:.0f} ms | ours with lazy row Adam {vp['ours_lazy_adam']:.0f} ms | "
+            f"fbgemm {vp['fbgemm']:.0f} ms -> fbgemm_vs_ours {value_path['fbgemm_vs_ours']} "
+            f"(agreement, max abs: {value_path['fbgemm_agreement_max_abs']})"
+        )
     if step_ms:
-        print(f"train step      dense {step_ms['dense']:.0f} ms | +PKM lazy row Adam {step_ms['pkm_sparse']:.0f} ms | "
-              f"+PKM dense values {step_ms['pkm_dense_values']:.0f} ms")
-        print(f"step_pkm_vs_dense {result['step_pkm_vs_dense']} (goal <= 1.25; CPU time "
-              f"{result['step_pkm_vs_dense_cpu']}) | step_dense_values_vs_dense {result['step_dense_values_vs_dense']}")
+        print(
+            f"train step      dense {step_ms['dense']:.0f} ms | +PKM lazy row Adam {step_ms['pkm_sparse']:.0f} ms | "
+            f"+PKM dense values {step_ms['pkm_dense_values']:.0f} ms"
+        )
+        print(
+            f"step_pkm_vs_dense {result['step_pkm_vs_dense']} (goal <= 1.25; CPU time "
+            f"{result['step_pkm_vs_dense_cpu']}) | step_dense_values_vs_dense {result['step_dense_values_vs_dense']}"
+        )
     if torch_sparse_adam:
-        print(f"step_torch_sparse_adam_vs_dense {result['step_torch_sparse_adam_vs_dense']} "
-              f"({step_ms['pkm_torch_sparse_adam']:.0f} ms: the PKM step with torch.optim.SparseAdam instead)")
+        print(
+            f"step_torch_sparse_adam_vs_dense {result['step_torch_sparse_adam_vs_dense']} "
+            f"({step_ms['pkm_torch_sparse_adam']:.0f} ms: the PKM step with torch.optim.SparseAdam instead)"
+        )
     if timers:
         for k, ph in result["step_phases_ms"].items():
             print(f"  {k:18s} " + "  ".join(f"{p} {v:.0f} ms" for p, v in ph.items()))
     if args.profile:
         print(profile_layer())
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
-    print(f"wall {result['wall_s']} s, load average {result['loadavg_1min']} (1 min, start/end), allocator {args.alloc}")
+    print(
+        f"wall {result['wall_s']} s, load average {result['loadavg_1min']} (1 min, start/end), allocator {args.alloc}"
+    )
     return emit(result, args.json)
 
 

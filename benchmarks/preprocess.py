@@ -23,6 +23,7 @@ writing work (not the interpreter's imports); peak memory is the summed PSS of t
 
     python benchmarks/preprocess.py [--quick] [--workers N] [--json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -117,11 +118,12 @@ def run_megatron(inp: str, out: str, workers: int, tok) -> int:
     from megatron.core.datasets import indexed_dataset
 
     encoder = MegatronEncoder(tok.path, tok.eod_id)
-    fin = open(inp, "r", encoding="utf-8")
+    fin = open(inp, encoding="utf-8")
     pool = multiprocessing.Pool(workers, initializer=encoder.initializer)
     encoded_docs = pool.imap(encoder.encode, fin, 32)
     builder = indexed_dataset.IndexedDatasetBuilder(
-        out + "_text_document.bin", dtype=indexed_dataset.DType.optimal_dtype(tok.vocab_size))
+        out + "_text_document.bin", dtype=indexed_dataset.DType.optimal_dtype(tok.vocab_size)
+    )
     n_tokens = 0
     for doc, sentence_lens, _ in encoded_docs:
         for key in doc.keys():
@@ -177,8 +179,13 @@ def run_datasets_map(inp: str, out: str, workers: int, tok) -> int:
     return sum(len(x) for b in mapped.iter(batch_size=10_000) for x in b["input_ids"])
 
 
-METHODS = {"ours": run_ours, "megatron": run_megatron, "datasets_map": run_datasets_map,
-           "ours_files": run_ours_files, "datatrove_local": run_datatrove_local}
+METHODS = {
+    "ours": run_ours,
+    "megatron": run_megatron,
+    "datasets_map": run_datasets_map,
+    "ours_files": run_ours_files,
+    "datatrove_local": run_datatrove_local,
+}
 SHARDS = 4  # the datatrove comparison's input files (= tasks)
 
 
@@ -191,7 +198,7 @@ def write_shards(inp: str) -> None:
     lines = open(inp, encoding="utf-8").read().splitlines(keepends=True)
     for i, path in enumerate(shard_paths(inp)):
         with open(path, "w", encoding="utf-8") as f:
-            f.writelines(lines[i * len(lines) // SHARDS:(i + 1) * len(lines) // SHARDS])
+            f.writelines(lines[i * len(lines) // SHARDS : (i + 1) * len(lines) // SHARDS])
 
 
 def child(methods: str, inp: str, out: str, workers: int) -> None:
@@ -210,8 +217,13 @@ def child(methods: str, inp: str, out: str, workers: int) -> None:
             c0, t0 = cpu_seconds(), time.perf_counter()
             n = METHODS[method](inp, f"{out}_{method}", workers, tok)
             dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-        print("RESULT " + json.dumps({"method": method, "tokens": n, "seconds": dt, "cpu_seconds": cpu,
-                                      "peak_pss_mb": mem.peak / 2**20}), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                {"method": method, "tokens": n, "seconds": dt, "cpu_seconds": cpu, "peak_pss_mb": mem.peak / 2**20}
+            ),
+            flush=True,
+        )
 
 
 def cpu_seconds() -> float:
@@ -224,8 +236,12 @@ def cpu_seconds() -> float:
 
 
 def run_child(methods: list[str], inp: str, out: str, workers: int) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--child", ",".join(methods), inp, out, str(workers)],
-                       capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, __file__, "--child", ",".join(methods), inp, out, str(workers)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     res = [json.loads(line[7:]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     if r.returncode != 0 or len(res) != len(methods):
         raise SystemExit(f"{methods} failed:\n{r.stderr[-3000:]}")
@@ -245,7 +261,7 @@ def make_input(path: str, copies: float) -> int:
         text = open(f, encoding="utf-8").read()
         paras += [b.strip("\r\n") for b in re.split(r"\n[ \t]*\n", text) if b.strip()]
     if copies < 1:
-        paras = paras[:int(len(paras) * copies)]
+        paras = paras[: int(len(paras) * copies)]
     lines = "".join(json.dumps({"text": p}) + "\n" for p in paras)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(max(1, int(copies))):
@@ -255,7 +271,9 @@ def make_input(path: str, copies: float) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1x = half the novels (~2 MiB); else the six novels 4 times (~16 MiB)")
+    ap.add_argument(
+        "--quick", action="store_true", help="1x = half the novels (~2 MiB); else the six novels 4 times (~16 MiB)"
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=None, help="runs per method at 1x (best is kept)")
     ap.add_argument("--json", action="store_true")
@@ -278,8 +296,10 @@ def main() -> None:
         size4 = os.path.getsize(inp4)
         write_shards(inp1)
         write_shards(inp4)
-        print(f"input: Austen paragraphs as jsonl, 1x = {size1 / 2**20:.1f} MiB, 4x = {size4 / 2**20:.1f} MiB; "
-              f"tokenizer: bundled sentencepiece GPT (8192); workers: {args.workers}")
+        print(
+            f"input: Austen paragraphs as jsonl, 1x = {size1 / 2**20:.1f} MiB, 4x = {size4 / 2**20:.1f} MiB; "
+            f"tokenizer: bundled sentencepiece GPT (8192); workers: {args.workers}"
+        )
         results: dict = {}
 
         def keep_best(res):
@@ -293,7 +313,9 @@ def main() -> None:
         # interpreter start-ups. Repeats interleave the methods,
         # so load changes on a shared machine hit all of them alike; the best run of each is kept.
         for r in range(repeats):
-            keep_best(run_child(["ours", "ours_files", "datatrove_local"], inp1, os.path.join(tmp, f"a{r}"), args.workers))
+            keep_best(
+                run_child(["ours", "ours_files", "datatrove_local"], inp1, os.path.join(tmp, f"a{r}"), args.workers)
+            )
             keep_best(run_child(["megatron", "datasets_map"], inp1, os.path.join(tmp, f"b{r}"), args.workers))
             for f in os.listdir(tmp):
                 if f.endswith("_hf_cache"):
@@ -301,17 +323,23 @@ def main() -> None:
         tps = {m: v["tokens"] / v["seconds"] for m, v in results.items()}
         per_cpu = {m: v["tokens"] / v["cpu_seconds"] for m, v in results.items()}
         for m, v in results.items():
-            print(f"  {m:13s} 1x: {v['tokens']:>10,d} tokens in {v['seconds']:6.2f} s = {tps[m] / 1e3:8.0f}k tokens/s "
-                  f"({per_cpu[m] / 1e3:.0f}k tokens per CPU-second), peak PSS {v['peak_pss_mb']:7.1f} MiB")
+            print(
+                f"  {m:13s} 1x: {v['tokens']:>10,d} tokens in {v['seconds']:6.2f} s = {tps[m] / 1e3:8.0f}k tokens/s "
+                f"({per_cpu[m] / 1e3:.0f}k tokens per CPU-second), peak PSS {v['peak_pss_mb']:7.1f} MiB"
+            )
         assert len({v["tokens"] for v in results.values()}) == 1, "methods disagree on the token count"
         res4 = run_child(["ours", "datatrove_local"], inp4, os.path.join(tmp, "c"), args.workers)
         big, dt4 = res4["ours"], res4["datatrove_local"]
-        print(f"  {'ours':13s} 4x: {big['tokens']:>10,d} tokens in {big['seconds']:6.2f} s = "
-              f"{big['tokens'] / big['seconds'] / 1e3:8.0f}k tokens/s, peak PSS {big['peak_pss_mb']:7.1f} MiB")
+        print(
+            f"  {'ours':13s} 4x: {big['tokens']:>10,d} tokens in {big['seconds']:6.2f} s = "
+            f"{big['tokens'] / big['seconds'] / 1e3:8.0f}k tokens/s, peak PSS {big['peak_pss_mb']:7.1f} MiB"
+        )
         merge = dt4["merge"]
-        print(f"  {'datatrove':13s} 4x: {dt4['tokens']:>10,d} tokens in {dt4['seconds']:6.2f} s = "
-              f"{dt4['tokens'] / dt4['seconds'] / 1e3:8.0f}k tokens/s, peak PSS {dt4['peak_pss_mb']:7.1f} MiB; "
-              f"merge {merge['bin_bytes'] / 2**20:.1f} MiB in {merge['merge_s']:.3f} s")
+        print(
+            f"  {'datatrove':13s} 4x: {dt4['tokens']:>10,d} tokens in {dt4['seconds']:6.2f} s = "
+            f"{dt4['tokens'] / dt4['seconds'] / 1e3:8.0f}k tokens/s, peak PSS {dt4['peak_pss_mb']:7.1f} MiB; "
+            f"merge {merge['bin_bytes'] / 2**20:.1f} MiB in {merge['merge_s']:.3f} s"
+        )
         out = {
             "vs_megatron": round(tps["ours"] / tps["megatron"], 3),
             "vs_datasets_map": round(tps["ours"] / tps["datasets_map"], 3),
@@ -322,9 +350,12 @@ def main() -> None:
             "merge_gb_per_s": round(merge["bin_bytes"] / max(merge["merge_s"], 1e-9) / 1e9, 3),
             "merge_bin_mib": round(merge["bin_bytes"] / 2**20, 1),
             "datatrove_tasks": SHARDS,
-            "peak_pss_mib": {"ours_1x": round(results["ours"]["peak_pss_mb"], 1), "ours_4x": round(big["peak_pss_mb"], 1),
-                             "datatrove_1x": round(results["datatrove_local"]["peak_pss_mb"], 1),
-                             "datatrove_4x": round(dt4["peak_pss_mb"], 1)},
+            "peak_pss_mib": {
+                "ours_1x": round(results["ours"]["peak_pss_mb"], 1),
+                "ours_4x": round(big["peak_pss_mb"], 1),
+                "datatrove_1x": round(results["datatrove_local"]["peak_pss_mb"], 1),
+                "datatrove_4x": round(dt4["peak_pss_mb"], 1),
+            },
             "tokens_per_s": {m: round(v) for m, v in tps.items()},
             # load-independent cross-check on a shared machine: tokens per CPU-second, ours / theirs
             "vs_megatron_cpu": round(per_cpu["ours"] / per_cpu["megatron"], 3),
@@ -333,12 +364,17 @@ def main() -> None:
             "workers": args.workers,
             "input_mib_1x": round(size1 / 2**20, 2),
         }
-        print(f"ours vs megatron: {out['vs_megatron']:.2f}x ({out['vs_megatron_cpu']:.2f}x per CPU-second), "
-              f"vs datasets.map: {out['vs_datasets_map']:.2f}x ({out['vs_datasets_map_cpu']:.2f}x per CPU-second); "
-              f"peak memory (PSS) 4x/1x: {out['peak_rss_4x_over_1x']:.2f}")
-        print(f"datatrove local ({SHARDS} tasks) vs ours on the same {SHARDS} files: {out['datatrove_local_vs_ours']:.2f}x "
-              f"({out['datatrove_local_vs_ours_cpu']:.2f}x per CPU-second), peak memory 4x/1x "
-              f"{out['datatrove_peak_rss_4x_over_1x']:.2f}; merge {out['merge_gb_per_s']:.3f} GB/s")
+        print(
+            f"ours vs megatron: {out['vs_megatron']:.2f}x ({out['vs_megatron_cpu']:.2f}x per CPU-second), "
+            f"vs datasets.map: {out['vs_datasets_map']:.2f}x ({out['vs_datasets_map_cpu']:.2f}x per CPU-second); "
+            f"peak memory (PSS) 4x/1x: {out['peak_rss_4x_over_1x']:.2f}"
+        )
+        print(
+            f"datatrove local ({SHARDS} tasks) vs ours on the same {SHARDS} files: "
+            f"{out['datatrove_local_vs_ours']:.2f}x "
+            f"({out['datatrove_local_vs_ours_cpu']:.2f}x per CPU-second), peak memory 4x/1x "
+            f"{out['datatrove_peak_rss_4x_over_1x']:.2f}; merge {out['merge_gb_per_s']:.3f} GB/s"
+        )
         if args.json:
             print(json.dumps(out))
     finally:

@@ -36,6 +36,7 @@ A process's fixed part (python, torch, megatron, deepspeed: ~1 GB) is inside eve
 The largest tables of issue #15: `--value-optimizer rowwise_adagrad --value-dtype bf16 --n-keys 2000`
 (4.1e9 values, 8.2 GB); with adam, ~1.3e9 is this machine's limit (12 bytes per value).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,25 +56,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import free_port, log  # noqa: E402
+
 FULL = {"hidden": 1024, "n_keys": 1024, "heads": 8}
 QUICK = {"hidden": 256, "n_keys": 256, "heads": 4}
 
 
-
-
-def overrides(size: dict, run_dir: Path, cache: Path, world: int, steps: int, resume: Path | None,
-              save_interval: int = 0) -> list[str]:
+def overrides(
+    size: dict, run_dir: Path, cache: Path, world: int, steps: int, resume: Path | None, save_interval: int = 0
+) -> list[str]:
     """`size`: hidden, n_keys, heads, value_optimizer, value_dtype."""
-    out = ["model.num_layers=2", f"model.hidden_size={size['hidden']}", f"model.ffn_hidden_size={size['hidden']}",
-           f"model.num_attention_heads={size['heads']}",
-           "model.seq_length=32", "model.pkm.layers=[1]", f"model.pkm.n_keys={size['n_keys']}", "model.pkm.heads=2",
-           "model.pkm.knn=8", "model.pkm.k_dim=64", f"model.pkm.value_optimizer={size['value_optimizer']}",
-           f"model.pkm.value_dtype={size['value_dtype']}", "parallel.tensor_parallel=1", "parallel.memory_parallel=dp",
-           "train.zero_stage=1", "train.precision=fp32", "train.global_batch_size=4",
-           f"train.micro_batch_size={4 // world}", f"train.train_steps={steps}", "train.warmup_steps=1",
-           "train.eval_interval=0", "logging.tensorboard=false", "logging.progress=false", "logging.log_interval=1",
-           f"checkpoint.save_interval={save_interval}", "checkpoint.keep_last=2", f"run_dir={run_dir}",
-           f"data.cache_dir={cache}"]
+    out = [
+        "model.num_layers=2",
+        f"model.hidden_size={size['hidden']}",
+        f"model.ffn_hidden_size={size['hidden']}",
+        f"model.num_attention_heads={size['heads']}",
+        "model.seq_length=32",
+        "model.pkm.layers=[1]",
+        f"model.pkm.n_keys={size['n_keys']}",
+        "model.pkm.heads=2",
+        "model.pkm.knn=8",
+        "model.pkm.k_dim=64",
+        f"model.pkm.value_optimizer={size['value_optimizer']}",
+        f"model.pkm.value_dtype={size['value_dtype']}",
+        "parallel.tensor_parallel=1",
+        "parallel.memory_parallel=dp",
+        "train.zero_stage=1",
+        "train.precision=fp32",
+        "train.global_batch_size=4",
+        f"train.micro_batch_size={4 // world}",
+        f"train.train_steps={steps}",
+        "train.warmup_steps=1",
+        "train.eval_interval=0",
+        "logging.tensorboard=false",
+        "logging.progress=false",
+        "logging.log_interval=1",
+        f"checkpoint.save_interval={save_interval}",
+        "checkpoint.keep_last=2",
+        f"run_dir={run_dir}",
+        f"data.cache_dir={cache}",
+    ]
     return out + ([f"checkpoint.resume={resume}"] if resume else [])
 
 
@@ -132,11 +153,31 @@ def run(cmd: list[str], what: str) -> tuple[float, dict, str]:
     return secs, peaks, out
 
 
-def pretrain(world: int, size: dict, run_dir: Path, cache: Path, steps: int, resume: Path | None, what: str,
-             save_interval: int = 0):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(free_port()), "-m", "pkm", "pretrain", "--config", str(ROOT / "configs" / "tiny_gpt.yaml"),
-           *overrides(size, run_dir, cache, world, steps, resume, save_interval)]
+def pretrain(
+    world: int,
+    size: dict,
+    run_dir: Path,
+    cache: Path,
+    steps: int,
+    resume: Path | None,
+    what: str,
+    save_interval: int = 0,
+):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(world),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "pkm",
+        "pretrain",
+        "--config",
+        str(ROOT / "configs" / "tiny_gpt.yaml"),
+        *overrides(size, run_dir, cache, world, steps, resume, save_interval),
+    ]
     secs, peaks, _ = run(cmd, what)
     # The ranks are torchrun's children; the largest of them (torchrun itself is small).
     return secs, max(peaks.values())
@@ -165,8 +206,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--workdir", help="where runs and checkpoints go (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--value-optimizer", default="adam", choices=["adam", "rowwise_adagrad", "rowwise_adam"],
-                    help="model.pkm.value_optimizer (bytes per value parameter: 12 / ~4 / ~8 in fp32)")
+    ap.add_argument(
+        "--value-optimizer",
+        default="adam",
+        choices=["adam", "rowwise_adagrad", "rowwise_adam"],
+        help="model.pkm.value_optimizer (bytes per value parameter: 12 / ~4 / ~8 in fp32)",
+    )
     ap.add_argument("--value-dtype", default="fp32", choices=["fp32", "bf16"], help="model.pkm.value_dtype")
     ap.add_argument("--n-keys", type=int, help="the table has n_keys**2 x hidden values (default: 1024; --quick 256)")
     args = ap.parse_args()
@@ -182,55 +227,71 @@ def main() -> None:
     # (rowwise_adam), one fp32 per row (rowwise_adagrad)
     per_value = {"adam": 8, "rowwise_adam": 4, "rowwise_adagrad": 0}[args.value_optimizer]
     optimizer_gb = (value_params * per_value + (size["n_keys"] ** 2 * 4 if args.value_optimizer != "adam" else 0)) / 1e9
-    log(f"value table {value_params:.3e} parameters ({table_gb:.2f} GB {args.value_dtype}, {args.value_optimizer} "
-        f"state {optimizer_gb:.2f} GB); work dir {work}")
+    log(
+        f"value table {value_params:.3e} parameters ({table_gb:.2f} GB {args.value_dtype}, {args.value_optimizer} "
+        f"state {optimizer_gb:.2f} GB); work dir {work}"
+    )
     t_all = time.perf_counter()
     stage = {}
     try:
         a, c = work / "w4", work / "w2_resumed"
-        stage["A_w4_train_save"], peak_w4 = pretrain(4, size, a, cache, 4, None,
-                                                     "A: world 4, 4 steps, save at 3", save_interval=3)
+        stage["A_w4_train_save"], peak_w4 = pretrain(
+            4, size, a, cache, 4, None, "A: world 4, 4 steps, save at 3", save_interval=3
+        )
         ckpt = a / "checkpoints" / "step_0000003"
         shutil.rmtree(a / "checkpoints" / "step_0000004", ignore_errors=True)
         stage["C_w2_resume"], peak_w2 = pretrain(2, size, c, cache, 5, ckpt, "C: world 2 resumes, steps 4-5")
         shutil.rmtree(c / "checkpoints", ignore_errors=True)
         out = work / "hf"
-        export_s, export_peaks, _ = run([sys.executable, "-m", "pkm", "export", "hf", str(ckpt), str(out),
-                                         "--overwrite"], "E: pkm export hf")
+        export_s, export_peaks, _ = run(
+            [sys.executable, "-m", "pkm", "export", "hf", str(ckpt), str(out), "--overwrite"], "E: pkm export hf"
+        )
         stage["E_export"] = export_s
-        load = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
-                "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
-                "with torch.no_grad():\n    y = m(torch.arange(16).view(1, 16)).logits\n"
-                "assert torch.isfinite(y).all()\nprint('loaded', sum(p.numel() for p in m.parameters()))\n")
+        load = (
+            "import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+            "with torch.no_grad():\n    y = m(torch.arange(16).view(1, 16)).logits\n"
+            "assert torch.isfinite(y).all()\nprint('loaded', sum(p.numel() for p in m.parameters()))\n"
+        )
         stage["F_transformers_load"], _, loaded = run([sys.executable, "-c", load, str(out)], "F: transformers load")
         step4_a, step4_c = losses(a)[4], losses(c)[4]
         shard_w4, shard_w2 = (table_gb + optimizer_gb) / 4, (table_gb + optimizer_gb) / 2
         result = {
-            "quick": args.quick, "value_optimizer": args.value_optimizer, "value_dtype": args.value_dtype,
-            "value_params": value_params, "table_gb": round(table_gb, 3),
+            "quick": args.quick,
+            "value_optimizer": args.value_optimizer,
+            "value_dtype": args.value_dtype,
+            "value_params": value_params,
+            "table_gb": round(table_gb, 3),
             "checkpoint_gb": round(sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 1e9, 3),
-            "shard_gb_w4": round(shard_w4, 3), "shard_gb_w2": round(shard_w2, 3),
-            "peak_rss_gb_w4": round(peak_w4 / 1e9, 3), "peak_rss_gb_w2": round(peak_w2 / 1e9, 3),
+            "shard_gb_w4": round(shard_w4, 3),
+            "shard_gb_w2": round(shard_w2, 3),
+            "peak_rss_gb_w4": round(peak_w4 / 1e9, 3),
+            "peak_rss_gb_w2": round(peak_w2 / 1e9, 3),
             "rss_over_shard_w4": round(peak_w4 / 1e9 / shard_w4, 3),
             "rss_over_shard_w2": round(peak_w2 / 1e9 / shard_w2, 3),
             "init_s_w4": round(log_interval(a, "world 4 = ", " memory: "), 2),
             "save_s": round(log_interval(a, "step 3/4", "saved checkpoint"), 2),
             "resume_loss_diff": abs(step4_c - step4_a) / abs(step4_a),
-            "loss_step4_w4": step4_a, "loss_step4_w2": step4_c,
-            "export_peak_rss_gb": round(max(export_peaks.values()) / 1e9, 3), "export_s": round(export_s, 1),
+            "loss_step4_w4": step4_a,
+            "loss_step4_w2": step4_c,
+            "export_peak_rss_gb": round(max(export_peaks.values()) / 1e9, 3),
+            "export_s": round(export_s, 1),
             "exported_params": int(loaded.split()[-1]),
-            "stage_s": {k: round(v, 1) for k, v in stage.items()}, "total_s": round(time.perf_counter() - t_all, 1),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "stage_s": {k: round(v, 1) for k, v in stage.items()},
+            "total_s": round(time.perf_counter() - t_all, 1),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
         }
         if args.value_optimizer != "adam":  # the table this run trained, saved, resumed and exported
             result["max_value_params_rowwise"] = value_params
         if not args.quick:
-            result["goals"] = {"rss_over_shard_w4 <= 1.5": result["rss_over_shard_w4"] <= 1.5,
-                               "rss_over_shard_w2 <= 1.5": result["rss_over_shard_w2"] <= 1.5,
-                               "resume_loss_diff <= 1e-5": result["resume_loss_diff"] <= 1e-5,
-                               "export_peak_rss_gb <= table_gb / 2": result["export_peak_rss_gb"] <= table_gb / 2}
+            result["goals"] = {
+                "rss_over_shard_w4 <= 1.5": result["rss_over_shard_w4"] <= 1.5,
+                "rss_over_shard_w2 <= 1.5": result["rss_over_shard_w2"] <= 1.5,
+                "resume_loss_diff <= 1e-5": result["resume_loss_diff"] <= 1e-5,
+                "export_peak_rss_gb <= table_gb / 2": result["export_peak_rss_gb"] <= table_gb / 2,
+            }
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

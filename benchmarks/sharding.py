@@ -27,6 +27,7 @@ Sizes: GPT 2 layers, hidden 256, 4 heads, seq 64; one PKM at layer 1 with n_keys
 
 `--quick` runs fewer steps (never smaller sizes) and the dense comparison at world 1 only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,30 +45,66 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import emit, free_port, log  # noqa: E402
+
 WORKER = ROOT / "benchmarks" / "workers" / "sharding_worker.py"
 GLOBAL_BATCH = 8
 N_KEYS = 256
-MODEL = ["model.num_layers=2", "model.hidden_size=256", "model.num_attention_heads=4", "model.seq_length=64",
-         "model.pkm.layers=[1]", "model.pkm.heads=4", "model.pkm.knn=32", "model.pkm.k_dim=128"]
-RUN = ["parallel.tensor_parallel=1", "parallel.memory_parallel=dp", "train.zero_stage=0", "train.precision=fp32",
-       f"train.global_batch_size={GLOBAL_BATCH}", "train.eval_interval=0", "logging.tensorboard=false",
-       "logging.progress=false", "checkpoint.save_interval=0"]
-
-
+MODEL = [
+    "model.num_layers=2",
+    "model.hidden_size=256",
+    "model.num_attention_heads=4",
+    "model.seq_length=64",
+    "model.pkm.layers=[1]",
+    "model.pkm.heads=4",
+    "model.pkm.knn=32",
+    "model.pkm.k_dim=128",
+]
+RUN = [
+    "parallel.tensor_parallel=1",
+    "parallel.memory_parallel=dp",
+    "train.zero_stage=0",
+    "train.precision=fp32",
+    f"train.global_batch_size={GLOBAL_BATCH}",
+    "train.eval_interval=0",
+    "logging.tensorboard=false",
+    "logging.progress=false",
+    "checkpoint.save_interval=0",
+]
 
 
 def run_world(world: int, work: Path, warmup: int, steps: int, dense: bool, threads: int, n_keys: int) -> list[dict]:
     """One torchrun of `world` ranks with `threads` OpenMP threads each; returns each rank's report."""
     out = work / f"w{world}"
-    overrides = [*MODEL, f"model.pkm.n_keys={n_keys}", *RUN, f"train.micro_batch_size={GLOBAL_BATCH // world}",
-                 f"train.train_steps={(warmup + steps) * (2 if dense else 1) + 1}",
-                 f"run_dir={work / f'run_w{world}'}", f"data.cache_dir={work / 'cache'}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(free_port()), str(WORKER), str(out), str(warmup), str(steps), "1" if dense else "0",
-           str(ROOT / "configs" / "tiny_gpt.yaml"), *overrides]
+    overrides = [
+        *MODEL,
+        f"model.pkm.n_keys={n_keys}",
+        *RUN,
+        f"train.micro_batch_size={GLOBAL_BATCH // world}",
+        f"train.train_steps={(warmup + steps) * (2 if dense else 1) + 1}",
+        f"run_dir={work / f'run_w{world}'}",
+        f"data.cache_dir={work / 'cache'}",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(world),
+        "--master_port",
+        str(free_port()),
+        str(WORKER),
+        str(out),
+        str(warmup),
+        str(steps),
+        "1" if dense else "0",
+        str(ROOT / "configs" / "tiny_gpt.yaml"),
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
-    log(f"world {world}: {world} rank(s) x {threads} thread(s), {warmup} warm-up + {steps} timed step(s)"
-        + (", sparse and dense value updates interleaved" if dense else ""))
+    log(
+        f"world {world}: {world} rank(s) x {threads} thread(s), {warmup} warm-up + {steps} timed step(s)"
+        + (", sparse and dense value updates interleaved" if dense else "")
+    )
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in r.stdout.splitlines():
@@ -86,15 +123,20 @@ def summarise(world: int, reports: list[dict], total: int | None) -> dict:
     cpu = {k: statistics.median(statistics.median(r["cpu_ms"][k]) for r in reports) for k in reports[0]["cpu_ms"]}
     rows = [statistics.mean(sum(s) for s in r["rows_updated"]) for r in reports]
     return {
-        "world": world, "threads": reports[0]["omp_threads"],
+        "world": world,
+        "threads": reports[0]["omp_threads"],
         "value_shape": reports[0]["value_shape"][0],
         "value_bytes": max(r["value_bytes"] for r in reports),
         "optimizer_bytes": max(r["value_optimizer_bytes"] for r in reports),
-        "per_rank_bytes": max(per_rank), "min_rank_bytes": min(per_rank),
+        "per_rank_bytes": max(per_rank),
+        "min_rank_bytes": min(per_rank),
         "ratio": None if total is None else max(per_rank) * world / total,
-        "step_ms": step["sparse"], "dense_step_ms": step.get("dense"),
-        "cpu_ms": cpu["sparse"], "dense_cpu_ms": cpu.get("dense"),
-        "rows_updated": statistics.mean(rows), "slots": reports[0]["value_shape"][0][0],
+        "step_ms": step["sparse"],
+        "dense_step_ms": step.get("dense"),
+        "cpu_ms": cpu["sparse"],
+        "dense_cpu_ms": cpu.get("dense"),
+        "rows_updated": statistics.mean(rows),
+        "slots": reports[0]["value_shape"][0][0],
         "peak_rss_mib": max(r["peak_rss_bytes"] for r in reports) / 2**20,
         "dense_param_bytes": reports[0]["dense_param_bytes"],
     }
@@ -129,10 +171,15 @@ def main(argv=None) -> dict:
         return None if x is None else round(x, 3)
 
     result = {
-        "value_bytes_ratio_w2": r3(rows[2]["ratio"]), "value_bytes_ratio_w4": r3(rows[4]["ratio"]),
-        "step_time_w2_over_w1": r3(rows[2]["step_ms"] / base), "step_time_w4_over_w1": r3(rows[4]["step_ms"] / base),
-        **{f"dense_values_over_sparse_w{w}": r3(rows[w]["dense_step_ms"] / rows[w]["step_ms"])
-           for w in sizes if rows[w]["dense_step_ms"]},
+        "value_bytes_ratio_w2": r3(rows[2]["ratio"]),
+        "value_bytes_ratio_w4": r3(rows[4]["ratio"]),
+        "step_time_w2_over_w1": r3(rows[2]["step_ms"] / base),
+        "step_time_w4_over_w1": r3(rows[4]["step_ms"] / base),
+        **{
+            f"dense_values_over_sparse_w{w}": r3(rows[w]["dense_step_ms"] / rows[w]["step_ms"])
+            for w in sizes
+            if rows[w]["dense_step_ms"]
+        },
         "total_bytes_w1": rows[1]["per_rank_bytes"],
         **{f"per_rank_bytes_w{w}": rows[w]["per_rank_bytes"] for w in sizes},
         **{f"step_ms_w{w}": round(rows[w]["step_ms"], 1) for w in sizes},
@@ -141,32 +188,51 @@ def main(argv=None) -> dict:
         # which machine load distorts less than wall time
         "cpu_total_w2_over_w1": r3(2 * rows[2]["cpu_ms"] / rows[1]["cpu_ms"]),
         "cpu_total_w4_over_w1": r3(4 * rows[4]["cpu_ms"] / rows[1]["cpu_ms"]),
-        **{f"dense_values_cpu_over_sparse_w{w}": r3(rows[w]["dense_cpu_ms"] / rows[w]["cpu_ms"])
-           for w in sizes if rows[w]["dense_cpu_ms"]},
+        **{
+            f"dense_values_cpu_over_sparse_w{w}": r3(rows[w]["dense_cpu_ms"] / rows[w]["cpu_ms"])
+            for w in sizes
+            if rows[w]["dense_cpu_ms"]
+        },
         **{f"rows_updated_per_step_w{w}": round(rows[w]["rows_updated"]) for w in sizes},
         "slots": rows[1]["slots"],
         **{f"threads_w{w}": rows[w]["threads"] for w in sizes},
-        "n_keys": args.n_keys, "warmup": warmup, "steps": steps, "cores": args.cores, "global_batch": GLOBAL_BATCH,
+        "n_keys": args.n_keys,
+        "warmup": warmup,
+        "steps": steps,
+        "cores": args.cores,
+        "global_batch": GLOBAL_BATCH,
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}",
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
 
-    print(f"{'world':>5} {'thr':>3} {'value shard':>16} {'value MiB':>9} {'Adam MiB':>8} {'per rank MiB':>12} "
-          f"{'x world / total':>15} {'step ms':>8} {'CPU ms':>7} {'dense-values ms':>15} {'rows upd/step':>13} "
-          f"{'peak RSS MiB':>12}")
+    print(
+        f"{'world':>5} {'thr':>3} {'value shard':>16} {'value MiB':>9} {'Adam MiB':>8} {'per rank MiB':>12} "
+        f"{'x world / total':>15} {'step ms':>8} {'CPU ms':>7} {'dense-values ms':>15} {'rows upd/step':>13} "
+        f"{'peak RSS MiB':>12}"
+    )
     for w in sizes:
         r = rows[w]
         dense = f"{r['dense_step_ms']:.0f}" if r["dense_step_ms"] else "-"
-        print(f"{w:>5} {r['threads']:>3} {str(tuple(r['value_shape'])):>16} {r['value_bytes'] / 2**20:>9.1f} "
-              f"{r['optimizer_bytes'] / 2**20:>8.1f} {r['per_rank_bytes'] / 2**20:>12.1f} {r['ratio']:>15.4f} "
-              f"{r['step_ms']:>8.0f} {r['cpu_ms']:>7.0f} {dense:>15} {r['rows_updated']:>13.0f} {r['peak_rss_mib']:>12.0f}")
-    print(f"value_bytes_ratio_w2 {result['value_bytes_ratio_w2']} | value_bytes_ratio_w4 "
-          f"{result['value_bytes_ratio_w4']} (goal: within 5% of 1.0)")
-    note = "".join(f" (world {w} runs {w * rows[w]['threads']} threads on {args.cores} cores: oversubscribed)"
-                   for w in sizes if w * rows[w]["threads"] > args.cores)
-    print(f"step_time_w2_over_w1 {result['step_time_w2_over_w1']} | step_time_w4_over_w1 "
-          f"{result['step_time_w4_over_w1']}{note}")
+        print(
+            f"{w:>5} {r['threads']:>3} {str(tuple(r['value_shape'])):>16} {r['value_bytes'] / 2**20:>9.1f} "
+            f"{r['optimizer_bytes'] / 2**20:>8.1f} {r['per_rank_bytes'] / 2**20:>12.1f} {r['ratio']:>15.4f} "
+            f"{r['step_ms']:>8.0f} {r['cpu_ms']:>7.0f} {dense:>15} {r['rows_updated']:>13.0f} "
+            f"{r['peak_rss_mib']:>12.0f}"
+        )
+    print(
+        f"value_bytes_ratio_w2 {result['value_bytes_ratio_w2']} | value_bytes_ratio_w4 "
+        f"{result['value_bytes_ratio_w4']} (goal: within 5% of 1.0)"
+    )
+    note = "".join(
+        f" (world {w} runs {w * rows[w]['threads']} threads on {args.cores} cores: oversubscribed)"
+        for w in sizes
+        if w * rows[w]["threads"] > args.cores
+    )
+    print(
+        f"step_time_w2_over_w1 {result['step_time_w2_over_w1']} | step_time_w4_over_w1 "
+        f"{result['step_time_w4_over_w1']}{note}"
+    )
     print(f"wall {result['wall_s']} s")
     return emit(result, args.json)
 

@@ -12,6 +12,7 @@ value_mib, value_optimizer_mib (the trainer's memory report), peak_rss_gb, secon
 
     python benchmarks/value_optimizers.py [--quick] [--json] [--family gpt|bert] [--steps N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,17 +29,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import emit, log  # noqa: E402
-VARIANTS = {"adam": ["model.pkm.value_optimizer=adam"],
-            "rowwise_adagrad": ["model.pkm.value_optimizer=rowwise_adagrad"],
-            "rowwise_adagrad_bf16": ["model.pkm.value_optimizer=rowwise_adagrad", "model.pkm.value_dtype=bf16"],
-            "rowwise_adam": ["model.pkm.value_optimizer=rowwise_adam"]}
 
+VARIANTS = {
+    "adam": ["model.pkm.value_optimizer=adam"],
+    "rowwise_adagrad": ["model.pkm.value_optimizer=rowwise_adagrad"],
+    "rowwise_adagrad_bf16": ["model.pkm.value_optimizer=rowwise_adagrad", "model.pkm.value_dtype=bf16"],
+    "rowwise_adam": ["model.pkm.value_optimizer=rowwise_adam"],
+}
 
 
 def train(config: str, overrides: list[str], run_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(ROOT / "configs" / config),
-           f"run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}", "logging.tensorboard=false",
-           "checkpoint.save_interval=0", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pkm",
+        "pretrain",
+        "--config",
+        str(ROOT / "configs" / config),
+        f"run_dir={run_dir}",
+        f"data.cache_dir={run_dir.parent / 'cache'}",
+        "logging.tensorboard=false",
+        "checkpoint.save_interval=0",
+        *overrides,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -58,9 +71,14 @@ def train(config: str, overrides: list[str], run_dir: Path) -> dict:
     valid = [r for r in rows if "valid loss" in r]
     text = (run_dir / "logs" / "train.log").read_text()
     m = re.search(r"value shard ([\d.]+) MiB .* value optimizer ([\d.]+) MiB", text)
-    return {"valid_loss": valid[-1]["valid loss"], "valid_step": valid[-1]["step"],
-            "value_mib": float(m.group(1)), "value_optimizer_mib": float(m.group(2)),
-            "peak_rss_gb": round(peak / 1e9, 3), "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "valid_loss": valid[-1]["valid loss"],
+        "valid_step": valid[-1]["step"],
+        "value_mib": float(m.group(1)),
+        "value_optimizer_mib": float(m.group(2)),
+        "peak_rss_gb": round(peak / 1e9, 3),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def main(argv=None) -> dict:
@@ -74,11 +92,20 @@ def main(argv=None) -> dict:
     if args.quick:
         config, common = "tiny_gpt.yaml", ["train.train_steps=20", "train.eval_interval=20", "train.eval_steps=4"]
     elif args.family == "gpt":
-        config, common = "demo_gpt.yaml", [f"train.train_steps={args.steps}", f"train.eval_interval={args.steps}",
-                                           "train.eval_steps=16"]
+        config, common = (
+            "demo_gpt.yaml",
+            [f"train.train_steps={args.steps}", f"train.eval_interval={args.steps}", "train.eval_steps=16"],
+        )
     else:
-        config, common = "tiny_bert.yaml", [f"train.train_steps={args.steps}", f"train.eval_interval={args.steps}",
-                                            "train.eval_steps=16", f"train.warmup_steps={max(2, args.steps // 10)}"]
+        config, common = (
+            "tiny_bert.yaml",
+            [
+                f"train.train_steps={args.steps}",
+                f"train.eval_interval={args.steps}",
+                "train.eval_steps=16",
+                f"train.warmup_steps={max(2, args.steps // 10)}",
+            ],
+        )
     work = Path(tempfile.mkdtemp(prefix="pkm-value-opt-"))
     result = {"config": config, "steps": 20 if args.quick else args.steps}
     for name in args.variants.split(","):
@@ -89,9 +116,10 @@ def main(argv=None) -> dict:
     if "adam" in result:
         for name in VARIANTS:
             if name in result and name != "adam":
-                result[name]["gap_vs_adam"] = round((result[name]["valid_loss"] - result["adam"]["valid_loss"])
-                                                    / result["adam"]["valid_loss"], 5)
-    result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                result[name]["gap_vs_adam"] = round(
+                    (result[name]["valid_loss"] - result["adam"]["valid_loss"]) / result["adam"]["valid_loss"], 5
+                )
+    result["date"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return emit(result, args.json)
 
 

@@ -1,5 +1,6 @@
 """argparse types for numbers with a range: a bad value is the parser's one-line error naming the
 option, before anything runs. Shared by every `pkm` command (data_pipeline is the bottom layer)."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ def port(text: str) -> int:
 def file_prefix(text: str) -> str:
     """An output PREFIX to which extensions are added (PREFIX.model, PREFIX.bin): not a directory."""
     if text.endswith(os.sep) or os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text} is a directory; give a prefix for the files inside it, "
-                                         f"e.g. {os.path.join(text, 'name')}")
+        raise argparse.ArgumentTypeError(
+            f"{text} is a directory; give a prefix for the files inside it, e.g. {os.path.join(text, 'name')}"
+        )
     return text

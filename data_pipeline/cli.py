@@ -9,6 +9,7 @@
 
 Heavy imports (sentencepiece, megatron, torch) happen inside the command functions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,54 +26,116 @@ def register(subparsers) -> None:
     tok = sub.add_parser("tokenizer", help="train or describe tokenizers")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="<tokenizer command>")
     t = tsub.add_parser("train", help="train a sentencepiece model (GPT or BERT recipe)")
-    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="corpus files or globs (same formats as preprocess)")
-    t.add_argument("--output", required=True, metavar="PREFIX", type=file_prefix, help="writes PREFIX.model and PREFIX.vocab")
-    t.add_argument("--recipe", choices=("gpt", "bert"), default="gpt",
-                   help="gpt: BPE, byte fallback, split digits, <eod>; bert: unigram with [PAD] [UNK] [CLS] [SEP] [MASK]")
+    t.add_argument(
+        "--input", nargs="+", required=True, metavar="FILE", help="corpus files or globs (same formats as preprocess)"
+    )
+    t.add_argument(
+        "--output", required=True, metavar="PREFIX", type=file_prefix, help="writes PREFIX.model and PREFIX.vocab"
+    )
+    t.add_argument(
+        "--recipe",
+        choices=("gpt", "bert"),
+        default="gpt",
+        help="gpt: BPE, byte fallback, split digits, <eod>; bert: unigram with [PAD] [UNK] [CLS] [SEP] [MASK]",
+    )
     t.add_argument("--vocab-size", type=positive_int, default=32000)
     t.add_argument("--model-type", choices=("bpe", "unigram"), default=None, help="override the recipe's model type")
-    t.add_argument("--input-sentence-size", type=positive_int, default=2_000_000,
-                   help="lines sampled from a large corpus for training")
+    t.add_argument(
+        "--input-sentence-size",
+        type=positive_int,
+        default=2_000_000,
+        help="lines sampled from a large corpus for training",
+    )
     t.add_argument("--json-key", default="text")
     t.add_argument("--text-mode", choices=("file", "blank-line"), default="file")
     t.add_argument("--threads", type=positive_int, default=None)
     t.set_defaults(func=cmd_tokenizer_train)
 
     i = tsub.add_parser("info", help="print a tokenizer's identity and special ids")
-    i.add_argument("tokenizer", nargs="?", default=None, help="sentencepiece .model, HF directory, gpt or bert (default: bundled gpt)")
+    i.add_argument(
+        "tokenizer",
+        nargs="?",
+        default=None,
+        help="sentencepiece .model, HF directory, gpt or bert (default: bundled gpt)",
+    )
     i.add_argument("--encode", default=None, metavar="TEXT", help="also show how TEXT is tokenized")
     i.set_defaults(func=cmd_tokenizer_info)
 
     p = sub.add_parser("preprocess", help="tokenize corpora into a megatron-core indexed dataset + manifest")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="files or globs: .jsonl/.json(.gz), .txt(.gz), .parquet, a `datasets` dir saved to disk, "
-                        "or datasets:<builder>:<files> for datasets.load_dataset on local files")
-    p.add_argument("--output", required=True, metavar="PREFIX", type=file_prefix, help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json")
-    p.add_argument("--tokenizer", default=None,
-                   help="sentencepiece .model or HF tokenizer directory (default: bundled demo GPT tokenizer)")
-    p.add_argument("--workers", type=non_negative_int, default=None,
-                   help="tokenizer worker processes (default: cores - 1; 0: in this process); with --executor: "
-                        "tasks run at a time (slurm default: no limit)")
-    p.add_argument("--on-error", choices=("skip", "fail"), default="fail",
-                   help="bad records: stop at the first one (fail), or skip them and list them in the manifest")
-    p.add_argument("--json-key", default="text", help="field holding the document text in jsonl/parquet/datasets inputs")
-    p.add_argument("--text-mode", choices=("file", "blank-line"), default="file",
-                   help="plain text: one document per file, or one per blank-line-separated block")
-    p.add_argument("--family", choices=("gpt", "bert"), default="gpt",
-                   help="gpt appends an EOD token per document; bert stores one sequence per sentence")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="files or globs: .jsonl/.json(.gz), .txt(.gz), .parquet, a `datasets` dir saved to disk, "
+        "or datasets:<builder>:<files> for datasets.load_dataset on local files",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="PREFIX",
+        type=file_prefix,
+        help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="sentencepiece .model or HF tokenizer directory (default: bundled demo GPT tokenizer)",
+    )
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        help="tokenizer worker processes (default: cores - 1; 0: in this process); with --executor: "
+        "tasks run at a time (slurm default: no limit)",
+    )
+    p.add_argument(
+        "--on-error",
+        choices=("skip", "fail"),
+        default="fail",
+        help="bad records: stop at the first one (fail), or skip them and list them in the manifest",
+    )
+    p.add_argument(
+        "--json-key", default="text", help="field holding the document text in jsonl/parquet/datasets inputs"
+    )
+    p.add_argument(
+        "--text-mode",
+        choices=("file", "blank-line"),
+        default="file",
+        help="plain text: one document per file, or one per blank-line-separated block",
+    )
+    p.add_argument(
+        "--family",
+        choices=("gpt", "bert"),
+        default="gpt",
+        help="gpt appends an EOD token per document; bert stores one sequence per sentence",
+    )
     p.add_argument("--max-sentence-tokens", type=positive_int, default=256, help="bert: longer sentences are cut")
     p.add_argument("--no-progress", action="store_true")
-    x = p.add_argument_group("many processes or nodes (datatrove); see README 'Preprocessing a large corpus on a cluster'")
-    x.add_argument("--executor", choices=("local", "slurm"), default=None,
-                   help="run as datatrove tasks (one or more input files each) on this machine or as a SLURM "
-                        "job array, then merge; a rerun redoes only unfinished tasks (default: one process + workers)")
-    x.add_argument("--tasks", type=positive_int, default=None, help="datatrove tasks (input files are shared out over them)")
+    x = p.add_argument_group(
+        "many processes or nodes (datatrove); see README 'Preprocessing a large corpus on a cluster'"
+    )
+    x.add_argument(
+        "--executor",
+        choices=("local", "slurm"),
+        default=None,
+        help="run as datatrove tasks (one or more input files each) on this machine or as a SLURM "
+        "job array, then merge; a rerun redoes only unfinished tasks (default: one process + workers)",
+    )
+    x.add_argument(
+        "--tasks", type=positive_int, default=None, help="datatrove tasks (input files are shared out over them)"
+    )
     x.add_argument("--slurm-partition", default=None)
     x.add_argument("--slurm-time", default=None, help="time limit per array task, as sbatch --time")
     x.add_argument("--slurm-account", default=None)
     x.add_argument("--slurm-cpus-per-task", type=positive_int, default=None, help="cores per array task (default 1)")
-    x.add_argument("--slurm-sbatch", action="append", default=[], metavar="OPTION",
-                   help="an extra sbatch option, e.g. --slurm-sbatch=--qos=high (repeatable)")
+    x.add_argument(
+        "--slurm-sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="an extra sbatch option, e.g. --slurm-sbatch=--qos=high (repeatable)",
+    )
     p.set_defaults(func=cmd_preprocess)
 
     n = sub.add_parser("inspect", help="summarise a preprocessed dataset (manifest, and decoded documents)")
@@ -109,14 +172,25 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     docs = texts()
     first = next(docs, None)
     if first is None:  # sentencepiece would only say `!sentences_.empty()`, about the output
-        why = (f"{len(bad)} record{'s' * (len(bad) != 1)} skipped, the first {bad[0].where()}: {bad[0].reason}"
-               if bad else "empty")
+        why = (
+            f"{len(bad)} record{'s' * (len(bad) != 1)} skipped, the first {bad[0].where()}: {bad[0].reason}"
+            if bad
+            else "empty"
+        )
         raise DataError(f"{', '.join(sources)}: no text to train a tokenizer on ({why})")
-    path = train_sentencepiece(itertools.chain([first], docs), args.output, args.recipe, args.vocab_size,
-                               args.input_sentence_size, model_type=args.model_type, num_threads=args.threads)
+    path = train_sentencepiece(
+        itertools.chain([first], docs),
+        args.output,
+        args.recipe,
+        args.vocab_size,
+        args.input_sentence_size,
+        model_type=args.model_type,
+        num_threads=args.threads,
+    )
     if bad:
-        logging.getLogger("pkm.data").warning("not trained on %d bad records (the first %s: %s)", len(bad),
-                                              bad[0].where(), bad[0].reason)
+        logging.getLogger("pkm.data").warning(
+            "not trained on %d bad records (the first %s: %s)", len(bad), bad[0].where(), bad[0].reason
+        )
     print(path)
     return 0
 
@@ -125,8 +199,15 @@ def cmd_tokenizer_info(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
-    info = dict(tok.identity, eod_id=tok.eod_id, pad_id=tok.pad_id, cls_id=tok.cls_id, sep_id=tok.sep_id,
-                mask_id=tok.mask_id, unk_id=tok.unk_id)
+    info = dict(
+        tok.identity,
+        eod_id=tok.eod_id,
+        pad_id=tok.pad_id,
+        cls_id=tok.cls_id,
+        sep_id=tok.sep_id,
+        mask_id=tok.mask_id,
+        unk_id=tok.unk_id,
+    )
     if args.encode is not None:
         ids = tok.encode(args.encode)
         info["encode"] = {"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}
@@ -154,19 +235,32 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     default_workers = -1 if args.executor == "slurm" else max(1, (os.cpu_count() or 2) - 1)
     workers = default_workers if args.workers is None else args.workers
     tok = load_tokenizer(args.tokenizer)
-    common = dict(on_error=args.on_error, json_key=args.json_key, text_mode=args.text_mode, family=args.family,
-                  max_sentence_tokens=args.max_sentence_tokens)
+    common = dict(
+        on_error=args.on_error,
+        json_key=args.json_key,
+        text_mode=args.text_mode,
+        family=args.family,
+        max_sentence_tokens=args.max_sentence_tokens,
+    )
     if args.executor is not None:
         from data_pipeline.distributed_preprocess import preprocess_distributed
         from data_pipeline.slurm_job import SlurmJob
 
-        job = SlurmJob(time=args.slurm_time, partition=args.slurm_partition, account=args.slurm_account,
-                       cpus_per_task=args.slurm_cpus_per_task, sbatch_lines=args.slurm_sbatch)
-        m = preprocess_distributed(args.input, args.output, tok, executor=args.executor, tasks=args.tasks,
-                                   workers=workers, job=job, **common)
+        job = SlurmJob(
+            time=args.slurm_time,
+            partition=args.slurm_partition,
+            account=args.slurm_account,
+            cpus_per_task=args.slurm_cpus_per_task,
+            sbatch_lines=args.slurm_sbatch,
+        )
+        m = preprocess_distributed(
+            args.input, args.output, tok, executor=args.executor, tasks=args.tasks, workers=workers, job=job, **common
+        )
         if args.executor == "slurm":
-            print(f"Submitted SLURM job array {m['array_job']} ({m['tasks_left']} of {args.tasks} tasks"
-                  f"{', resuming' if m['resumed'] else ''}) and merge job {m['merge_job']}")
+            print(
+                f"Submitted SLURM job array {m['array_job']} ({m['tasks_left']} of {args.tasks} tasks"
+                f"{', resuming' if m['resumed'] else ''}) and merge job {m['merge_job']}"
+            )
             print(f"  output:     {args.output}.bin/.idx/.manifest.json, when job {m['merge_job']} has finished")
             print(f"  task logs:  {m['logs']}/logs/ (SLURM's in {m['slurm_logs']})")
             print("  a failed task: fix the cause, run the same command again (finished tasks are kept)")
@@ -175,9 +269,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         from data_pipeline.preprocess import preprocess
 
         m = preprocess(args.input, args.output, tok, workers=workers, progress=not args.no_progress, **common)
-    print(f"{args.output}: {m['documents']} documents, {m['tokens']} tokens, {m['skipped_total']} skipped "
-          f"({m['tokens_per_s'] / 1e3:.0f}k tokens/s with {workers} workers"
-          f"{f' over {args.tasks} tasks' if args.executor else ''})")
+    print(
+        f"{args.output}: {m['documents']} documents, {m['tokens']} tokens, {m['skipped_total']} skipped "
+        f"({m['tokens_per_s'] / 1e3:.0f}k tokens/s with {workers} workers"
+        f"{f' over {args.tasks} tasks' if args.executor else ''})"
+    )
     for s in m["skipped"][:20]:
         print(f"  skipped {s['source']}:{s['line']}: {s['reason']}")
     if m["skipped_total"] > 20:
@@ -189,15 +285,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from data_pipeline.preprocess import check_files, check_tokenizer_matches
 
     for ext in (".bin", ".idx", ".manifest.json"):  # a file of the dataset given instead of its prefix
-        if args.prefix.endswith(ext) and os.path.isfile(args.prefix[:-len(ext)] + ".manifest.json"):
-            args.prefix = args.prefix[:-len(ext)]
+        if args.prefix.endswith(ext) and os.path.isfile(args.prefix[: -len(ext)] + ".manifest.json"):
+            args.prefix = args.prefix[: -len(ext)]
     m = check_files(args.prefix)
     if args.json:
         print(json.dumps(m, indent=1))
     else:
         t = m["tokenizer"]
-        print(f"{args.prefix}: {m['family']} dataset, {m['documents']} documents, {m['sequences']} sequences, "
-              f"{m['tokens']} tokens ({m['dtype']})")
+        print(
+            f"{args.prefix}: {m['family']} dataset, {m['documents']} documents, {m['sequences']} sequences, "
+            f"{m['tokens']} tokens ({m['dtype']})"
+        )
         print(f"  tokenizer: {t['kind']} {t['name']} vocab {m['vocab_size']} sha256 {t['sha256'][:16]}")
         for s in m["sources"]:
             print(f"  source {s['path']}: {s['documents']} documents, {s['tokens']} tokens, {s['skipped']} skipped")

@@ -18,6 +18,7 @@ them only the parts not yet written (parts are published by rename, their tally 
 successful merge the parts and the plan are deleted; datatrove's logs stay.
 A single huge file is one part (one task): split such a corpus into many files to spread it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,10 +37,23 @@ from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
 from data_pipeline.errors import DataError
-from data_pipeline.preprocess import (ChunkWriter, Tally, build_manifest, check_options, check_tokenizer,
-                                      dataset_dtype, dataset_paths, init_worker, new_builder, prepare_output_dir,
-                                      process_chunk, publish, read_versioned_json, remove_leftovers,
-                                      run_options)
+from data_pipeline.preprocess import (
+    ChunkWriter,
+    Tally,
+    build_manifest,
+    check_options,
+    check_tokenizer,
+    dataset_dtype,
+    dataset_paths,
+    init_worker,
+    new_builder,
+    prepare_output_dir,
+    process_chunk,
+    publish,
+    read_versioned_json,
+    remove_leftovers,
+    run_options,
+)
 from data_pipeline.readers import expand_inputs, iter_chunks
 from data_pipeline.slurm_job import SlurmJob
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
@@ -71,8 +85,17 @@ def _source_state(src: str):
     return None
 
 
-def make_plan(inputs, output_prefix: str, tok: Tokenizer, tasks: int, on_error: str, json_key: str,
-              text_mode: str, family: str, max_sentence_tokens: int) -> dict:
+def make_plan(
+    inputs,
+    output_prefix: str,
+    tok: Tokenizer,
+    tasks: int,
+    on_error: str,
+    json_key: str,
+    text_mode: str,
+    family: str,
+    max_sentence_tokens: int,
+) -> dict:
     sources = expand_inputs(list(inputs))
     return {
         "format": PLAN_FORMAT,
@@ -109,8 +132,9 @@ def prepare_parts(plan: dict) -> bool:
 
 
 def read_plan(prefix: str) -> dict:
-    return read_versioned_json(_plan_path(prefix), PLAN_FORMAT, "plan",
-                               "no readable preprocessing plan ({}); run `pkm data preprocess` again")
+    return read_versioned_json(
+        _plan_path(prefix), PLAN_FORMAT, "plan", "no readable preprocessing plan ({}); run `pkm data preprocess` again"
+    )
 
 
 def _part_tally(pp: str) -> dict | None:
@@ -134,8 +158,10 @@ def tokenize_part(plan: dict, index: int) -> None:
     remove_leftovers(pp)
     tok = load_tokenizer(plan["tokenizer"])
     if tok.identity["sha256"] != plan["tokenizer_sha256"]:
-        raise DataError(f"tokenizer {plan['tokenizer']} changed since this preprocessing run started "
-                        f"(sha256 {tok.identity['sha256'][:12]}, planned {plan['tokenizer_sha256'][:12]})")
+        raise DataError(
+            f"tokenizer {plan['tokenizer']} changed since this preprocessing run started "
+            f"(sha256 {tok.identity['sha256'][:12]}, planned {plan['tokenizer_sha256'][:12]})"
+        )
     opts = plan["options"]
     init_worker(tok, plan["family"], plan["dtype"], plan["max_sentence_tokens"])
     tmp_prefix = f"{pp}.tmp{os.getpid()}"
@@ -145,16 +171,22 @@ def tokenize_part(plan: dict, index: int) -> None:
     writer = ChunkWriter(builder, tally, opts["on_error"])
     t0 = time.time()
     try:
-        for chunk in iter_chunks([src], json_key=opts["json_key"], text_mode=opts["text_mode"],
-                                 chunk_bytes=PART_CHUNK_BYTES):
+        for chunk in iter_chunks(
+            [src], json_key=opts["json_key"], text_mode=opts["text_mode"], chunk_bytes=PART_CHUNK_BYTES
+        ):
             writer.add(process_chunk(chunk))
         builder.finalize(tmp["idx"])
     except BaseException:
         builder.data_file.close()
         remove_leftovers(pp)
         raise
-    part = {"source": src, "index": index, "tally": tally.to_json(), "elapsed_s": round(time.time() - t0, 3),
-            "files": {"bin": os.path.getsize(tmp["bin"]), "idx": os.path.getsize(tmp["idx"])}}
+    part = {
+        "source": src,
+        "index": index,
+        "tally": tally.to_json(),
+        "elapsed_s": round(time.time() - t0, 3),
+        "files": {"bin": os.path.getsize(tmp["bin"]), "idx": os.path.getsize(tmp["idx"])},
+    }
     final = dataset_paths(pp)
     os.replace(tmp["bin"], final["bin"])
     os.replace(tmp["idx"], final["idx"])
@@ -173,8 +205,9 @@ def merge_parts(prefix: str, **extra) -> dict:
     for i, src in enumerate(plan["sources"]):
         part = _part_tally(part_prefix(prefix, i))
         if part is None:
-            raise DataError(f"{prefix}: part {i} ({src}) is not finished; run the same command again to redo "
-                            "the unfinished tasks")
+            raise DataError(
+                f"{prefix}: part {i} ({src}) is not finished; run the same command again to redo the unfinished tasks"
+            )
         parts.append(part)
     tok = load_tokenizer(plan["tokenizer"])
     remove_leftovers(prefix)
@@ -202,19 +235,36 @@ def merge_parts(prefix: str, **extra) -> dict:
     merge_s = time.time() - t0
     if tally.total("documents") == 0:
         remove_leftovers(prefix)
-        raise DataError(f"{prefix}: no documents in {', '.join(plan['sources'])} "
-                        f"({tally.skipped_total} bad records skipped)")
+        raise DataError(
+            f"{prefix}: no documents in {', '.join(plan['sources'])} ({tally.skipped_total} bad records skipped)"
+        )
     with open(_plan_path(prefix), encoding="utf-8") as f:
         started = json.load(f)["created"]
     files = {"bin": os.path.getsize(tmp["bin"]), "idx": os.path.getsize(tmp["idx"])}
-    manifest = build_manifest(tally, tok, plan["family"], plan["dtype"], plan["options"], files,
-                              time.time() - started, tasks=plan["tasks"], merge_s=round(merge_s, 3), **extra)
+    manifest = build_manifest(
+        tally,
+        tok,
+        plan["family"],
+        plan["dtype"],
+        plan["options"],
+        files,
+        time.time() - started,
+        tasks=plan["tasks"],
+        merge_s=round(merge_s, 3),
+        **extra,
+    )
     publish(tmp_prefix, prefix, manifest)
     for path in glob.glob(glob.escape(os.path.join(parts_dir(prefix), "part-")) + "*"):
         os.remove(path)
     os.remove(_plan_path(prefix))
-    log.info("%s: merged %d parts: %d documents, %d tokens, %d skipped", prefix, len(parts), manifest["documents"],
-             manifest["tokens"], manifest["skipped_total"])
+    log.info(
+        "%s: merged %d parts: %d documents, %d tokens, %d skipped",
+        prefix,
+        len(parts),
+        manifest["documents"],
+        manifest["tokens"],
+        manifest["skipped_total"],
+    )
     return manifest
 
 
@@ -272,11 +322,23 @@ def run_local(plan: dict, workers: int) -> dict:
     """Run the plan's tasks on this machine, `workers` at a time, then merge. Returns the manifest."""
     prefix = plan["output"]
     resumed = prepare_parts(plan)
-    ex = LocalPipelineExecutor([TokenizeParts(plan)], tasks=plan["tasks"], workers=min(workers, plan["tasks"]),
-                               logging_dir=os.path.join(parts_dir(prefix), "logs"), start_method="fork")
+    ex = LocalPipelineExecutor(
+        [TokenizeParts(plan)],
+        tasks=plan["tasks"],
+        workers=min(workers, plan["tasks"]),
+        logging_dir=os.path.join(parts_dir(prefix), "logs"),
+        start_method="fork",
+    )
     left = len(ex.get_incomplete_ranks())
-    log.info("%s: %s %d of %d tasks, %d at a time (datatrove logs in %s)", prefix, "resuming:" if resumed else "running",
-             left, plan["tasks"], ex.workers, ex.logging_dir.path)
+    log.info(
+        "%s: %s %d of %d tasks, %d at a time (datatrove logs in %s)",
+        prefix,
+        "resuming:" if resumed else "running",
+        left,
+        plan["tasks"],
+        ex.workers,
+        ex.logging_dir.path,
+    )
     # Import megatron (and torch) once here: the forked tasks share it instead of each importing it
     # again; frozen objects keep their garbage collector from copying the shared pages.
     import megatron.core.datasets.indexed_dataset  # noqa: F401
@@ -298,8 +360,9 @@ class _SlurmExecutor(SlurmPipelineExecutor):
 
     def __init__(self, job: SlurmJob, **kw):
         self.job = job
-        super().__init__(time=job.time or "", partition=job.partition or "", cpus_per_task=job.cpus_per_task or 1,
-                         qos=None, **kw)
+        super().__init__(
+            time=job.time or "", partition=job.partition or "", cpus_per_task=job.cpus_per_task or 1, qos=None, **kw
+        )
 
     def get_sbatch_args(self, max_array: int = 1) -> dict:
         args = super().get_sbatch_args(max_array)
@@ -321,13 +384,25 @@ def slurm_executors(plan: dict, job: SlurmJob, workers: int) -> tuple[_SlurmExec
     prefix = plan["output"]
     name = job.job_name or f"pkm-preprocess-{os.path.basename(prefix)}"
     # the job runs datatrove's `launch_pickled_pipeline`, installed next to this interpreter
-    env = f"export PATH={shlex.quote(os.path.dirname(os.path.abspath(sys.executable)))}:\"$PATH\""
+    env = f'export PATH={shlex.quote(os.path.dirname(os.path.abspath(sys.executable)))}:"$PATH"'
     common = dict(job=job, env_command=env, requeue_signals=None)
-    tokenize = _SlurmExecutor(pipeline=[TokenizeParts(plan)], tasks=plan["tasks"], workers=workers,
-                              job_name=name, logging_dir=os.path.join(parts_dir(prefix), "logs"), **common)
-    merge = _SlurmExecutor(pipeline=[MergeParts(prefix)], tasks=1, job_name=name + "-merge", depends=tokenize,
-                           logging_dir=os.path.join(parts_dir(prefix), "merge-logs"),
-                           sbatch_args={"kill-on-invalid-dep": "yes"}, **common)
+    tokenize = _SlurmExecutor(
+        pipeline=[TokenizeParts(plan)],
+        tasks=plan["tasks"],
+        workers=workers,
+        job_name=name,
+        logging_dir=os.path.join(parts_dir(prefix), "logs"),
+        **common,
+    )
+    merge = _SlurmExecutor(
+        pipeline=[MergeParts(prefix)],
+        tasks=1,
+        job_name=name + "-merge",
+        depends=tokenize,
+        logging_dir=os.path.join(parts_dir(prefix), "merge-logs"),
+        sbatch_args={"kill-on-invalid-dep": "yes"},
+        **common,
+    )
     return tokenize, merge
 
 
@@ -345,8 +420,14 @@ def submit_slurm(plan: dict, job: SlurmJob, workers: int) -> dict:
             merge.run()  # submits its dependency (the job array) first
     except subprocess.CalledProcessError as e:
         raise DataError(f"sbatch rejected the preprocessing job (exit {e.returncode}); see its message above") from None
-    return {"resumed": resumed, "tasks_left": left, "array_job": tokenize.job_id, "merge_job": merge.job_id,
-            "logs": tokenize.logging_dir.path, "slurm_logs": tokenize.slurm_logs_folder}
+    return {
+        "resumed": resumed,
+        "tasks_left": left,
+        "array_job": tokenize.job_id,
+        "merge_job": merge.job_id,
+        "logs": tokenize.logging_dir.path,
+        "slurm_logs": tokenize.slurm_logs_folder,
+    }
 
 
 def check_run(tasks: int, workers: int, executor: str) -> None:
@@ -358,14 +439,25 @@ def check_run(tasks: int, workers: int, executor: str) -> None:
         raise DataError(f"--workers {workers}: expected 1 or more with --executor {executor}")
 
 
-def preprocess_distributed(inputs, output_prefix: str, tokenizer: Tokenizer | str | None = None, *,
-                           executor: str, tasks: int, workers: int, job: SlurmJob | None = None,
-                           on_error: str = "fail", json_key: str = "text", text_mode: str = "file",
-                           family: str = "gpt", max_sentence_tokens: int = 256) -> dict:
+def preprocess_distributed(
+    inputs,
+    output_prefix: str,
+    tokenizer: Tokenizer | str | None = None,
+    *,
+    executor: str,
+    tasks: int,
+    workers: int,
+    job: SlurmJob | None = None,
+    on_error: str = "fail",
+    json_key: str = "text",
+    text_mode: str = "file",
+    family: str = "gpt",
+    max_sentence_tokens: int = 256,
+) -> dict:
     """`preprocess()` on datatrove: executor "local" runs the tasks here and returns the manifest;
     "slurm" submits them (workers = array tasks at a time, -1 = no limit) and returns the job ids."""
     check_run(tasks, workers, executor)
-    for problem in (job.problems() if job is not None else []):
+    for problem in job.problems() if job is not None else []:
         raise DataError(problem)
     check_options(on_error, family, 0)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)

@@ -8,6 +8,7 @@ that is renamed into place.
 
     python -m data_pipeline.helpers_build      # or: pkm data build-helpers
 """
+
 from __future__ import annotations
 
 import importlib
@@ -49,8 +50,20 @@ def compile_helpers(out_dir: str | None = None, cxx: str | None = None) -> str:
     out_dir = out_dir or src_dir
     target = os.path.join(out_dir, "helpers_cpp" + sysconfig.get_config_var("EXT_SUFFIX"))
     tmp = f"{target}.tmp{os.getpid()}"
-    cmd = [cxx or os.environ.get("CXX", "g++"), "-O3", "-Wall", "-shared", "-std=c++17", "-fPIC", "-fdiagnostics-color",
-           f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", src, "-o", tmp]
+    cmd = [
+        cxx or os.environ.get("CXX", "g++"),
+        "-O3",
+        "-Wall",
+        "-shared",
+        "-std=c++17",
+        "-fPIC",
+        "-fdiagnostics-color",
+        f"-I{pybind11.get_include()}",
+        f"-I{sysconfig.get_paths()['include']}",
+        src,
+        "-o",
+        tmp,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise DataError(f"compiling {src} failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")

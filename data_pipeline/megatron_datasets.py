@@ -6,12 +6,12 @@ masking: 15% of tokens, 80% [MASK] / 10% random / 10% unchanged, optional whole 
 produce our own item format, without next-sentence prediction:
 `tokens`, `labels`, `loss_mask` (1 at masked positions), `padding_mask` (True = padding), `types`.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 from functools import cached_property
-from typing import Optional
 
 import numpy
 import torch
@@ -38,8 +38,11 @@ class MegatronTokenizerAdapter:
         if tok.pad_id is not None:
             self.pad = tok.pad_id
         self.cls, self.sep, self.mask = tok.cls_id, tok.sep_id, tok.mask_id
-        self.unique_identifiers = {"class": type(tok).__name__, "sha256": tok.identity["sha256"],
-                                   "vocab_size": tok.vocab_size}
+        self.unique_identifiers = {
+            "class": type(tok).__name__,
+            "sha256": tok.identity["sha256"],
+            "vocab_size": tok.vocab_size,
+        }
 
     @cached_property
     def inv_vocab(self) -> dict:
@@ -80,9 +83,16 @@ class MaskedLMDataset(MaskedWordPieceDataset):
                 num_epochs, max_samples = 1, numpy.iinfo(numpy.int64).max - 1
             indices = numpy.append(self.indices, self.indices[-1] + 1)
             sample_index = helpers.build_mapping(
-                self.dataset.document_indices[indices], self.dataset.sequence_lengths, num_epochs,
-                max_samples, sequence_length, self.config.short_sequence_probability,
-                self.config.random_seed, False, min_sentences_per_sample)
+                self.dataset.document_indices[indices],
+                self.dataset.sequence_lengths,
+                num_epochs,
+                max_samples,
+                sequence_length,
+                self.config.short_sequence_probability,
+                self.config.random_seed,
+                False,
+                min_sentences_per_sample,
+            )
             tmp = f"{base}-tmp{os.getpid()}.npy"
             numpy.save(tmp, sample_index, allow_pickle=False)
             os.replace(tmp, path)
@@ -93,7 +103,7 @@ class MaskedLMDataset(MaskedWordPieceDataset):
     def __len__(self) -> int:
         return self.sample_index.shape[0]
 
-    def _get_token_mask(self, rng: numpy.random.RandomState) -> Optional[int]:
+    def _get_token_mask(self, rng: numpy.random.RandomState) -> int | None:
         if rng.random() < 0.8:
             return self.config.tokenizer.mask
         if rng.random() >= 0.5:
@@ -106,7 +116,7 @@ class MaskedLMDataset(MaskedWordPieceDataset):
         content = numpy.concatenate([self.dataset[i] for i in range(beg, end)]).tolist()
         if len(content) > target:  # trim a random amount from the front, the rest from the back
             front = rng.randint(0, len(content) - target + 1)
-            content = content[front:front + target]
+            content = content[front : front + target]
         tok = self.config.tokenizer
         original = [tok.cls, *content, tok.sep]
         masked, positions, _, _, _ = self._create_masked_lm_predictions(original, target, rng)
@@ -128,4 +138,3 @@ class MaskedLMDataset(MaskedWordPieceDataset):
             "padding_mask": torch.from_numpy(padding_mask),
             "types": torch.zeros(s, dtype=torch.int64),
         }
-

@@ -6,13 +6,14 @@ under a hidden temporary name beside the final one and renamed at the end, so an
 It lives here, at the bottom of the dependency graph, so that data_pipeline, pretrain and launch
 share it (the CLI prints an OutputError as `pkm: error: ...`).
 """
+
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from data_pipeline.errors import DataError
 
@@ -31,8 +32,9 @@ def ensure_dir(path: str | Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise OutputError(f"{path}: cannot create the output directory (a file of that name, or one of its "
-                          "parents, is in the way)") from None
+        raise OutputError(
+            f"{path}: cannot create the output directory (a file of that name, or one of its parents, is in the way)"
+        ) from None
     except OSError as e:
         raise OutputError(f"{path}: cannot create the output directory ({_reason(e)})") from None
     if not os.access(path, os.W_OK | os.X_OK):

@@ -10,6 +10,7 @@ Atomicity: everything is written under PREFIX.tmp<pid>.*, then renamed: .bin, .i
 .manifest.json. A dataset counts as complete only when its manifest exists and matches the file
 sizes, so an interrupted run never looks complete; re-running removes the leftovers and restarts.
 """
+
 from __future__ import annotations
 
 import array
@@ -22,8 +23,8 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
 import numpy as np
 
@@ -37,8 +38,14 @@ log = logging.getLogger("pkm.data")
 MANIFEST_FORMAT = "pkm-data-manifest/1"
 MAX_LISTED_SKIPS = 10_000  # the manifest lists this many bad records; counts are always complete
 AUSTEN_DIR = os.path.join(ASSETS, "austen")
-DEMO_BOOKS = ("emma", "mansfield_park", "northanger_abbey", "persuasion", "pride_and_prejudice",
-              "sense_and_sensibility")
+DEMO_BOOKS = (
+    "emma",
+    "mansfield_park",
+    "northanger_abbey",
+    "persuasion",
+    "pride_and_prejudice",
+    "sense_and_sensibility",
+)
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Tally:
     """What a dataset (or one part of it) holds, per source: documents, sequences, tokens, bytes,
     skipped records. The single-node path fills one; each part of a distributed run fills one and
     the merge adds them up in input order, so both give the same manifest."""
+
     sources: list
     per_source: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)  # the first MAX_LISTED_SKIPS bad records (dicts)
@@ -75,10 +83,10 @@ class Tally:
         if len(self.skipped) < MAX_LISTED_SKIPS:
             self.skipped.append(b.to_json())
 
-    def add(self, other: "Tally") -> None:
+    def add(self, other: Tally) -> None:
         for s, c in other.per_source.items():
             self.per_source[s].update(c)
-        self.skipped.extend(other.skipped[:MAX_LISTED_SKIPS - len(self.skipped)])
+        self.skipped.extend(other.skipped[: MAX_LISTED_SKIPS - len(self.skipped)])
         self.skipped_by_reason.update(other.skipped_by_reason)
         self.skipped_total += other.skipped_total
 
@@ -86,14 +94,23 @@ class Tally:
         return sum(c[key] for c in self.per_source.values())
 
     def to_json(self) -> dict:
-        return {"sources": self.sources, "per_source": {s: dict(c) for s, c in self.per_source.items()},
-                "skipped": self.skipped, "skipped_by_reason": dict(self.skipped_by_reason),
-                "skipped_total": self.skipped_total}
+        return {
+            "sources": self.sources,
+            "per_source": {s: dict(c) for s, c in self.per_source.items()},
+            "skipped": self.skipped,
+            "skipped_by_reason": dict(self.skipped_by_reason),
+            "skipped_total": self.skipped_total,
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Tally":
-        return cls(d["sources"], {s: Counter(c) for s, c in d["per_source"].items()}, d["skipped"],
-                   Counter(d["skipped_by_reason"]), d["skipped_total"])
+    def from_json(cls, d: dict) -> Tally:
+        return cls(
+            d["sources"],
+            {s: Counter(c) for s, c in d["per_source"].items()},
+            d["skipped"],
+            Counter(d["skipped_by_reason"]),
+            d["skipped_total"],
+        )
 
 
 class IntArray(array.array):
@@ -166,7 +183,7 @@ def process_chunk(chunk) -> ChunkResult:
         sent_ids = tok.encode_batch(sents) if sents else []
         ids, counts, k = [], [], 0
         for n in per_doc:
-            pieces = [p for s in sent_ids[k:k + n] for p in cut_long(s, _W["max_sentence_tokens"]) if p]
+            pieces = [p for s in sent_ids[k : k + n] for p in cut_long(s, _W["max_sentence_tokens"]) if p]
             k += n
             ids.extend(pieces)
             counts.append(len(pieces))
@@ -252,8 +269,9 @@ def dataset_dtype(tok: Tokenizer):
     return np.uint16 if tok.vocab_size < 65500 else np.int32
 
 
-def build_manifest(tally: Tally, tok: Tokenizer, family: str, dtype, options: dict, files: dict,
-                   elapsed: float, **extra) -> dict:
+def build_manifest(
+    tally: Tally, tok: Tokenizer, family: str, dtype, options: dict, files: dict, elapsed: float, **extra
+) -> dict:
     """The manifest of a finished dataset (PREFIX.manifest.json); `extra` keys are added as they are."""
     n_tokens = tally.total("tokens")
     return {
@@ -267,8 +285,13 @@ def build_manifest(tally: Tally, tok: Tokenizer, family: str, dtype, options: di
         "documents": tally.total("documents"),
         "sequences": tally.total("sequences"),
         "tokens": n_tokens,
-        "sources": [{"path": os.path.abspath(s) if not s.startswith("datasets:") else s, **{k: tally.per_source[s][k] for k in
-                     ("documents", "sequences", "tokens", "bytes", "skipped")}} for s in tally.sources],
+        "sources": [
+            {
+                "path": os.path.abspath(s) if not s.startswith("datasets:") else s,
+                **{k: tally.per_source[s][k] for k in ("documents", "sequences", "tokens", "bytes", "skipped")},
+            }
+            for s in tally.sources
+        ],
         "skipped_total": tally.skipped_total,
         "skipped_by_reason": dict(tally.skipped_by_reason),
         "skipped": tally.skipped,
@@ -293,10 +316,19 @@ def publish(tmp_prefix: str, output_prefix: str, manifest: dict) -> None:
     os.replace(tmp["manifest"], final["manifest"])
 
 
-def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer | str | None = None,
-               workers: int = 1, on_error: str = "fail", json_key: str = "text", text_mode: str = "file",
-               family: str = "gpt", max_sentence_tokens: int = 256, chunk_bytes: int | None = None,
-               progress: bool = True) -> dict:
+def preprocess(
+    inputs: Iterable[str],
+    output_prefix: str,
+    tokenizer: Tokenizer | str | None = None,
+    workers: int = 1,
+    on_error: str = "fail",
+    json_key: str = "text",
+    text_mode: str = "file",
+    family: str = "gpt",
+    max_sentence_tokens: int = 256,
+    chunk_bytes: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Tokenize `inputs` (files/globs, see readers.py) into OUTPUT_PREFIX.{bin,idx,manifest.json}.
 
     GPT: one sequence per document with the EOD id appended. BERT: one sequence per sentence
@@ -336,8 +368,14 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
 
     tally = Tally(sources)
     writer = ChunkWriter(builder, tally, on_error)
-    bar = tqdm(total=known_size or None, unit="B", unit_scale=True, desc=f"preprocess {os.path.basename(output_prefix)}",
-               disable=not progress or None, mininterval=1.0)
+    bar = tqdm(
+        total=known_size or None,
+        unit="B",
+        unit_scale=True,
+        desc=f"preprocess {os.path.basename(output_prefix)}",
+        disable=not progress or None,
+        mininterval=1.0,
+    )
     t0 = time.time()
     n_tokens = 0
 
@@ -379,19 +417,38 @@ def preprocess(inputs: Iterable[str], output_prefix: str, tokenizer: Tokenizer |
     n_docs = len(builder.document_indices) - 1
     if n_docs == 0:
         remove_leftovers(output_prefix)
-        raise DataError(f"{output_prefix}: no documents in {', '.join(sources)} ({tally.skipped_total} bad records skipped)")
-    manifest = build_manifest(tally, tok, family, dtype, run_options(json_key, text_mode, on_error, family, max_sentence_tokens),
-                              {"bin": os.path.getsize(tmp["bin"]), "idx": os.path.getsize(tmp["idx"])},
-                              elapsed, workers=workers)
+        raise DataError(
+            f"{output_prefix}: no documents in {', '.join(sources)} ({tally.skipped_total} bad records skipped)"
+        )
+    manifest = build_manifest(
+        tally,
+        tok,
+        family,
+        dtype,
+        run_options(json_key, text_mode, on_error, family, max_sentence_tokens),
+        {"bin": os.path.getsize(tmp["bin"]), "idx": os.path.getsize(tmp["idx"])},
+        elapsed,
+        workers=workers,
+    )
     publish(tmp_prefix, output_prefix, manifest)
-    log.info("%s: %d documents, %d tokens, %d skipped, %.0f tokens/s", output_prefix, n_docs, n_tokens,
-             tally.skipped_total, manifest["tokens_per_s"])
+    log.info(
+        "%s: %d documents, %d tokens, %d skipped, %.0f tokens/s",
+        output_prefix,
+        n_docs,
+        n_tokens,
+        tally.skipped_total,
+        manifest["tokens_per_s"],
+    )
     return manifest
 
 
 def run_options(json_key: str, text_mode: str, on_error: str, family: str, max_sentence_tokens: int) -> dict:
-    return {"json_key": json_key, "text_mode": text_mode, "on_error": on_error,
-            "max_sentence_tokens": max_sentence_tokens if family == "bert" else None}
+    return {
+        "json_key": json_key,
+        "text_mode": text_mode,
+        "on_error": on_error,
+        "max_sentence_tokens": max_sentence_tokens if family == "bert" else None,
+    }
 
 
 def demo_files() -> list[str]:
@@ -423,12 +480,16 @@ def check_tokenizer_matches(prefix: str, tokenizer: Tokenizer, user: str = "the 
     m = read_manifest(prefix)
     made, have = m["tokenizer"], tokenizer.identity
     if made["sha256"] != have["sha256"] or m["vocab_size"] != tokenizer.vocab_size:
-        fix = (f"re-run `pkm data preprocess --tokenizer {have['path']}` or train with data.tokenizer={made['path']}"
-               if user == "the model" else f"leave out {user} to use the dataset's own ({made['path']})")
+        fix = (
+            f"re-run `pkm data preprocess --tokenizer {have['path']}` or train with data.tokenizer={made['path']}"
+            if user == "the model"
+            else f"leave out {user} to use the dataset's own ({made['path']})"
+        )
         raise DataError(
             f"{prefix}: tokenized with {made['kind']} tokenizer {made['name']} (vocab {m['vocab_size']}, "
             f"sha256 {made['sha256'][:12]}) but {user} is {have['kind']} tokenizer {have['name']} "
-            f"(vocab {tokenizer.vocab_size}, sha256 {have['sha256'][:12]}): {fix}")
+            f"(vocab {tokenizer.vocab_size}, sha256 {have['sha256'][:12]}): {fix}"
+        )
     return m
 
 
@@ -442,8 +503,10 @@ def check_files(prefix: str) -> dict:
             raise DataError(f"{path}: missing (the dataset's manifest lists it)")
         size, expected = os.path.getsize(path), m["files"][kind]
         if size != expected:
-            raise DataError(f"{path}: {size} bytes, but its manifest records {expected} (truncated or "
-                            "overwritten: re-run `pkm data preprocess`)")
+            raise DataError(
+                f"{path}: {size} bytes, but its manifest records {expected} (truncated or "
+                "overwritten: re-run `pkm data preprocess`)"
+            )
     return m
 
 

@@ -3,6 +3,7 @@ UTF-8 text files. Used by the scripts that re-create the bundled corpora:
 `data_pipeline/assets/extract_austen.py` (training) and `pretrain/online_eval/assets/extract_books.py`
 (evaluation). Needs `pip install rdata`.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -38,7 +39,7 @@ def read_lazyload(rdata_dir: str, variables: dict[str, str], package: str) -> di
         out = {}
         for var, name in variables.items():
             offset, length = (int(x) for x in index["variables"][var])
-            out[name] = [str(line) for line in parse(zlib.decompress(blob[offset + 4: offset + length]))]
+            out[name] = [str(line) for line in parse(zlib.decompress(blob[offset + 4 : offset + length]))]
     return out
 
 

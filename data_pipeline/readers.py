@@ -14,6 +14,7 @@ Inputs (globs allowed):
   on local files (e.g. `datasets:csv:data/*.csv`).
 Bad records are returned with their file:line and a reason, never silently dropped.
 """
+
 from __future__ import annotations
 
 import glob
@@ -21,8 +22,8 @@ import gzip
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
 
 from data_pipeline.errors import DataError
 
@@ -43,7 +44,7 @@ class Chunk:
 @dataclass
 class BadRecord:
     source: str
-    line: Optional[int]
+    line: int | None
     reason: str
     kind: str  # malformed_json | missing_field | not_a_string | non_utf8 | empty_document
 
@@ -57,6 +58,7 @@ class BadRecord:
 @dataclass
 class Records:
     """What a worker gets out of a chunk: (line, text) documents and the bad records."""
+
     docs: list = field(default_factory=list)
     bad: list = field(default_factory=list)
 
@@ -73,16 +75,19 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             raise DataError(f"input {pat!r}: no such file (glob matched nothing)")
         for m in matches:
             if os.path.isdir(m) and not is_saved_dataset(m):
-                raise DataError(f"input {m}: a directory that is not a saved `datasets` dataset "
-                                "(give files or a glob like DIR/*.jsonl)")
+                raise DataError(
+                    f"input {m}: a directory that is not a saved `datasets` dataset "
+                    "(give files or a glob like DIR/*.jsonl)"
+                )
             if m not in out:
                 out.append(m)
     return out
 
 
 def is_saved_dataset(path: str) -> bool:
-    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in
-                                       ("dataset_info.json", "state.json", "dataset_dict.json"))
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
 
 
 def _open_binary(path: str):
@@ -93,8 +98,9 @@ def _base(path: str) -> str:
     return path[:-3] if path.endswith(".gz") else path
 
 
-def iter_chunks(sources: list[str], json_key: str = "text", text_mode: str = "file",
-                chunk_bytes: int = 1 << 20) -> Iterator[Chunk]:
+def iter_chunks(
+    sources: list[str], json_key: str = "text", text_mode: str = "file", chunk_bytes: int = 1 << 20
+) -> Iterator[Chunk]:
     for src in sources:
         if src.startswith("datasets:"):
             yield from _dataset_rows(src, json_key, load=True)
@@ -114,7 +120,7 @@ def iter_chunks(sources: list[str], json_key: str = "text", text_mode: str = "fi
             raise DataError(f"text_mode {text_mode!r}: expected 'file' or 'blank-line'")
 
 
-def _split_bytes(src: str, kind: str, json_key: str, chunk_bytes: int, boundary: Optional[bytes]):
+def _split_bytes(src: str, kind: str, json_key: str, chunk_bytes: int, boundary: bytes | None):
     """Cut a file into ~chunk_bytes pieces at line (jsonl) or blank-line (blocks) boundaries."""
     line = 1
     rest = b""
@@ -148,8 +154,9 @@ def _rows_to_chunks(src: str, json_key: str, batches) -> Iterator[Chunk]:
     for values in batches:
         data = list(enumerate(values, start=row))
         row += len(values)
-        yield Chunk(src, "rows", data[0][0] if data else row, data, json_key,
-                    sum(len(v) for _, v in data if isinstance(v, str)))
+        yield Chunk(
+            src, "rows", data[0][0] if data else row, data, json_key, sum(len(v) for _, v in data if isinstance(v, str))
+        )
 
 
 def _parquet_rows(src: str, json_key: str) -> Iterator[Chunk]:
@@ -160,7 +167,9 @@ def _parquet_rows(src: str, json_key: str) -> Iterator[Chunk]:
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for broken files
         raise DataError(f"{src}: cannot read parquet ({e})") from None
     if json_key not in pf.schema_arrow.names:
-        yield Chunk(src, "rows", None, f"no column {json_key!r} (columns: {', '.join(pf.schema_arrow.names)})", json_key)
+        yield Chunk(
+            src, "rows", None, f"no column {json_key!r} (columns: {', '.join(pf.schema_arrow.names)})", json_key
+        )
         return
     batches = (b.column(0).to_pylist() for b in pf.iter_batches(batch_size=2048, columns=[json_key]))
     yield from _rows_to_chunks(src, json_key, batches)
@@ -224,7 +233,7 @@ def parse_chunk(chunk: Chunk) -> Records:
     elif chunk.kind == "blocks":
         pos, line = 0, chunk.first_line
         for m in _BLANK_LINE.finditer(chunk.data):
-            _add_block(out, src, line, chunk.data[pos:m.start()])
+            _add_block(out, src, line, chunk.data[pos : m.start()])
             line += chunk.data.count(b"\n", pos, m.end())
             pos = m.end()
         _add_block(out, src, line, chunk.data[pos:])
@@ -259,8 +268,8 @@ def _add_text(out: Records, src: str, line: int, raw: bytes) -> None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        bad_line = line + raw[:e.start].count(b"\n")
-        out.bad.append(BadRecord(src, bad_line, f"non-UTF-8 bytes ({raw[e.start:e.start + 4]!r})", "non_utf8"))
+        bad_line = line + raw[: e.start].count(b"\n")
+        out.bad.append(BadRecord(src, bad_line, f"non-UTF-8 bytes ({raw[e.start : e.start + 4]!r})", "non_utf8"))
         return
     text = text.strip("\r\n")
     if not text.strip():

@@ -13,11 +13,12 @@ indices). The sampler's global order is 0, 1, 2, ... over those samples, so its 
 `consumed_samples`: a resumed run continues with exactly the next samples, whatever its
 data-parallel size.
 """
+
 from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -65,8 +66,9 @@ def _demo_prefix(cache_dir: str, family: str, tokenizer: Tokenizer) -> str:
     return prefix
 
 
-def build_datasets(cfg: DataConfig, family: str, seq_length: int, tokenizer: Tokenizer,
-                   num_samples: dict, seed: int, cache_dir: str):
+def build_datasets(
+    cfg: DataConfig, family: str, seq_length: int, tokenizer: Tokenizer, num_samples: dict, seed: int, cache_dir: str
+):
     """(train, valid, test) torch Datasets; a split is None when `cfg.split` gives it no documents.
 
     GPT items: tokens, labels (next token), loss_mask. BERT items: tokens, labels, loss_mask (1 at
@@ -93,31 +95,52 @@ def build_datasets(cfg: DataConfig, family: str, seq_length: int, tokenizer: Tok
     blend = (paths, weights if len(paths) > 1 else None)
     if len(paths) > 1:
         if _dist_rank() == (0, 1) and not torch.distributed.is_initialized():
-            raise DataError("blending several data.paths needs torch.distributed initialised "
-                            "(megatron's BlendedDataset asks for the rank; the trainer initialises it)")
+            raise DataError(
+                "blending several data.paths needs torch.distributed initialised "
+                "(megatron's BlendedDataset asks for the rank; the trainer initialises it)"
+            )
         sizes = [int(num_samples.get(k) or 0) for k in ("train", "valid", "test")]
     else:  # one corpus: an unrequested split gets one epoch
         sizes = [num_samples.get(k) or None for k in ("train", "valid", "test")]
     adapter = MegatronTokenizerAdapter(tokenizer)
-    common = dict(random_seed=seed, sequence_length=seq_length, blend=blend, split=cfg.split,
-                  path_to_cache=os.path.join(cache_dir, "megatron_indices"), tokenizer=adapter)
+    common = dict(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=cfg.split,
+        path_to_cache=os.path.join(cache_dir, "megatron_indices"),
+        tokenizer=adapter,
+    )
     if family == "gpt":
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-        config = GPTDatasetConfig(reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-                                  create_attention_mask=False, **common)
+        config = GPTDatasetConfig(
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+            **common,
+        )
         cls, keys = GPTDataset, GPT_KEYS
     else:
         from megatron.core.datasets.masked_dataset import MaskedWordPieceDatasetConfig
 
         for name in ("cls_id", "sep_id", "mask_id"):
             if getattr(tokenizer, name) is None:
-                raise DataError(f"tokenizer {tokenizer.path}: no {name[:-3].upper()} token, needed for BERT "
-                                "(use a BERT-recipe sentencepiece model or a BERT HF tokenizer)")
+                raise DataError(
+                    f"tokenizer {tokenizer.path}: no {name[:-3].upper()} token, needed for BERT "
+                    "(use a BERT-recipe sentencepiece model or a BERT HF tokenizer)"
+                )
         config = MaskedWordPieceDatasetConfig(
-            masking_probability=cfg.mlm_probability, short_sequence_probability=0.1, masking_max_ngram=1,
-            masking_do_full_word=cfg.whole_word_masking, masking_do_permutation=False,
-            masking_use_longer_ngrams=False, masking_use_geometric_distribution=False, **common)
+            masking_probability=cfg.mlm_probability,
+            short_sequence_probability=0.1,
+            masking_max_ngram=1,
+            masking_do_full_word=cfg.whole_word_masking,
+            masking_do_permutation=False,
+            masking_use_longer_ngrams=False,
+            masking_use_geometric_distribution=False,
+            **common,
+        )
         cls, keys = MaskedLMDataset, ("tokens", "labels", "loss_mask", "padding_mask", "types")
     # every rank builds its own view (rank 0 first: it writes the index caches, then a barrier)
     built = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
@@ -134,11 +157,20 @@ class GlobalBatchSampler:
     continues with exactly the next samples.
     """
 
-    def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        consumed_samples: int = 0,
+    ):
         if global_batch_size % (micro_batch_size * dp_size):
-            raise DataError(f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
-                            f"{micro_batch_size} x data-parallel size {dp_size}")
+            raise DataError(
+                f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
+                f"{micro_batch_size} x data-parallel size {dp_size}"
+            )
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"data-parallel rank {dp_rank} out of range for size {dp_size}")
         self.num_samples = num_samples
@@ -162,7 +194,7 @@ class GlobalBatchSampler:
             start = self.consumed_samples + self.dp_rank * per_rank
             mine = list(range(start, start + per_rank))
             self.consumed_samples += self.global_batch_size
-            yield [mine[i:i + mbs] for i in range(0, per_rank, mbs)]
+            yield [mine[i : i + mbs] for i in range(0, per_rank, mbs)]
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}

@@ -5,6 +5,7 @@ render them as the same `#SBATCH` lines.
 It lives here, not in launch/, because data_pipeline must not depend on launch (launch may use this).
 No heavy imports.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,6 +41,9 @@ class SlurmJob:
     def sbatch_options(self) -> list[str]:
         """The `#SBATCH` options for time, partition, account and the extra lines, in that order
         (cpus-per-task and the job name are rendered by each caller with its own default)."""
-        out = [f"--{name}={value}" for name, value in
-               (("time", self.time), ("partition", self.partition), ("account", self.account)) if value]
+        out = [
+            f"--{name}={value}"
+            for name, value in (("time", self.time), ("partition", self.partition), ("account", self.account))
+            if value
+        ]
         return out + [line.strip() for line in self.sbatch_lines]

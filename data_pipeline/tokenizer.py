@@ -8,12 +8,13 @@ pretrained BERT checkpoint: a model initialised from it must train with its voca
 `identity` (kind, name, path, sha256 of the files, vocab size) goes into every preprocessed
 dataset's manifest, so a dataset made with another vocabulary is refused at training start.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from functools import cached_property
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -25,9 +26,18 @@ BUNDLED = {
     "bert": os.path.join(ASSETS, "tokenizer", "austen_bert.model"),
 }
 # Files of an HF tokenizer directory that determine the ids (hashed into the identity).
-_HF_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
-             "sentencepiece.bpe.model", "tokenizer.model", "special_tokens_map.json",
-             "tokenizer_config.json", "added_tokens.json")
+_HF_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+    "added_tokens.json",
+)
 
 
 def _sha256(paths: Sequence[str]) -> str:
@@ -48,12 +58,12 @@ class Tokenizer:
     kind: str = ""
     path: str = ""
     vocab_size: int
-    eod_id: Optional[int] = None
-    pad_id: Optional[int] = None
-    cls_id: Optional[int] = None
-    sep_id: Optional[int] = None
-    mask_id: Optional[int] = None
-    unk_id: Optional[int] = None
+    eod_id: int | None = None
+    pad_id: int | None = None
+    cls_id: int | None = None
+    sep_id: int | None = None
+    mask_id: int | None = None
+    unk_id: int | None = None
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -69,8 +79,9 @@ class Tokenizer:
 
     @property
     def special_ids(self) -> set[int]:
-        return {i for i in (self.eod_id, self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id)
-                if i is not None}
+        return {
+            i for i in (self.eod_id, self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id) if i is not None
+        }
 
     @cached_property
     def word_start(self) -> np.ndarray:
@@ -105,7 +116,9 @@ class SentencePieceTokenizer(Tokenizer):
         except (RuntimeError, OSError) as e:
             raise DataError(f"{path}: not a sentencepiece model ({e})") from None
         self.vocab_size = self.sp.get_piece_size()
-        piece = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        piece = {
+            self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)
+        }
         eos = self.sp.eos_id()
         self.eod_id = piece.get("<eod>", eos if eos >= 0 else None)
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
@@ -140,8 +153,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     @cached_property
     def identity(self) -> dict:
-        return {"kind": self.kind, "name": os.path.basename(self.path), "path": self.path,
-                "sha256": _sha256([self.path]), "vocab_size": self.vocab_size}
+        return {
+            "kind": self.kind,
+            "name": os.path.basename(self.path),
+            "path": self.path,
+            "sha256": _sha256([self.path]),
+            "vocab_size": self.vocab_size,
+        }
 
 
 class HFTokenizer(Tokenizer):
@@ -187,14 +205,20 @@ class HFTokenizer(Tokenizer):
         pieces = self.tok.convert_ids_to_tokens(list(range(self.vocab_size)))
         if any(p.startswith("##") for p in pieces if p):
             return np.array([not (p or "").startswith("##") for p in pieces], dtype=bool)
-        return np.array([(p or "").startswith(("\u0120", "\u2581")) for p in pieces], dtype=bool) | \
-            np.isin(np.arange(self.vocab_size), list(self.special_ids))
+        return np.array([(p or "").startswith(("\u0120", "\u2581")) for p in pieces], dtype=bool) | np.isin(
+            np.arange(self.vocab_size), list(self.special_ids)
+        )
 
     @cached_property
     def identity(self) -> dict:
-        return {"kind": self.kind, "name": os.path.basename(self.path.rstrip("/")), "path": self.path,
-                "sha256": _sha256(self._files), "vocab_size": self.vocab_size,
-                "files": [os.path.basename(f) for f in self._files]}
+        return {
+            "kind": self.kind,
+            "name": os.path.basename(self.path.rstrip("/")),
+            "path": self.path,
+            "sha256": _sha256(self._files),
+            "vocab_size": self.vocab_size,
+            "files": [os.path.basename(f) for f in self._files],
+        }
 
 
 def load_tokenizer(spec: str | None = None) -> Tokenizer:
@@ -206,5 +230,7 @@ def load_tokenizer(spec: str | None = None) -> Tokenizer:
         return HFTokenizer(spec)
     if os.path.isfile(spec):
         return SentencePieceTokenizer(spec)
-    raise DataError(f"tokenizer {spec!r}: no such file or directory (expected a sentencepiece .model, "
-                    f"an HF tokenizer directory, or one of {sorted(BUNDLED)})")
+    raise DataError(
+        f"tokenizer {spec!r}: no such file or directory (expected a sentencepiece .model, "
+        f"an HF tokenizer directory, or one of {sorted(BUNDLED)})"
+    )

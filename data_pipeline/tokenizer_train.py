@@ -10,12 +10,13 @@ Both recipes use identity normalisation, keep whitespace as is and fall back to 
 A large corpus is sampled (`input_sentence_size` lines, reservoir sampling in sentencepiece).
 The model is written under a temporary prefix and renamed at the end.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from data_pipeline.errors import DataError
 from data_pipeline.outputs import OutputError, publish, scratch_dir
@@ -40,14 +41,24 @@ _COMMON = dict(
 RECIPES = {
     "gpt": dict(
         model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        pad_piece="<pad>",
         control_symbols=["<eod>"],
     ),
     "bert": dict(
         model_type="unigram",
-        pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
-        pad_piece="[PAD]", unk_piece="[UNK]",
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=-1,
+        pad_piece="[PAD]",
+        unk_piece="[UNK]",
         control_symbols=["[CLS]", "[SEP]", "[MASK]"],
     ),
 }
@@ -61,10 +72,16 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
-def train_sentencepiece(texts: Iterable[str], output_prefix: str, recipe: str = "gpt",
-                        vocab_size: int = 8192, input_sentence_size: int = 2_000_000,
-                        model_type: str | None = None, num_threads: int | None = None,
-                        seed: int = 1234) -> str:
+def train_sentencepiece(
+    texts: Iterable[str],
+    output_prefix: str,
+    recipe: str = "gpt",
+    vocab_size: int = 8192,
+    input_sentence_size: int = 2_000_000,
+    model_type: str | None = None,
+    num_threads: int | None = None,
+    seed: int = 1234,
+) -> str:
     """Train on an iterable of documents; write OUTPUT_PREFIX.model/.vocab atomically.
 
     Returns the .model path.
@@ -81,8 +98,7 @@ def train_sentencepiece(texts: Iterable[str], output_prefix: str, recipe: str = 
     spm.set_random_generator_seed(seed)
     with scratch_dir(os.path.dirname(os.path.abspath(output_prefix))) as tmp_dir:
         tmp = str(tmp_dir / "m")
-        lines = tqdm(_lines(texts), desc="tokenizer: reading lines", unit=" lines", mininterval=2.0,
-                     disable=None)
+        lines = tqdm(_lines(texts), desc="tokenizer: reading lines", unit=" lines", mininterval=2.0, disable=None)
         raised = []  # sentencepiece turns an exception in our iterator (Ctrl-C, a bad input) into a RuntimeError
 
         def sentences():
@@ -94,8 +110,11 @@ def train_sentencepiece(texts: Iterable[str], output_prefix: str, recipe: str = 
 
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=sentences(), model_prefix=tmp, vocab_size=vocab_size,
-                input_sentence_size=input_sentence_size, num_threads=num_threads or os.cpu_count() or 1,
+                sentence_iterator=sentences(),
+                model_prefix=tmp,
+                vocab_size=vocab_size,
+                input_sentence_size=input_sentence_size,
+                num_threads=num_threads or os.cpu_count() or 1,
                 **kwargs,
             )
         except RuntimeError as e:
@@ -127,8 +146,10 @@ def _explain(message: str, vocab_size: int, output_prefix: str) -> str:
     """sentencepiece's internal errors about the vocabulary size, in the options' words."""
     small = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
     if small:
-        return (f"--vocab-size {vocab_size}: smaller than the {small.group(1)} characters and special pieces "
-                f"the corpus needs; use at least {small.group(1)}")
+        return (
+            f"--vocab-size {vocab_size}: smaller than the {small.group(1)} characters and special pieces "
+            f"the corpus needs; use at least {small.group(1)}"
+        )
     large = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
     if large:
         return f"--vocab-size {vocab_size}: too large for this corpus; use at most {large.group(1)} (or more text)"

@@ -2,6 +2,7 @@
 
 Light on purpose: no torch, no model code; it checks the config, renders commands and runs them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,13 @@ from data_pipeline.argtypes import port, positive_int
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="the run's YAML config (pretrain.config.RunConfig)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, as for `pkm pretrain`")
-    p.add_argument("--max-restarts", type=int, default=1,
-                   help="torchrun restarts of the worker group after a worker fails (default 1); "
-                        "the restarted group resumes from the latest checkpoint")
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=1,
+        help="torchrun restarts of the worker group after a worker fails (default 1); "
+        "the restarted group resumes from the latest checkpoint",
+    )
     p.add_argument("--dry-run", action="store_true", help="print what would run; start nothing")
 
 
@@ -26,11 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     launch = subparsers.add_parser("launch", help="start a training job on a cluster (SLURM, torchrun)")
     sub = launch.add_subparsers(dest="launch_command", required=True, metavar="<launcher>")
 
-    s = sub.add_parser("slurm", help="render an sbatch script into the run directory and submit it",
-                       description="Submit `pkm pretrain` as a SLURM batch job: srun starts one torchrun per "
-                                   "node with c10d rendezvous on the first node. On SIGUSR1 (sent "
-                                   "--signal-seconds before the time limit) the trainer saves a checkpoint "
-                                   "and the job requeues itself, resuming from it.")
+    s = sub.add_parser(
+        "slurm",
+        help="render an sbatch script into the run directory and submit it",
+        description="Submit `pkm pretrain` as a SLURM batch job: srun starts one torchrun per "
+        "node with c10d rendezvous on the first node. On SIGUSR1 (sent "
+        "--signal-seconds before the time limit) the trainer saves a checkpoint "
+        "and the job requeues itself, resuming from it.",
+    )
     s.add_argument("--nodes", type=int, required=True)
     s.add_argument("--gpus-per-node", type=int, default=0, help="one worker per GPU; 0 = a CPU job (gloo)")
     s.add_argument("--procs-per-node", type=int, default=1, help="workers per node of a CPU job (default 1)")
@@ -39,26 +47,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--partition", default=None)
     s.add_argument("--account", default=None)
     s.add_argument("--job-name", default=None, help="default: pkm-<run directory name>")
-    s.add_argument("--signal-seconds", type=int, default=300,
-                   help="send SIGUSR1 this many seconds before the time limit (default 300): time to save")
+    s.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=300,
+        help="send SIGUSR1 this many seconds before the time limit (default 300): time to save",
+    )
     s.add_argument("--max-requeues", type=int, default=20, help="stop requeueing after this many (default 20)")
-    s.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                   help="an extra sbatch option for the script, e.g. --sbatch=--qos=high (repeatable)")
+    s.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="an extra sbatch option for the script, e.g. --sbatch=--qos=high (repeatable)",
+    )
     _add_training_args(s)
     s.set_defaults(func=cmd_slurm)
 
-    t = sub.add_parser("torchrun", help="print and run the torchrun command for one node (clusters without SLURM)",
-                       description="Run this on every node with the same --rdzv-endpoint and its own "
-                                   "--node-rank; node rank 0 hosts the rendezvous store at that endpoint.")
+    t = sub.add_parser(
+        "torchrun",
+        help="print and run the torchrun command for one node (clusters without SLURM)",
+        description="Run this on every node with the same --rdzv-endpoint and its own "
+        "--node-rank; node rank 0 hosts the rendezvous store at that endpoint.",
+    )
     t.add_argument("--nnodes", type=int, required=True)
-    t.add_argument("--node-rank", type=int, required=True,
-                   help="this node's rank; node rank 0 hosts the rendezvous store (c10d numbers the workers itself)")
-    t.add_argument("--rdzv-endpoint", required=True, metavar="HOST:PORT",
-                   help="an address of node rank 0 that every node can reach, and a free port there")
+    t.add_argument(
+        "--node-rank",
+        type=int,
+        required=True,
+        help="this node's rank; node rank 0 hosts the rendezvous store (c10d numbers the workers itself)",
+    )
+    t.add_argument(
+        "--rdzv-endpoint",
+        required=True,
+        metavar="HOST:PORT",
+        help="an address of node rank 0 that every node can reach, and a free port there",
+    )
     t.add_argument("--nproc-per-node", type=int, default=1, help="workers on this node (one per GPU)")
-    t.add_argument("--rdzv-id", default=None, help="the job's id, the same on every node (default: from the run directory)")
-    t.add_argument("--shutdown-timeout", type=positive_int, default=120,
-                   help="seconds workers get to save a checkpoint after SIGTERM/SIGUSR1 (default 120)")
+    t.add_argument(
+        "--rdzv-id", default=None, help="the job's id, the same on every node (default: from the run directory)"
+    )
+    t.add_argument(
+        "--shutdown-timeout",
+        type=positive_int,
+        default=120,
+        help="seconds workers get to save a checkpoint after SIGTERM/SIGUSR1 (default 120)",
+    )
     _add_training_args(t)
     t.set_defaults(func=cmd_torchrun)
 
@@ -83,10 +117,19 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     if not args.dry_run:
         slurm.find_sbatch()  # fail before anything else when there is no SLURM here
     opts = slurm.SlurmOptions(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
-        cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
-        job_name=args.job_name, signal_seconds=args.signal_seconds, max_restarts=args.max_restarts,
-        max_requeues=args.max_requeues, sbatch_lines=args.sbatch)
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        procs_per_node=args.procs_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        job_name=args.job_name,
+        signal_seconds=args.signal_seconds,
+        max_restarts=args.max_restarts,
+        max_requeues=args.max_requeues,
+        sbatch_lines=args.sbatch,
+    )
     opts.check()
     workdir = Path.cwd()
     job = plan_training(args.config, args.overrides, args.nodes, opts.workers_per_node, workdir)
@@ -98,8 +141,10 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     path = slurm.write_script(text, job.run_dir)
     job_id = slurm.submit(path)
     log = slurm.job_log(job.run_dir, opts.job_name_for(job.run_dir), job_id)
-    print(f"Submitted SLURM job {job_id}: {args.nodes} node(s) x {opts.workers_per_node} worker(s), "
-          f"tensor parallel {job.tensor_parallel}, data parallel {job.data_parallel}")
+    print(
+        f"Submitted SLURM job {job_id}: {args.nodes} node(s) x {opts.workers_per_node} worker(s), "
+        f"tensor parallel {job.tensor_parallel}, data parallel {job.data_parallel}"
+    )
     print(f"  script:      {path}")
     print(f"  SLURM log:   {log}")
     print(f"  trainer log: {job.run_dir / 'logs'}")
@@ -120,14 +165,21 @@ def cmd_torchrun(args: argparse.Namespace) -> int:
         raise LaunchError(f"--node-rank must be 0..{args.nnodes - 1} for --nnodes {args.nnodes}, got {args.node_rank}")
     job = plan_training(args.config, args.overrides, args.nnodes, args.nproc_per_node)
     opts = TorchrunOptions(
-        nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, rdzv_endpoint=args.rdzv_endpoint,
-        rdzv_id=args.rdzv_id or f"pkm-{job.run_dir.name}", max_restarts=args.max_restarts,
-        is_host=args.node_rank == 0, shutdown_timeout=args.shutdown_timeout)
+        nnodes=args.nnodes,
+        nproc_per_node=args.nproc_per_node,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id or f"pkm-{job.run_dir.name}",
+        max_restarts=args.max_restarts,
+        is_host=args.node_rank == 0,
+        shutdown_timeout=args.shutdown_timeout,
+    )
     argv = torchrun_argv(venv_python(), opts, job.entry)
     _print_command(argv, TORCHRUN_ENV)
     if args.dry_run:
         return 0
-    os.execve(argv[0], argv, {**os.environ, **TORCHRUN_ENV})  # torchrun takes this process's place: signals reach it directly
+    os.execve(
+        argv[0], argv, {**os.environ, **TORCHRUN_ENV}
+    )  # torchrun takes this process's place: signals reach it directly
 
 
 def cmd_deepspeed(args: argparse.Namespace) -> int:

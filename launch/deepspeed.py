@@ -3,6 +3,7 @@
 The deepspeed launcher reaches other hosts over pdsh/ssh and sets RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT for each worker, which `pkm pretrain` reads as it reads torchrun's.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,5 +40,14 @@ def write_hostfile(text: str, path: Path) -> Path:
 def deepspeed_argv(python: str, hostfile: Path, master: str, port: int, entry: Entry) -> list[str]:
     """`python -m deepspeed.launcher.runner`: the `deepspeed` command, from this interpreter's venv."""
     module = ["--module"] if entry.module else []
-    return [python, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}", f"--master_addr={master}",
-            f"--master_port={port}", *module, entry.target, *entry.args]
+    return [
+        python,
+        "-m",
+        "deepspeed.launcher.runner",
+        f"--hostfile={hostfile}",
+        f"--master_addr={master}",
+        f"--master_port={port}",
+        *module,
+        entry.target,
+        *entry.args,
+    ]

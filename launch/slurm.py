@@ -4,6 +4,7 @@ The script starts one torchrun per node with `srun`, rendezvous on the first nod
 trainer's "preempted" exit (a checkpoint was saved on SIGUSR1/SIGTERM) into `scontrol requeue`; the
 requeued job resumes from that checkpoint (`checkpoint.resume=auto`).
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -60,8 +61,14 @@ class SlurmOptions:
 
     def job(self) -> SlurmJob:
         """The part of the description `pkm data preprocess --executor slurm` shares (same options, same lines)."""
-        return SlurmJob(time=self.time, partition=self.partition, account=self.account,
-                        cpus_per_task=self.cpus_per_task, job_name=self.job_name, sbatch_lines=self.sbatch_lines)
+        return SlurmJob(
+            time=self.time,
+            partition=self.partition,
+            account=self.account,
+            cpus_per_task=self.cpus_per_task,
+            job_name=self.job_name,
+            sbatch_lines=self.sbatch_lines,
+        )
 
     def job_name_for(self, run_dir: Path) -> str:
         return self.job_name or f"pkm-{Path(run_dir).name}"
@@ -76,8 +83,10 @@ class SlurmOptions:
         if self.gpus_per_node < 0 or self.procs_per_node < 1:
             raise LaunchError("--gpus-per-node must be 0 or more and --procs-per-node at least 1")
         if self.gpus_per_node and self.procs_per_node not in (1, self.gpus_per_node):
-            raise LaunchError(f"--procs-per-node {self.procs_per_node} differs from --gpus-per-node "
-                              f"{self.gpus_per_node}: a GPU job runs one worker per GPU")
+            raise LaunchError(
+                f"--procs-per-node {self.procs_per_node} differs from --gpus-per-node "
+                f"{self.gpus_per_node}: a GPU job runs one worker per GPU"
+            )
         if not 1 <= self.signal_seconds <= 65535:
             raise LaunchError(f"--signal-seconds must be 1..65535 (SLURM's limit), got {self.signal_seconds}")
         if self.max_requeues < 0:
@@ -130,7 +139,7 @@ def render_sbatch(opts: SlurmOptions, entry: Entry, run_dir: Path, python: str, 
 
     values = {
         "HEADER": f"Rendered by `pkm launch slurm` on {_dt.datetime.now():%Y-%m-%d %H:%M}; "
-                  f"submit again with: sbatch {script_path(run_dir)}",
+        f"submit again with: sbatch {script_path(run_dir)}",
         "JOB_NAME": job_name,
         "NODES": str(opts.nodes),
         "CPUS_PER_TASK": str(opts.cpus_per_task or opts.workers_per_node),
@@ -143,8 +152,8 @@ def render_sbatch(opts: SlurmOptions, entry: Entry, run_dir: Path, python: str, 
         "MAX_REQUEUES": str(opts.max_requeues),
         "TORCHRUN_ARGS": torchrun_args,
         "TORCHRUN_ENV": "# Torch's rendezvous store shared with the workers breaks multi-node restarts\n"
-                        "# (pytorch/pytorch#135712): give each restart attempt's workers a fresh store.\n"
-                        + "\n".join(f"export {k}={shlex.quote(v)}" for k, v in TORCHRUN_ENV.items()),
+        "# (pytorch/pytorch#135712): give each restart attempt's workers a fresh store.\n"
+        + "\n".join(f"export {k}={shlex.quote(v)}" for k, v in TORCHRUN_ENV.items()),
     }
     text = resources.files("launch").joinpath("templates/sbatch.sh").read_text()
     for key, value in values.items():
@@ -166,16 +175,22 @@ def write_script(text: str, run_dir: Path) -> Path:
 def find_sbatch() -> str:
     exe = shutil.which("sbatch")
     if exe is None:
-        raise LaunchError("'sbatch' was not found on PATH: run this on a SLURM login node (or load its module); "
-                          "--dry-run prints the script without submitting")
+        raise LaunchError(
+            "'sbatch' was not found on PATH: run this on a SLURM login node (or load its module); "
+            "--dry-run prints the script without submitting"
+        )
     return exe
 
 
 def submit(path: Path, env: dict | None = None) -> str:
     """`sbatch --parsable PATH`; returns the job id."""
     exe = find_sbatch()
-    proc = subprocess.run([exe, "--parsable", str(path)], capture_output=True, text=True,
-                          env=env if env is not None else os.environ.copy())
+    proc = subprocess.run(
+        [exe, "--parsable", str(path)],
+        capture_output=True,
+        text=True,
+        env=env if env is not None else os.environ.copy(),
+    )
     if proc.returncode != 0:
         msg = " ".join((proc.stderr or proc.stdout).split()) or f"exit code {proc.returncode}"
         raise LaunchError(f"sbatch rejected {path}: {msg}")

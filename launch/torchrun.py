@@ -1,4 +1,5 @@
 """The torchrun command: one agent per node, c10d rendezvous, restarts, signals passed to workers."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

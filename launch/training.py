@@ -4,6 +4,7 @@
 that does not load, or a world size the config's tensor/data parallel layout cannot use, is an error
 before a job is submitted, and so is a layout the trainer would refuse (`pretrain.layout`).
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,13 @@ def _has_override(overrides: list[str], key: str) -> bool:
     return any(o.split("=", 1)[0].strip() == key for o in overrides)
 
 
-def plan_training(config: str | os.PathLike, overrides: list[str], nodes: int, procs_per_node: int,
-                  workdir: str | os.PathLike | None = None) -> TrainingJob:
+def plan_training(
+    config: str | os.PathLike,
+    overrides: list[str],
+    nodes: int,
+    procs_per_node: int,
+    workdir: str | os.PathLike | None = None,
+) -> TrainingJob:
     """Load and check `config` for `nodes` x `procs_per_node` ranks; return the command to run.
 
     Relative paths (the config file, the config's run_dir) are taken from `workdir`, the directory
@@ -90,18 +96,22 @@ def plan_training(config: str | os.PathLike, overrides: list[str], nodes: int, p
         raise LaunchError(
             f"{nodes} node(s) x {procs_per_node} process(es) = {world} ranks, which "
             f"parallel.tensor_parallel={tp} does not divide {where}; use a node count whose rank count "
-            f"is a multiple of {tp}")
+            f"is a multiple of {tp}"
+        )
     try:  # the trainer's own layout check (heads, query groups, ffn by TP; the value-table split)
         check_layout(cfg.model, cfg.parallel, world)
     except PretrainError as e:
-        raise LaunchError(f"{e} {where}, at {nodes} node(s) x {procs_per_node} process(es); nothing was started") from None
+        raise LaunchError(
+            f"{e} {where}, at {nodes} node(s) x {procs_per_node} process(es); nothing was started"
+        ) from None
     dp = world // tp
     mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
     if gbs % (mbs * dp):
         raise LaunchError(
             f"{world} ranks with parallel.tensor_parallel={tp} give data parallel size {dp}, but "
             f"train.global_batch_size={gbs} is not a multiple of micro_batch_size x dp = {mbs} x {dp} "
-            f"{where}; change the node count or the batch sizes")
+            f"{where}; change the node count or the batch sizes"
+        )
 
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_absolute():

@@ -1,7 +1,6 @@
 """Build megatron-core GPT (causal LM) and BERT (masked LM) models with PKM layers from a ModelConfig."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +11,7 @@ from model import cpu_shim
 from model.config import ModelConfig
 from model.errors import ModelError
 from model.pkm.value_table import MemoryParallel
-from model.specs import PKMLayerArgs, PaddingMaskSource, block_spec
+from model.specs import PaddingMaskSource, PKMLayerArgs, block_spec
 
 
 def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
@@ -58,8 +57,14 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, parallel: MemoryParallel = MemoryParallel(),
-                seed: int = 0, stats_group=None, params_dtype: torch.dtype = torch.float32):
+def build_model(
+    cfg: ModelConfig,
+    vocab_size: int,
+    parallel: MemoryParallel = MemoryParallel(),
+    seed: int = 0,
+    stats_group=None,
+    params_dtype: torch.dtype = torch.float32,
+):
     """A megatron-core GPTModel or BertModel with PKM at `cfg.pkm.layers`. Needs megatron's
     parallel state initialised (also in one process) and the RNG seeded by the caller."""
     cpu_shim.apply()
@@ -74,19 +79,32 @@ def build_model(cfg: ModelConfig, vocab_size: int, parallel: MemoryParallel = Me
         from megatron.core.models.gpt.gpt_model import GPTModel
 
         model = GPTModel(
-            config=tc, transformer_layer_spec=spec, vocab_size=vocab_size, max_sequence_length=max_pos,
-            pre_process=True, post_process=True, parallel_output=True,
+            config=tc,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_pos,
+            pre_process=True,
+            post_process=True,
+            parallel_output=True,
             share_embeddings_and_output_weights=cfg.tie_embeddings,
-            position_embedding_type=cfg.position_embedding, rotary_base=cfg.rotary_base,
+            position_embedding_type=cfg.position_embedding,
+            rotary_base=cfg.rotary_base,
         )
     else:
         from megatron.core.models.bert.bert_model import BertModel
 
         model = BertModel(
-            config=tc, num_tokentypes=2, transformer_layer_spec=spec, vocab_size=vocab_size,
-            max_sequence_length=max_pos, pre_process=True, post_process=True, parallel_output=True,
+            config=tc,
+            num_tokentypes=2,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_pos,
+            pre_process=True,
+            post_process=True,
+            parallel_output=True,
             share_embeddings_and_output_weights=cfg.tie_embeddings,
-            position_embedding_type=cfg.position_embedding, add_binary_head=cfg.binary_head,
+            position_embedding_type=cfg.position_embedding,
+            add_binary_head=cfg.binary_head,
         )
         if cfg.norm_position == "post":
             from model.post_norm import add_embedding_norm
@@ -116,13 +134,13 @@ def lm_forward(model, family: str, batch: dict) -> torch.Tensor:
     if family == "gpt":
         pad = batch.get("padding_mask")
         positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-        return model(input_ids=tokens, position_ids=positions, attention_mask=None, labels=batch["labels"],
-                     padding_mask=pad)
+        return model(
+            input_ids=tokens, position_ids=positions, attention_mask=None, labels=batch["labels"], padding_mask=pad
+        )
     keep = (~batch["padding_mask"]).long() if "padding_mask" in batch else torch.ones_like(tokens)
     types = batch.get("types")
     types = torch.zeros_like(tokens) if types is None else types
-    loss, _binary_logits = model(input_ids=tokens, attention_mask=keep, tokentype_ids=types,
-                                 lm_labels=batch["labels"])
+    loss, _binary_logits = model(input_ids=tokens, attention_mask=keep, tokentype_ids=types, lm_labels=batch["labels"])
     return loss
 
 

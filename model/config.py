@@ -2,10 +2,11 @@
 
 Every number declares its range next to it (`metadata={"ge": 1}`: >=, "gt": >, "le": <=, "lt": <);
 `pretrain.config.validate` checks them all at load, with an error naming the key."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 
 @dataclass
@@ -23,7 +24,9 @@ class PKMConfig:
     input_dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
     query_dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
     value_dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
-    value_lr: float = field(default=1e-3, metadata={"ge": 0.0})  # constant, no weight decay (as XLM's mem_values_optimizer)
+    value_lr: float = field(
+        default=1e-3, metadata={"ge": 0.0}
+    )  # constant, no weight decay (as XLM's mem_values_optimizer)
     # The value tables' sparse optimizer (pretrain/optim.py): "adam" (XLM's lazy Adam, two fp32 moments per
     # value: 12 bytes per value parameter), "rowwise_adagrad" (one fp32 scalar per row: ~4 bytes),
     # "rowwise_adam" (per-value first moment, per-row second moment: ~8 bytes).
@@ -43,17 +46,19 @@ class ModelConfig:
     num_layers: int = field(default=4, metadata={"ge": 1})
     hidden_size: int = field(default=256, metadata={"ge": 1})
     num_attention_heads: int = field(default=4, metadata={"ge": 1})
-    num_query_groups: Optional[int] = field(default=None, metadata={"ge": 1})  # grouped-query attention (Llama); None = MHA
-    ffn_hidden_size: Optional[int] = field(default=None, metadata={"ge": 1})  # None = 4 * hidden_size
+    num_query_groups: int | None = field(
+        default=None, metadata={"ge": 1}
+    )  # grouped-query attention (Llama); None = MHA
+    ffn_hidden_size: int | None = field(default=None, metadata={"ge": 1})  # None = 4 * hidden_size
     seq_length: int = field(default=128, metadata={"ge": 2})
-    max_position_embeddings: Optional[int] = field(default=None, metadata={"ge": 2})  # None = seq_length
-    vocab_size: Optional[int] = field(default=None, metadata={"ge": 1})  # None = the tokenizer's
+    max_position_embeddings: int | None = field(default=None, metadata={"ge": 2})  # None = seq_length
+    vocab_size: int | None = field(default=None, metadata={"ge": 1})  # None = the tokenizer's
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"  # gelu_tanh: GPT-2's "gelu_new"
     position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
     rotary_base: int = field(default=10000, metadata={"gt": 0})
     add_bias_linear: bool = True
-    qkv_bias: Optional[bool] = None  # None = add_bias_linear
+    qkv_bias: bool | None = None  # None = add_bias_linear
     tie_embeddings: bool = True
     layernorm_epsilon: float = field(default=1e-5, metadata={"gt": 0.0})
     hidden_dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})

@@ -5,6 +5,7 @@ GlobalMemoryBuffer, attention masks), `torch.cuda.synchronize()` in dist_checkpo
 model-parallel RNG tracker. When `torch.cuda.is_available()` is false we redirect exactly those to
 their CPU equivalents; on a GPU machine this module does nothing. Idempotent.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,7 @@ def apply() -> bool:
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as mutils
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def default_causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
 

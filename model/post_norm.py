@@ -14,6 +14,7 @@ Without forking TransformerLayer:
 State-dict names: `...self_attn_bda.layernorm.*`, `...mlp_bda.layernorm.*`,
 `embedding.embedding_dropout.layernorm.*`.
 """
+
 from __future__ import annotations
 
 import copy

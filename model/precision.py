@@ -26,9 +26,10 @@
   DeepSpeed casts parameters only; `check_policy` asserts after `deepspeed.initialize` that nothing
   above was narrowed.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -63,8 +64,13 @@ def check_policy(model: torch.nn.Module) -> None:
             if m.weight.dtype != torch.bfloat16:
                 raise AssertionError(f"precision policy: {name}.weight is {m.weight.dtype}, configured bf16")
             continue
-        tensors = {"weight": m.weight} if isinstance(m, ValueTable) else (
-            {"running_mean": m.running_mean, "running_var": m.running_var} if isinstance(m, MaskedBatchNorm) else {})
+        tensors = (
+            {"weight": m.weight}
+            if isinstance(m, ValueTable)
+            else (
+                {"running_mean": m.running_mean, "running_var": m.running_var} if isinstance(m, MaskedBatchNorm) else {}
+            )
+        )
         for key, t in tensors.items():
             if compute_dtype(t.dtype) != t.dtype:
                 raise AssertionError(f"precision policy: {name}.{key} is {t.dtype}, must be at least fp32")

@@ -4,17 +4,17 @@
 FFN(x) + PKM(x)). Both follow the MLP contract of megatron-core's TransformerLayer:
 `forward(hidden_states [s, b, h], padding_mask=None [b, s], ...) -> (output, bias=None)`.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -31,7 +31,7 @@ class PaddingMaskSource:
     (megatron's BertModel); set by a forward pre-hook on the model, cleared after the forward."""
 
     def __init__(self) -> None:
-        self.mask: Optional[torch.Tensor] = None  # [b, s], True = padding
+        self.mask: torch.Tensor | None = None  # [b, s], True = padding
 
 
 @dataclass
@@ -42,7 +42,7 @@ class PKMLayerArgs:
     parallel: MemoryParallel
     seed: int = 0
     stats_group: object = None  # group over which query BatchNorm statistics are summed (DP)
-    padding: Optional[PaddingMaskSource] = None
+    padding: PaddingMaskSource | None = None
 
 
 class MemoryMLP(MegatronModule):
@@ -52,14 +52,19 @@ class MemoryMLP(MegatronModule):
         super().__init__(config=config)
         self.pkm_args = pkm_args
         self.layer_number = 0
-        self.memory: Optional[ProductKeyMemory] = None
+        self.memory: ProductKeyMemory | None = None
 
     def set_layer_number(self, layer_number: int) -> None:
         # The value table's init seed depends on the layer, so it is built once the layer is known.
         self.layer_number = layer_number
         c = self.pkm_args
-        self.memory = ProductKeyMemory(self.config.hidden_size, c.pkm, c.parallel,
-                                       init_seed=c.seed * 1000 + layer_number, stats_group=c.stats_group)
+        self.memory = ProductKeyMemory(
+            self.config.hidden_size,
+            c.pkm,
+            c.parallel,
+            init_seed=c.seed * 1000 + layer_number,
+            stats_group=c.stats_group,
+        )
 
     def _padding(self, padding_mask):
         if padding_mask is None and self.pkm_args.padding is not None:
@@ -72,9 +77,11 @@ class MemoryMLP(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """Children as megatron shards them; the memory's value table by its own column layout and
         the rest of the memory (query network, keys: small) replicated across TP and DP."""
-        from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
-                                                     make_sharded_tensors_for_checkpoint,
-                                                     sharded_state_dict_default)
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+            sharded_state_dict_default,
+        )
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         out = {}
@@ -83,15 +90,22 @@ class MemoryMLP(MegatronModule):
                 # The FFN of an `add` layer keeps the checkpoint keys of a plain layer's MLP, so weights
                 # move between runs with and without memory (Kim & Jung: add memory to a trained model).
                 plain = sharded_state_dict_default(child, prefix, sharded_offsets, metadata)
-                out.update({f"{prefix}mlp.{k[len(prefix):]}": v for k, v in plain.items()})
+                out.update({f"{prefix}mlp.{k[len(prefix) :]}": v for k, v in plain.items()})
                 continue
             if name != "memory":
                 out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
                 continue
             small = {k: v for k, v in child.state_dict(keep_vars=True).items() if not k.startswith("values.")}
-            out.update(make_sharded_tensors_for_checkpoint(
-                small, f"{prefix}memory.", {}, sharded_offsets,
-                tp_group=parallel_state.get_tensor_model_parallel_group(), dp_cp_group=metadata["dp_cp_group"]))
+            out.update(
+                make_sharded_tensors_for_checkpoint(
+                    small,
+                    f"{prefix}memory.",
+                    {},
+                    sharded_offsets,
+                    tp_group=parallel_state.get_tensor_model_parallel_group(),
+                    dp_cp_group=metadata["dp_cp_group"],
+                )
+            )
             out.update(child.values.sharded_state_dict(f"{prefix}memory.values."))
         return out
 
@@ -104,11 +118,11 @@ class MLPWithMemorySubmodules:
 class MLPWithMemory(MemoryMLP):
     """FFN(x) + PKM(x): the memory added to (not replacing) the layer's feed-forward network."""
 
-    def __init__(self, config: TransformerConfig, pkm_args: PKMLayerArgs,
-                 submodules: MLPWithMemorySubmodules, **_):
+    def __init__(self, config: TransformerConfig, pkm_args: PKMLayerArgs, submodules: MLPWithMemorySubmodules, **_):
         super().__init__(config=config, pkm_args=pkm_args)
-        self.mlp = build_module(submodules.mlp, config=config,
-                                tp_group=parallel_state.get_tensor_model_parallel_group())
+        self.mlp = build_module(
+            submodules.mlp, config=config, tp_group=parallel_state.get_tensor_model_parallel_group()
+        )
 
     def forward(self, hidden_states, padding_mask=None, **_):
         out, bias = self.mlp(hidden_states)
@@ -122,8 +136,11 @@ def _with_memory(layer_spec: ModuleSpec, cfg: PKMConfig, pkm_args: PKMLayerArgs)
     if cfg.placement == "replace":
         spec.submodules.mlp = ModuleSpec(module=MemoryMLP, params={"pkm_args": pkm_args})
     else:
-        spec.submodules.mlp = ModuleSpec(module=MLPWithMemory, params={"pkm_args": pkm_args},
-                                         submodules=MLPWithMemorySubmodules(mlp=layer_spec.submodules.mlp))
+        spec.submodules.mlp = ModuleSpec(
+            module=MLPWithMemory,
+            params={"pkm_args": pkm_args},
+            submodules=MLPWithMemorySubmodules(mlp=layer_spec.submodules.mlp),
+        )
     return spec
 
 
@@ -161,8 +178,9 @@ class LayerwiseBlockSpec(TransformerBlockSubmodules):
         return self.layer_specs[0].submodules
 
 
-def block_spec(cfg: ModelConfig, pkm_args: PKMLayerArgs,
-               base: Optional[Callable[[ModelConfig], ModuleSpec]] = None) -> LayerwiseBlockSpec:
+def block_spec(
+    cfg: ModelConfig, pkm_args: PKMLayerArgs, base: Callable[[ModelConfig], ModuleSpec] | None = None
+) -> LayerwiseBlockSpec:
     """One layer spec per layer: the base spec, with the PKM `mlp` at `cfg.pkm.layers`."""
     layer = (base or base_layer_spec)(cfg)
     chosen = set(cfg.pkm.layers)

@@ -1,4 +1,5 @@
 """`python -m pkm ...` = the `pkm` console script (what torchrun, srun and deepspeed launch)."""
+
 import sys
 
 from pkm.cli import main

@@ -4,6 +4,7 @@ It sits at the top of the package graph (nothing imports it) and each package re
 sub-commands from its `cli.py` (`register(subparsers)`, handlers named `cmd_<command>`). Heavy imports
 (torch, megatron) happen inside the handlers, so `pkm launch` and `pkm --help` stay light.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_pipeline.errors import DataError
     from launch.errors import LaunchError
     from model.errors import ModelError
-    from pretrain.errors import PretrainError
     from pretrain.config import ConfigError
+    from pretrain.errors import PretrainError
 
     return (ConfigError, DataError, LaunchError, ModelError, PretrainError)
 
@@ -52,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may come after options (`pkm pretrain --config C --resume auto a.b=1`)
-    if extra and isinstance(getattr(args, "overrides", None), list) and all(
-            "=" in e and not e.startswith("-") for e in extra):
+    if (
+        extra
+        and isinstance(getattr(args, "overrides", None), list)
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -8,6 +8,7 @@ Layout of `run_dir/checkpoints/`:
   latest                   the directory name of the newest published checkpoint
 A checkpoint is written under `.tmp-step_…`, published by a rename, and `latest` is replaced last.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,6 @@ import random
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -82,16 +82,25 @@ def verify(ckpt: Path) -> dict:
     return manifest
 
 
-_WHAT_TO_PASS = "pass a checkpoint (RUN_DIR/checkpoints/step_XXXXXXX), a run's checkpoints/ directory or a run directory"
+_WHAT_TO_PASS = (
+    "pass a checkpoint (RUN_DIR/checkpoints/step_XXXXXXX), a run's checkpoints/ directory or a run directory"
+)
 
 
 def is_native_checkpoint(path: str | Path) -> bool:
     """Whether `path` names a checkpoint of `pkm pretrain` (a step directory, a checkpoints/ root or a
     run directory), as opposed to a Hugging Face directory or anything else."""
     path = Path(path)
-    return path.is_dir() and not (path / "config.json").is_file() and (
-        (path / MANIFEST).is_file() or (path / LATEST).is_file() or (path / "checkpoints").is_dir()
-        or bool(list_checkpoints(path)))
+    return (
+        path.is_dir()
+        and not (path / "config.json").is_file()
+        and (
+            (path / MANIFEST).is_file()
+            or (path / LATEST).is_file()
+            or (path / "checkpoints").is_dir()
+            or bool(list_checkpoints(path))
+        )
+    )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -108,8 +117,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / MANIFEST).is_file() or (path / "common.pt").is_file():
         return path
     if (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: a Hugging Face model directory, not a `pkm pretrain` checkpoint "
-                              f"({_WHAT_TO_PASS})")
+        raise CheckpointError(
+            f"{path}: a Hugging Face model directory, not a `pkm pretrain` checkpoint ({_WHAT_TO_PASS})"
+        )
     for root in (path, path / "checkpoints"):
         latest = root / LATEST
         if latest.is_file():
@@ -120,8 +130,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return step
         steps = list_checkpoints(root)
         if steps:
-            raise CheckpointError(f"{root}: no `{LATEST}` file (no checkpoint was published there); "
-                                  f"pass one of its checkpoints, e.g. {steps[0]}")
+            raise CheckpointError(
+                f"{root}: no `{LATEST}` file (no checkpoint was published there); "
+                f"pass one of its checkpoints, e.g. {steps[0]}"
+            )
         if root.name == "checkpoints" and root.is_dir():
             raise CheckpointError(f"{root}: no checkpoint saved there yet")
     raise CheckpointError(f"{path}: not a `pkm pretrain` checkpoint (no {MANIFEST}); {_WHAT_TO_PASS}")
@@ -131,11 +143,14 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Published checkpoints, newest first."""
     if not ckpt_root.is_dir():
         return []
-    return sorted((p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_")),
-                  key=lambda p: p.name, reverse=True)
+    return sorted(
+        (p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_")),
+        key=lambda p: p.name,
+        reverse=True,
+    )
 
 
-def find_resumable(ckpt_root: Path) -> Optional[Path]:
+def find_resumable(ckpt_root: Path) -> Path | None:
     """`latest` if it verifies, else the newest checkpoint that does (with a warning for each bad one)."""
     candidates = list_checkpoints(ckpt_root)
     latest = ckpt_root / LATEST
@@ -190,7 +205,7 @@ class DenseOptimizer:
                     return b
         return p
 
-    def master(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    def master(self, p: torch.nn.Parameter) -> torch.Tensor | None:
         """The fp32 master weight of a bf16 parameter (None under ZeRO for a weight the optimizer does
         not hold)."""
         if self.zero_stage > 0:
@@ -278,13 +293,17 @@ def sharded_state(states: TrainingState, for_load: bool = False) -> dict:
         sh = by_param.get(id(p))
         if sh is None:
             raise CheckpointError(f"parameter {name} has no sharded checkpoint entry")
-        moments = ({k: torch.zeros_like(p, dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq")}
-                   if for_load else dense.moments(p))
+        moments = (
+            {k: torch.zeros_like(p, dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq")}
+            if for_load
+            else dense.moments(p)
+        )
         for k, v in moments.items():
             optim[f"{k}.{name}"] = make_sharded_optimizer_tensor(sh, v.float(), f"optimizer.{k}")
     # The value optimizer's state is saved from, and loaded into, its own tensors (no copies).
-    optim.update(states.value_optimizer.sharded_state_dict(
-        [(f"{n}.values", m.values) for n, m in states.pkm_layers], model_sd))
+    optim.update(
+        states.value_optimizer.sharded_state_dict([(f"{n}.values", m.values) for n, m in states.pkm_layers], model_sd)
+    )
     state["optimizer"] = optim
     # bf16 weights are saved (and loaded) as DeepSpeed's fp32 master copies: a resume is exact, and
     # the checkpoint does not depend on the precision it was trained in
@@ -304,18 +323,24 @@ def _streaming_save_strategy():
     megatron's default writer (built for async saves) clones every view up front (a second copy of
     every table shard and its moments on each rank), forks writer processes and starts a
     multiprocessing Manager for its results queue."""
-    from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
-                                                                   _replace_state_dict_keys_with_sharded_keys,
-                                                                   mcore_to_pyt_state_dict)
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
     from torch.distributed import checkpoint as dcp
 
     class StreamingSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir) -> None:
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-            dcp.save(mcore_to_pyt_state_dict(flat, False),
-                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
-                     planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
-                                              flatten_state_dict=False))
+            dcp.save(
+                mcore_to_pyt_state_dict(flat, False),
+                storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                planner=MCoreSavePlanner(
+                    dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False
+                ),
+            )
 
     return StreamingSave("torch_dist", 1)
 
@@ -328,8 +353,7 @@ class Checkpointer:
     Besides the states it is handed what a checkpoint describes: the run's config (config.yaml), the
     tokenizer (copied in), the layout (`env`) and the sizes report (manifest)."""
 
-    def __init__(self, root: Path, states: TrainingState, env, *, keep_last: int, run_config,
-                 tokenizer, sizes: dict):
+    def __init__(self, root: Path, states: TrainingState, env, *, keep_last: int, run_config, tokenizer, sizes: dict):
         self.root, self.states, self.env = Path(root), states, env
         self.keep_last, self.run_config, self.tokenizer, self.sizes = keep_last, run_config, tokenizer, sizes
 
@@ -337,7 +361,7 @@ class Checkpointer:
     def name(step: int) -> str:
         return f"step_{step:07d}"
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         """The published checkpoint `latest` names, or None."""
         pointer = self.root / "latest"
         if not pointer.is_file():
@@ -371,9 +395,16 @@ class Checkpointer:
                 cfg = self.run_config
                 (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
                 _copy_tokenizer(self.tokenizer, tmp / "tokenizer")
-                info = {"step": step, "world_size": env.world_size, "tp": env.tp_size, "dp": env.dp_size,
-                        "memory_parallel": cfg.parallel.memory_parallel, "family": cfg.model.family,
-                        "tokenizer": self.tokenizer.identity, "sizes": self.sizes}
+                info = {
+                    "step": step,
+                    "world_size": env.world_size,
+                    "tp": env.tp_size,
+                    "dp": env.dp_size,
+                    "memory_parallel": cfg.parallel.memory_parallel,
+                    "family": cfg.model.family,
+                    "tokenizer": self.tokenizer.identity,
+                    "sizes": self.sizes,
+                }
                 write_manifest(tmp, info)
         except (OSError, RuntimeError, CheckpointException) as e:
             # Disk full, quota, I/O errors (the checkpoint writer wraps them in RuntimeError or torch's
@@ -383,8 +414,10 @@ class Checkpointer:
             if env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_failure(e)
-            raise CheckpointError(f"{final}: could not write the checkpoint ({reason}; {free:.0f} MiB free "
-                                  "there); the previous checkpoints are intact") from None
+            raise CheckpointError(
+                f"{final}: could not write the checkpoint ({reason}; {free:.0f} MiB free "
+                "there); the previous checkpoints are intact"
+            ) from None
         if env.is_main:
             if final.exists():
                 shutil.rmtree(final)
@@ -398,10 +431,10 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        for old in list_checkpoints(self.root)[max(1, self.keep_last):]:
+        for old in list_checkpoints(self.root)[max(1, self.keep_last) :]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def maybe_resume(self, resume: Optional[str]) -> Optional[Path]:
+    def maybe_resume(self, resume: str | None) -> Path | None:
         """`checkpoint.resume`: None (start fresh), "auto" (the newest good checkpoint under root, if
         any) or a checkpoint path. Loads it and returns its path."""
         if not resume:
@@ -456,7 +489,7 @@ def _model_tensors(loaded: dict, model: torch.nn.Module) -> dict:
     list of its row blocks, already read in place into the table itself: hand over the table."""
     out = {}
     for k, v in loaded.items():
-        name = k[len("model."):]
+        name = k[len("model.") :]
         if isinstance(v, list):
             out[name] = model.get_buffer(name)
         else:
@@ -468,7 +501,7 @@ def _is_meta(v) -> bool:
     return isinstance(v, list) and bool(v) and v[0].data is not None and v[0].data.is_meta
 
 
-def _sharded_key(v) -> Optional[str]:
+def _sharded_key(v) -> str | None:
     """The checkpoint key of a sharded state dict entry (a value table's is a list of row blocks)."""
     return getattr(v[0] if isinstance(v, list) and v else v, "key", None)
 
@@ -511,9 +544,13 @@ def checkpoint_tokenizer(ckpt: Path) -> str:
 def _rng_state() -> dict:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "tracker": get_cuda_rng_tracker().get_states()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
 
 
 def _set_rng_state(state: dict) -> None:
@@ -541,14 +578,19 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path, skip_memory: bool = F
     template = model.sharded_state_dict(prefix="model.")
     saved = set(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
     # Tables built without storage (shape_only_tables) are not read: their reader streams them.
-    wanted = {k: v for k, v in template.items()
-              if not (skip_memory and ".memory." in k) and _sharded_key(v) in saved and not _is_meta(v)}
-    missing = sorted(k[len("model."):] for k in template if k not in wanted)
+    wanted = {
+        k: v
+        for k, v in template.items()
+        if not (skip_memory and ".memory." in k) and _sharded_key(v) in saved and not _is_meta(v)
+    }
+    missing = sorted(k[len("model.") :] for k in template if k not in wanted)
     fresh_ok = [m for m in missing if ".memory." in m or m.endswith("_extra_state")]
     if len(fresh_ok) != len(missing):
         bad = [m for m in missing if m not in fresh_ok]
-        raise CheckpointError(f"{ckpt}: the checkpoint lacks {len(bad)} weights of this model: "
-                              f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
+        raise CheckpointError(
+            f"{ckpt}: the checkpoint lacks {len(bad)} weights of this model: "
+            f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}"
+        )
     loaded = dist_checkpointing.load({"model": wanted}, str(ckpt))
     model.load_state_dict(_model_tensors(loaded["model"], model), strict=False)
     return missing
@@ -581,9 +623,14 @@ class CheckpointReader:
         self.dense = {k: v.detach() for k, v in sd.items() if not v.is_meta}
         sharded = model.sharded_state_dict(prefix="model.")
         self.tables = {k: self._streamed(sharded[f"model.{k}"][0].key, v) for k, v in sd.items() if v.is_meta}
-        self.info = {**{k: v for k, v in manifest.items() if k != "files"}, "vocab_size": state["vocab_size"],
-                     "final_loss": state.get("last_loss"), "final_eval_loss": state.get("last_eval_loss"),
-                     "tokens_seen": state.get("tokens_seen"), "usage": state.get("usage")}
+        self.info = {
+            **{k: v for k, v in manifest.items() if k != "files"},
+            "vocab_size": state["vocab_size"],
+            "final_loss": state.get("last_loss"),
+            "final_eval_loss": state.get("last_eval_loss"),
+            "tokens_seen": state.get("tokens_seen"),
+            "usage": state.get("usage"),
+        }
 
     def _streamed(self, key: str, table: torch.Tensor):
         from model.hf.safetensors_stream import StreamedTensor
@@ -599,8 +646,11 @@ class CheckpointReader:
             for b in range(count):
                 block = torch.empty(rows, dim, dtype=table.dtype)
                 # One block of the whole table, not a cover of it: the access check must not apply.
-                dist_checkpointing.load({"t": ShardedTensor.from_rank_offsets(key, block, (0, b, count))},
-                                        str(self.path), validate_access_integrity=False)
+                dist_checkpointing.load(
+                    {"t": ShardedTensor.from_rank_offsets(key, block, (0, b, count))},
+                    str(self.path),
+                    validate_access_integrity=False,
+                )
                 yield block
                 del block
 

@@ -3,6 +3,7 @@
 Keys are strict: an unknown key is a one-line error naming it and the closest valid name.
 This module imports no torch, so launchers can validate a config before submitting a job.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -58,8 +59,8 @@ class TrainConfig:
 class CheckpointConfig:
     save_interval: int = field(default=0, metadata={"ge": 0})  # 0 = only at the end
     keep_last: int = field(default=2, metadata={"ge": 1})
-    resume: Optional[str] = None  # None, "auto", or a checkpoint directory
-    init_from: Optional[str] = None  # HF BERT/GPT-2/Llama dir or a memory-free checkpoint of ours
+    resume: str | None = None  # None, "auto", or a checkpoint directory
+    init_from: str | None = None  # HF BERT/GPT-2/Llama dir or a memory-free checkpoint of ours
 
 
 @dataclass
@@ -205,8 +206,7 @@ def apply_overrides(data: dict, overrides: list[str], cls: type) -> dict:
     return data
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
-                cls: type = RunConfig) -> Any:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
     """Load `cls` from a YAML file (optional) and overrides; validate; return the dataclass."""
     data: dict = {}
     if path is not None:
@@ -240,8 +240,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def check_ranges(cfg: Any, where: str = "") -> None:
     """Every number of a config dataclass tree within the range its field declares
     (`metadata={"ge": .., "gt": .., "le": .., "lt": ..}`); lists are checked element by element."""
-    bounds = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
-              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b))
+    bounds = (
+        ("ge", ">=", lambda v, b: v >= b),
+        ("gt", ">", lambda v, b: v > b),
+        ("le", "<=", lambda v, b: v <= b),
+        ("lt", "<", lambda v, b: v < b),
+    )
     for f in dataclasses.fields(cfg):
         value, path = getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name
         if dataclasses.is_dataclass(value):
@@ -265,7 +269,7 @@ def validate(cfg: RunConfig, after_init: bool = False) -> None:
     if not str(cfg.run_dir).strip():
         raise ConfigError("run_dir: must not be empty")
     # With checkpoint.init_from the architecture comes from the checkpoint: checked again once loaded.
-    for i in ([] if cfg.checkpoint.init_from and not after_init else p.layers):
+    for i in [] if cfg.checkpoint.init_from and not after_init else p.layers:
         if not 0 <= i < m.num_layers:
             raise ConfigError(f"model.pkm.layers: layer {i} does not exist (model.num_layers={m.num_layers})")
     if len(set(p.layers)) != len(p.layers):
@@ -275,21 +279,30 @@ def validate(cfg: RunConfig, after_init: bool = False) -> None:
     if p.knn > p.n_keys:
         raise ConfigError(f"model.pkm.knn: {p.knn} is larger than model.pkm.n_keys={p.n_keys}")
     if p.value_dtype == "bf16" and p.value_optimizer == "adam":
-        raise ConfigError("model.pkm.value_dtype: bf16 tables need a row-wise model.pkm.value_optimizer "
-                          "(rowwise_adagrad or rowwise_adam), not adam")
+        raise ConfigError(
+            "model.pkm.value_dtype: bf16 tables need a row-wise model.pkm.value_optimizer "
+            "(rowwise_adagrad or rowwise_adam), not adam"
+        )
     if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"model.hidden_size: {m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
+        raise ConfigError(
+            f"model.hidden_size: {m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}"
+        )
     if m.num_query_groups and m.num_attention_heads % m.num_query_groups:
-        raise ConfigError(f"model.num_query_groups: {m.num_query_groups} does not divide "
-                          f"num_attention_heads={m.num_attention_heads}")
+        raise ConfigError(
+            f"model.num_query_groups: {m.num_query_groups} does not divide num_attention_heads={m.num_attention_heads}"
+        )
     if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
-        raise ConfigError(f"model.max_position_embeddings: {m.max_position_embeddings} is smaller than "
-                          f"seq_length={m.seq_length}")
+        raise ConfigError(
+            f"model.max_position_embeddings: {m.max_position_embeddings} is smaller than seq_length={m.seq_length}"
+        )
     if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
-        raise ConfigError(f"model.position_embedding: rope needs an even head dimension, got "
-                          f"{m.hidden_size // m.num_attention_heads}")
+        raise ConfigError(
+            f"model.position_embedding: rope needs an even head dimension, got {m.hidden_size // m.num_attention_heads}"
+        )
     if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size={t.micro_batch_size}")
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size={t.micro_batch_size}"
+        )
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr: {t.min_lr} is larger than train.lr={t.lr}")
     if d.weights is not None and len(d.weights) != len(d.paths):
@@ -300,8 +313,11 @@ def validate(cfg: RunConfig, after_init: bool = False) -> None:
     except ValueError:
         parts = []
     if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0:
-        raise ConfigError(f"data.split: {d.split!r} must be three non-negative numbers 'train,valid,test' "
-                          "with a positive train share")
+        raise ConfigError(
+            f"data.split: {d.split!r} must be three non-negative numbers 'train,valid,test' with a positive train share"
+        )
     if t.eval_interval > 0 and parts[1] <= 0:
-        raise ConfigError(f"data.split: {d.split!r} has no validation share but train.eval_interval="
-                          f"{t.eval_interval} (set train.eval_interval=0)")
+        raise ConfigError(
+            f"data.split: {d.split!r} has no validation share but train.eval_interval="
+            f"{t.eval_interval} (set train.eval_interval=0)"
+        )

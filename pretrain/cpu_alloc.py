@@ -7,6 +7,7 @@ step page-faults all of it in again: ~2 µs per 4 kB page on the team's VM, whic
 1.4x slower than with the memory kept (benchmarks/pkm_layer.py, RESULTS.md). GPU runs do not pay this
 (CUDA's caching allocator). Cost: the process keeps its peak heap instead of returning it to the OS.
 """
+
 from __future__ import annotations
 
 import ctypes

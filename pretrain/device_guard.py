@@ -24,22 +24,50 @@ Limits: `.to(device)` of a tensor already there returns the tensor itself, which
 placed (on a GPU the copy would be); a literal `device="cpu"` counts as intended. Both can only hide
 a mistake, never report a correct tensor. The mode costs a Python call per torch op (tests only).
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single",
-               "broadcast", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter",
-               "send", "recv", "isend", "irecv")
-_FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty,
-              torch.full, torch.arange, torch.linspace, torch.eye, torch.rand, torch.randn, torch.randint,
-              torch.randperm, torch.scalar_tensor, torch.empty_strided}
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+)
+_FACTORIES = {
+    torch.tensor,
+    torch.as_tensor,
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.arange,
+    torch.linspace,
+    torch.eye,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.randperm,
+    torch.scalar_tensor,
+    torch.empty_strided,
+}
 _TO_HOST = {torch.Tensor.cpu, torch.Tensor.pin_memory}
 _TO_DEVICE = {torch.Tensor.cuda}
 _HOST = "_pkm_host"  # attribute marking a tensor that a GPU run would hold on the CPU
@@ -100,13 +128,13 @@ class DeviceGuard:
     required: None = the backend's own need (NCCL: cuda); "cuda" = check as if every group were NCCL
     (on a CPU run this emulates placement, see the module docstring)."""
 
-    def __init__(self, required: Optional[str] = None):
+    def __init__(self, required: str | None = None):
         self.required = required
         self.checked = 0  # tensors checked (tests assert the guard saw collectives at all)
         self._saved: dict[str, object] = {}
-        self._mode: Optional[_Placement] = None
+        self._mode: _Placement | None = None
 
-    def _needed(self, group) -> Optional[str]:
+    def _needed(self, group) -> str | None:
         if self.required is not None:
             return self.required
         return "cuda" if dist.is_initialized() and dist.get_backend(group) == "nccl" else None
@@ -123,8 +151,10 @@ class DeviceGuard:
             emulated = self._mode is not None and t.device.type == "cpu"
             if not emulated or _is_host(t):
                 where = "built without device= (host)" if emulated else f"on {t.device}"
-                raise DeviceGuardError(f"torch.distributed.{name}: tensor {i} {tuple(t.shape)} {t.dtype} is "
-                                       f"{where}; the backend needs {needed}")
+                raise DeviceGuardError(
+                    f"torch.distributed.{name}: tensor {i} {tuple(t.shape)} {t.dtype} is "
+                    f"{where}; the backend needs {needed}"
+                )
 
     def _wrap(self, name: str, fn):
         @functools.wraps(fn)
@@ -134,7 +164,7 @@ class DeviceGuard:
 
         return checked
 
-    def __enter__(self) -> "DeviceGuard":
+    def __enter__(self) -> DeviceGuard:
         for name in COLLECTIVES:
             fn = getattr(dist, name, None)
             if fn is not None:

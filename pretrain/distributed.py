@@ -4,14 +4,15 @@ over small host values (loss and token sums, flags, counters): `all_reduce_value
 `all_reduce_tensor` place their tensors on the device the group's backend needs (CUDA for NCCL), so
 no caller builds a bare `torch.tensor([...])` for a collective (tests check it with
 pretrain/device_guard.py)."""
+
 from __future__ import annotations
 
 import datetime
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ class DistEnv:
     dp_rank: int
     device: torch.device
     memory_parallel: MemoryParallel  # the PKM value tables' layout and groups
-    stats_group: Optional[object]  # DP group for PKM query BatchNorm statistics
+    stats_group: object | None  # DP group for PKM query BatchNorm statistics
 
     @property
     def is_main(self) -> bool:
@@ -101,8 +102,13 @@ def rank_env() -> dict[str, str]:
             "MASTER_ADDR": env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
             "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000),
         }
-    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port())}
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port()),
+    }
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -141,16 +147,22 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Dis
     world = int(os.environ["WORLD_SIZE"])
     tp = parallel.tensor_parallel
     if tp < 1 or world % tp:
-        raise PretrainError(f"parallel.tensor_parallel={tp} does not divide the world size {world} "
-                            f"(TP x DP must equal the number of processes)")
+        raise PretrainError(
+            f"parallel.tensor_parallel={tp} does not divide the world size {world} "
+            f"(TP x DP must equal the number of processes)"
+        )
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
-                                rank=int(os.environ["RANK"]), world_size=world,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            init_method="env://",
+            rank=int(os.environ["RANK"]),
+            world_size=world,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
@@ -162,16 +174,29 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Dis
     over_tp = mode in ("tp", "all") and tp_size > 1
     over_dp = mode in ("dp", "all") and dp_size > 1
     memory_parallel = MemoryParallel(
-        tp_group=tp_group if over_tp else None, tp_size=tp_size if over_tp else 1, tp_rank=tp_rank if over_tp else 0,
-        dp_group=dp_group if over_dp else None, dp_size=dp_size if over_dp else 1, dp_rank=dp_rank if over_dp else 0,
+        tp_group=tp_group if over_tp else None,
+        tp_size=tp_size if over_tp else 1,
+        tp_rank=tp_rank if over_tp else 0,
+        dp_group=dp_group if over_dp else None,
+        dp_size=dp_size if over_dp else 1,
+        dp_rank=dp_rank if over_dp else 0,
         replica_group=dp_group if (dp_size > 1 and not over_dp) else None,
         replica_size=dp_size if not over_dp else 1,
         grad_scale=1.0 / dp_size,
         replica_id=(0 if over_tp else tp_rank, 0 if over_dp else dp_rank),
     )
-    return DistEnv(rank=dist.get_rank(), world_size=world, local_rank=local_rank, tp_size=tp_size, tp_rank=tp_rank,
-                   dp_size=dp_size, dp_rank=dp_rank, device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
-                   memory_parallel=memory_parallel, stats_group=dp_group if dp_size > 1 else None)
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=world,
+        local_rank=local_rank,
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+        dp_size=dp_size,
+        dp_rank=dp_rank,
+        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+        memory_parallel=memory_parallel,
+        stats_group=dp_group if dp_size > 1 else None,
+    )
 
 
 def shutdown() -> None:

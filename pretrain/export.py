@@ -4,13 +4,20 @@
 The checkpoint may have any TP/DP layout: value tables stream from it block by block of rows
 (`CheckpointReader`) and are written as they arrive, so no table is ever whole in memory.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | None = None,
-              max_shard_size: str = "2GB", overwrite: bool = False) -> Path:
+def export_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer: str | None = None,
+    max_shard_size: str = "2GB",
+    overwrite: bool = False,
+) -> Path:
     """Write `out_dir` (model.safetensors, config.json with auto_map, the modeling code, the tokenizer,
     a model card) from `checkpoint`: RUN_DIR/checkpoints/step_XXXXXXX, or a checkpoints/ or run
     directory for its latest checkpoint. `tokenizer`: the one to ship (default: the checkpoint's).
@@ -26,9 +33,15 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | N
     ckpt = resolve_checkpoint(checkpoint)
     check_writable(str(out_dir))  # before the checkpoint is read
     reader = CheckpointReader(ckpt)
-    out = export_state_dict(reader.state_dict(), reader.cfg.model, tokenizer or checkpoint_tokenizer(reader.path),
-                            str(out_dir), card_info(reader.cfg, reader.info), max_shard_size=max_shard_size,
-                            overwrite=overwrite)
+    out = export_state_dict(
+        reader.state_dict(),
+        reader.cfg.model,
+        tokenizer or checkpoint_tokenizer(reader.path),
+        str(out_dir),
+        card_info(reader.cfg, reader.info),
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+    )
     return Path(out)
 
 

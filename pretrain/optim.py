@@ -13,6 +13,7 @@ largest table a machine can train (benchmarks/scale.py):
 The row-wise ones are what recommendation systems use for huge embedding tables (fbgemm_gpu's
 EXACT_ROWWISE_ADAGRAD and PARTIAL_ROWWISE_ADAM, TorchRec's default).
 """
+
 from __future__ import annotations
 
 import math
@@ -88,7 +89,7 @@ class LazyRowAdam(torch.optim.Optimizer):
                 t = st["step"]
                 if rows.numel() == 0:
                     continue
-                step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
                 m, v = st["exp_avg"], st["exp_avg_sq"]
                 vals = vals.contiguous()
                 if self.use_kernel and cpu_kernels.available(p, m, v, vals):
@@ -103,7 +104,7 @@ class LazyRowAdam(torch.optim.Optimizer):
         if buf is None or buf.shape[0] < 2 * n:  # grow with headroom: the rows read vary per step
             buf = self._scratch[p] = p.new_empty(2 * int(n * 1.25), p.shape[1])
         m = torch.index_select(m_all, 0, rows, out=buf[:n])
-        v = torch.index_select(v_all, 0, rows, out=buf[n:2 * n])
+        v = torch.index_select(v_all, 0, rows, out=buf[n : 2 * n])
         m.lerp_(vals, 1 - b1)
         v.mul_(b2).addcmul_(vals, vals, value=1 - b2)
         m_all.index_copy_(0, rows, m)
@@ -131,7 +132,9 @@ def stochastic_round_bf16(x: torch.Tensor, element: torch.Tensor, salt: int) -> 
     read rows, most updates of a trained table. The random bits are a hash of (`salt`, the element's
     global index `element`), not a generator's stream, so every column layout rounds the same element
     the same way (TP/DP runs match the single process)."""
-    bits = _mix32((element >> 32) ^ _mix32((element & 0xFFFFFFFF) ^ _mix32(torch.full_like(element, salt & 0xFFFFFFFF))))
+    bits = _mix32(
+        (element >> 32) ^ _mix32((element & 0xFFFFFFFF) ^ _mix32(torch.full_like(element, salt & 0xFFFFFFFF)))
+    )
     u = x.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     u = (u + (bits & 0xFFFF)) & 0xFFFF0000  # add 16 random bits below bf16's last bit, then truncate
     return u.to(torch.int32).view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
@@ -181,10 +184,13 @@ class _RowwiseOptimizer(torch.optim.Optimizer):
                     continue
                 cols = group["column_start"] + torch.arange(w.shape[1], device=rows.device)
                 for a in range(0, rows.numel(), ROUND_CHUNK_ROWS):  # the hash's int64 temporaries: by chunks
-                    r = rows[a:a + ROUND_CHUNK_ROWS]
+                    r = rows[a : a + ROUND_CHUNK_ROWS]
                     element = r.unsqueeze(1) * group["dim"] + cols
-                    p.detach().index_copy_(0, r, stochastic_round_bf16(w[a:a + ROUND_CHUNK_ROWS], element,
-                                                                       self.seed * 1000003 + st["step"]))
+                    p.detach().index_copy_(
+                        0,
+                        r,
+                        stochastic_round_bf16(w[a : a + ROUND_CHUNK_ROWS], element, self.seed * 1000003 + st["step"]),
+                    )
         return None
 
 
@@ -219,8 +225,11 @@ class RowwiseAdam(_RowwiseOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, dim=None, column_start=0), row_sum, seed)
 
     def init_state(self, p):
-        return dict(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
-                    exp_avg_sq=torch.zeros(p.shape[0], dtype=torch.float32, device=p.device))
+        return dict(
+            step=0,
+            exp_avg=torch.zeros_like(p, dtype=torch.float32),
+            exp_avg_sq=torch.zeros(p.shape[0], dtype=torch.float32, device=p.device),
+        )
 
     def update_rows(self, st, group, rows, w, g, mean_sq):
         b1, b2 = group["betas"]
@@ -229,16 +238,18 @@ class RowwiseAdam(_RowwiseOptimizer):
         st["exp_avg"].index_copy_(0, rows, m)
         v = st["exp_avg_sq"].index_select(0, rows).mul_(b2).add_(mean_sq, alpha=1 - b2)
         st["exp_avg_sq"].index_copy_(0, rows, v)
-        denom = v.div_(1 - b2 ** t).sqrt_().add_(group["eps"])
-        w.addcdiv_(m, denom.unsqueeze(1), value=-group["lr"] / (1 - b1 ** t))
+        denom = v.div_(1 - b2**t).sqrt_().add_(group["eps"])
+        w.addcdiv_(m, denom.unsqueeze(1), value=-group["lr"] / (1 - b1**t))
 
 
 # Per value optimizer: its state tensors, and whether each holds one value per row ("row") or one per
 # table element ("element"). Checkpoints save element states by the table's row blocks, row states by
 # the same rows from one column shard only (every column shard holds the same vector).
-STATE_LAYOUT = {"adam": {"exp_avg": "element", "exp_avg_sq": "element"},
-                "rowwise_adagrad": {"sum": "row"},
-                "rowwise_adam": {"exp_avg": "element", "exp_avg_sq": "row"}}
+STATE_LAYOUT = {
+    "adam": {"exp_avg": "element", "exp_avg_sq": "element"},
+    "rowwise_adagrad": {"sum": "row"},
+    "rowwise_adam": {"exp_avg": "element", "exp_avg_sq": "row"},
+}
 
 
 def value_optimizer_bytes(kind: str, tables: list[ValueTable]) -> int:
@@ -257,8 +268,16 @@ class SparseValueOptimizer:
     memory-parallel group (the column shards of the table). Hands out and takes back its own sharded
     checkpoint state (`sharded_state_dict`, `load_sharded_state_dict`)."""
 
-    def __init__(self, tables: list[ValueTable], lr: float, betas=(0.9, 0.98), eps: float = 1e-8,
-                 parallel: MemoryParallel = MemoryParallel(), kind: str = "adam", seed: int = 0):
+    def __init__(
+        self,
+        tables: list[ValueTable],
+        lr: float,
+        betas=(0.9, 0.98),
+        eps: float = 1e-8,
+        parallel: MemoryParallel = MemoryParallel(),
+        kind: str = "adam",
+        seed: int = 0,
+    ):
         if kind not in VALUE_OPTIMIZERS:
             raise ValueError(f"value optimizer {kind!r} is not one of {VALUE_OPTIMIZERS}")
         self.tables, self.parallel, self.kind = tables, parallel, kind
@@ -316,16 +335,20 @@ class SparseValueOptimizer:
         st = self.optimizer.state[w]
         if not st:
             if self.kind == "adam":
-                st.update(step=0, exp_avg=torch.zeros_like(w, dtype=torch.float32),
-                          exp_avg_sq=torch.zeros_like(w, dtype=torch.float32))
+                st.update(
+                    step=0,
+                    exp_avg=torch.zeros_like(w, dtype=torch.float32),
+                    exp_avg_sq=torch.zeros_like(w, dtype=torch.float32),
+                )
             else:
                 st.update(self.optimizer.init_state(w))
         return st
 
     def state_bytes(self) -> int:
         """Bytes held by the live state tensors of every table (benchmarks/pkm_layer.py)."""
-        return sum(t.untyped_storage().nbytes() for w in self.weights
-                   for t in self.state_of(w).values() if torch.is_tensor(t))
+        return sum(
+            t.untyped_storage().nbytes() for w in self.weights for t in self.state_of(w).values() if torch.is_tensor(t)
+        )
 
     def sharded_state_dict(self, named_tables: list[tuple[str, ValueTable]], model_sd: dict) -> dict:
         """dist_checkpointing entries of the state of each (name, table) (`model_sd`: the model's sharded
@@ -345,27 +368,33 @@ class SparseValueOptimizer:
                 prefix = f"value_optimizer.{k}"
                 if what == "element":
                     out[f"values.{k}.{name}"] = [
-                        make_sharded_optimizer_tensor(sh, _rows_of(st[k], sh), prefix) for sh in blocks]
+                        make_sharded_optimizer_tensor(sh, _rows_of(st[k], sh), prefix) for sh in blocks
+                    ]
                 else:
                     key = f"{prefix}.model.{name}.weight"
                     out[f"values.{k}.{name}"] = [
                         ShardedTensor.from_rank_offsets(key, _rows_of(st[k], sh), (0, b, len(blocks)), replica_id=owner)
-                        for b, sh in enumerate(blocks)]
+                        for b, sh in enumerate(blocks)
+                    ]
         return out
 
     def common_state(self) -> dict:
         """What a checkpoint keeps beside the sharded tensors: the kind and each table's step count."""
-        return {"value_optimizer": self.kind,
-                "value_optimizer_steps": [int(self.state_of(w)["step"]) for w in self.weights]}
+        return {
+            "value_optimizer": self.kind,
+            "value_optimizer_steps": [int(self.state_of(w)["step"]) for w in self.weights],
+        }
 
     def check_checkpoint(self, common: dict, path) -> None:
         """One-line error if the checkpoint at `path` was written by another kind of value optimizer
         (checkpoints from before value optimizers had kinds are adam's)."""
         saved = common.get("value_optimizer", "adam")
         if saved != self.kind:
-            raise PretrainError(f"{path}: the checkpoint holds {saved} value-optimizer state, this run uses "
-                                f"model.pkm.value_optimizer={self.kind}; resume with value_optimizer={saved} "
-                                "or start a new run")
+            raise PretrainError(
+                f"{path}: the checkpoint holds {saved} value-optimizer state, this run uses "
+                f"model.pkm.value_optimizer={self.kind}; resume with value_optimizer={saved} "
+                "or start a new run"
+            )
 
     def load_sharded_state_dict(self, common: dict) -> None:
         """After a dist_checkpointing load of `sharded_state_dict`'s entries (read in place): the steps."""
@@ -383,4 +412,4 @@ class SparseValueOptimizer:
 def _rows_of(t: torch.Tensor, sh) -> torch.Tensor:
     """The rows of `t` (a rank's shard, or a per-row vector) that ShardedTensor block `sh` covers."""
     start = sh.global_offset[0]
-    return t.detach()[start:start + sh.local_shape[0]]
+    return t.detach()[start : start + sh.local_shape[0]]

@@ -5,12 +5,13 @@ run reads and writes, opens `checkpoint.init_from` once (an HF directory's archi
 model's; our own checkpoint is verified and lends its tokenizer), and checks the layout against the
 launcher's world size. The Trainer only builds from the result.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pretrain.config import ConfigError, RunConfig, validate
 
@@ -22,14 +23,14 @@ class InitSource:
 
     kind: Literal["hf", "checkpoint"]
     path: Path
-    hf: Optional[object] = None  # model.hf.init_from.HFSource for kind "hf"
+    hf: object | None = None  # model.hf.init_from.HFSource for kind "hf"
 
 
 @dataclass(frozen=True)
 class ResolvedRun:
     cfg: RunConfig  # final and validated: with an HF init_from, the model's architecture is the checkpoint's
-    init: Optional[InitSource]
-    tokenizer: Optional[str]  # what load_tokenizer gets: data.tokenizer, else the init_from's own vocabulary
+    init: InitSource | None
+    tokenizer: str | None  # what load_tokenizer gets: data.tokenizer, else the init_from's own vocabulary
 
 
 def resolve_run(cfg: RunConfig) -> ResolvedRun:
@@ -64,10 +65,11 @@ def check_inputs(cfg) -> None:
     from data_pipeline.tokenizer import BUNDLED
     from pretrain.checkpoint import resolve_checkpoint
 
-    for key, path, kind in (("checkpoint.init_from", cfg.checkpoint.init_from, "dir"),
-                            ("checkpoint.resume", None if cfg.checkpoint.resume == "auto" else cfg.checkpoint.resume,
-                             "dir"),
-                            ("data.tokenizer", None if cfg.data.tokenizer in BUNDLED else cfg.data.tokenizer, "any")):
+    for key, path, kind in (
+        ("checkpoint.init_from", cfg.checkpoint.init_from, "dir"),
+        ("checkpoint.resume", None if cfg.checkpoint.resume == "auto" else cfg.checkpoint.resume, "dir"),
+        ("data.tokenizer", None if cfg.data.tokenizer in BUNDLED else cfg.data.tokenizer, "any"),
+    ):
         if path is None:
             continue
         p = Path(path)

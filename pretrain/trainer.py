@@ -4,6 +4,7 @@ a lazy sparse Adam beside it for the value tables, TensorBoard metrics and atomi
 Read top to bottom: set-up (distributed, tokenizer, model, data, engine), then `train()`.
 The Trainer is Stateful: `state_dict()` is what a checkpoint holds besides the tensors.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,18 +14,17 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-
-import deepspeed
-from data_pipeline.samplers import GlobalBatchSampler, build_datasets, collate
-from data_pipeline.tokenizer import load_tokenizer
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from data_pipeline.samplers import GlobalBatchSampler, build_datasets, collate
+from data_pipeline.tokenizer import load_tokenizer
 from model.build import build_model, lm_forward
 from model.hf.init_from import load_pretrained_into
 from model.precision import check_policy
@@ -47,7 +47,7 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved on SIGUSR1/SIGTERM; re
 class StepResult:
     loss: float  # mean over the global batch's tokens
     tokens: int  # loss tokens in the global batch
-    grad_norm: Optional[float]
+    grad_norm: float | None
     updated_rows: list[torch.Tensor]  # per PKM layer, the value rows this step updated
 
 
@@ -56,11 +56,11 @@ class TrainResult:
     exit_code: int  # 0, or PREEMPTED_EXIT_CODE after a preemption save
     step: int
     steps_run: int  # by this invocation (0 for a run that had already finished)
-    first_loss: Optional[float]  # of this invocation
-    final_loss: Optional[float]
+    first_loss: float | None  # of this invocation
+    final_loss: float | None
     usage: dict = field(default_factory=dict)
-    checkpoint: Optional[Path] = None
-    run_dir: Optional[Path] = None
+    checkpoint: Path | None = None
+    run_dir: Path | None = None
     is_main: bool = True  # rank 0 (the one that reports)
 
 
@@ -77,19 +77,31 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         setup_logging(self.run_dir / "logs" / "train.log", env.rank)
-        log.info("world %d = TP %d x DP %d, device %s, PKM memory-parallel '%s' over %d ranks",
-                 env.world_size, env.tp_size, env.dp_size, env.device, cfg.parallel.memory_parallel,
-                 env.memory_parallel.size)
+        log.info(
+            "world %d = TP %d x DP %d, device %s, PKM memory-parallel '%s' over %d ranks",
+            env.world_size,
+            env.tp_size,
+            env.dp_size,
+            env.device,
+            cfg.parallel.memory_parallel,
+            env.memory_parallel.size,
+        )
         t = cfg.train
         if env.device.type == "cpu" and t.cpu_keep_freed_memory:
             from pretrain.cpu_alloc import keep_freed_memory
 
-            log.info("malloc: %s", "keeping freed memory for reuse (train.cpu_keep_freed_memory)"
-                     if keep_freed_memory() else "not glibc, train.cpu_keep_freed_memory has no effect")
+            log.info(
+                "malloc: %s",
+                "keeping freed memory for reuse (train.cpu_keep_freed_memory)"
+                if keep_freed_memory()
+                else "not glibc, train.cpu_keep_freed_memory has no effect",
+            )
         per_step = t.micro_batch_size * env.dp_size
         if t.global_batch_size % per_step:
-            raise PretrainError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                                f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {env.dp_size}")
+            raise PretrainError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {env.dp_size}"
+            )
         self.grad_accum = t.global_batch_size // per_step
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
         self._seed(t.seed)
@@ -97,15 +109,22 @@ class Trainer:
         self._build_data()
         self._build_engine()
         self.step = 0  # optimizer steps taken (the step a checkpoint is named after)
-        self.last_loss: Optional[float] = None
-        self.last_eval_loss: Optional[float] = None
+        self.last_loss: float | None = None
+        self.last_eval_loss: float | None = None
         self.usage = PKMUsage(self.pkm_layers, env.stats_group)
         self._preempt = False
-        states = TrainingState(self.model, DenseOptimizer(self.optimizer, t.zero_stage), self.value_optimizer,
-                               self.pkm_layers, loop=self)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", states, env,
-                                         keep_last=cfg.checkpoint.keep_last, run_config=cfg,
-                                         tokenizer=self.tokenizer, sizes=self.sizes)
+        states = TrainingState(
+            self.model, DenseOptimizer(self.optimizer, t.zero_stage), self.value_optimizer, self.pkm_layers, loop=self
+        )
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints",
+            states,
+            env,
+            keep_last=cfg.checkpoint.keep_last,
+            run_config=cfg,
+            tokenizer=self.tokenizer,
+            sizes=self.sizes,
+        )
         self.checkpointer.maybe_resume(cfg.checkpoint.resume)
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -123,12 +142,20 @@ class Trainer:
         self.tokenizer = load_tokenizer(run.tokenizer)
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:
-            raise PretrainError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
-                                f"({self.tokenizer.vocab_size}, {self.tokenizer.identity['name']})")
+            raise PretrainError(
+                f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
+                f"({self.tokenizer.vocab_size}, {self.tokenizer.identity['name']})"
+            )
         self.vocab_size = int(math.ceil(vocab / env.tp_size) * env.tp_size)
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.model = build_model(cfg.model, self.vocab_size, env.memory_parallel, seed=cfg.train.seed,
-                                 stats_group=env.stats_group, params_dtype=dtype)
+        self.model = build_model(
+            cfg.model,
+            self.vocab_size,
+            env.memory_parallel,
+            seed=cfg.train.seed,
+            stats_group=env.stats_group,
+            params_dtype=dtype,
+        )
         if init is not None and init.kind == "checkpoint":
             fresh = load_model_weights(self.model, init.path, skip_memory=True)
             log.info("initialised from our checkpoint %s; freshly initialised: %d PKM tensors", init.path, len(fresh))
@@ -148,23 +175,39 @@ class Trainer:
         if self.cfg.train.zero_stage >= 1:
             dense_opt //= self.env.dp_size
         value_opt = value_optimizer_bytes(self.cfg.model.pkm.value_optimizer, [m.values for _, m in self.pkm_layers])
-        self.sizes = {"dense_param_bytes": dense, "value_shard_bytes": values,
-                      "dense_optimizer_bytes": dense_opt, "value_optimizer_bytes": value_opt}
-        log.info("rank %d sizes: dense params %s, value shard %s (%d PKM layers, %d slots), "
-                 "dense optimizer %s, value optimizer %s", self.env.rank, _mb(dense), _mb(values),
-                 len(self.pkm_layers), slots, _mb(dense_opt), _mb(value_opt))
+        self.sizes = {
+            "dense_param_bytes": dense,
+            "value_shard_bytes": values,
+            "dense_optimizer_bytes": dense_opt,
+            "value_optimizer_bytes": value_opt,
+        }
+        log.info(
+            "rank %d sizes: dense params %s, value shard %s (%d PKM layers, %d slots), "
+            "dense optimizer %s, value optimizer %s",
+            self.env.rank,
+            _mb(dense),
+            _mb(values),
+            len(self.pkm_layers),
+            slots,
+            _mb(dense_opt),
+            _mb(value_opt),
+        )
 
     def _build_data(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         evals = t.train_steps // t.eval_interval + 1 if t.eval_interval > 0 else 0
-        num_samples = {"train": t.train_steps * t.global_batch_size,
-                       "valid": max(1, evals * t.eval_steps * t.global_batch_size),
-                       "test": max(1, t.eval_steps * t.global_batch_size)}
+        num_samples = {
+            "train": t.train_steps * t.global_batch_size,
+            "valid": max(1, evals * t.eval_steps * t.global_batch_size),
+            "test": max(1, t.eval_steps * t.global_batch_size),
+        }
         cache = cfg.data.cache_dir or str(self.run_dir / "data_cache")
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(
-            cfg.data, cfg.model.family, cfg.model.seq_length, self.tokenizer, num_samples, t.seed, cache)
-        self.sampler = GlobalBatchSampler(len(self.train_ds), t.global_batch_size, t.micro_batch_size,
-                                          self.env.dp_rank, self.env.dp_size)
+            cfg.data, cfg.model.family, cfg.model.seq_length, self.tokenizer, num_samples, t.seed, cache
+        )
+        self.sampler = GlobalBatchSampler(
+            len(self.train_ds), t.global_batch_size, t.micro_batch_size, self.env.dp_rank, self.env.dp_size
+        )
 
     def _build_engine(self) -> None:
         t = self.cfg.train
@@ -183,28 +226,44 @@ class Trainer:
             "wall_clock_breakdown": False,
         }
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            mpu=MegatronMPU(), dist_init_required=False)
+            model=self.model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
+            mpu=MegatronMPU(),
+            dist_init_required=False,
+        )
         for _, m in self.pkm_layers:  # DeepSpeed may re-create buffers when casting: keep them leaves
             m.values.weight.requires_grad_(True)
         check_policy(self.model)  # value tables and BatchNorm statistics stayed fp32 (model/precision.py)
         pkm = self.cfg.model.pkm
-        self.value_optimizer = SparseValueOptimizer([m.values for _, m in self.pkm_layers], lr=pkm.value_lr,
-                                                    betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                                    parallel=self.env.memory_parallel, kind=pkm.value_optimizer,
-                                                    seed=t.seed)
+        self.value_optimizer = SparseValueOptimizer(
+            [m.values for _, m in self.pkm_layers],
+            lr=pkm.value_lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
+            parallel=self.env.memory_parallel,
+            kind=pkm.value_optimizer,
+            seed=t.seed,
+        )
 
     # -- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "sampler": self.sampler.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "config": to_dict(self.cfg),
-                "tokenizer": self.tokenizer.identity, "vocab_size": self.vocab_size,
-                # for model cards and summaries, not needed to continue:
-                "last_loss": self.last_loss, "last_eval_loss": self.last_eval_loss,
-                "tokens_seen": self.step * self.cfg.train.global_batch_size * self.cfg.model.seq_length,
-                "usage": self.usage.last_summary,
-                "usage_state": self.usage.state_dict()}
+        return {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": to_dict(self.cfg),
+            "tokenizer": self.tokenizer.identity,
+            "vocab_size": self.vocab_size,
+            # for model cards and summaries, not needed to continue:
+            "last_loss": self.last_loss,
+            "last_eval_loss": self.last_eval_loss,
+            "tokens_seen": self.step * self.cfg.train.global_batch_size * self.cfg.model.seq_length,
+            "usage": self.usage.last_summary,
+            "usage_state": self.usage.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -216,8 +275,10 @@ class Trainer:
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # load_state_dict restores the schedule's position, not the optimizer's lr
         if state.get("tokenizer", {}).get("sha256") not in (None, self.tokenizer.identity["sha256"]):
-            raise PretrainError(f"the checkpoint was trained with tokenizer {state['tokenizer']['name']} "
-                                f"(sha256 {state['tokenizer']['sha256'][:12]}), not {self.tokenizer.identity['name']}")
+            raise PretrainError(
+                f"the checkpoint was trained with tokenizer {state['tokenizer']['name']} "
+                f"(sha256 {state['tokenizer']['sha256'][:12]}), not {self.tokenizer.identity['name']}"
+            )
 
     # -- training -------------------------------------------------------------------------------
 
@@ -234,7 +295,7 @@ class Trainer:
         of the whole global batch, so any TP/DP layout computes the same gradients."""
         family = self.cfg.model.family
         batches = [self._batches(self.train_ds, mb) for mb in micro_batches]
-        tokens, = self._global_sum(sum(float(b["loss_mask"].sum()) for b in batches))
+        (tokens,) = self._global_sum(sum(float(b["loss_mask"].sum()) for b in batches))
         scale = self.grad_accum * self.env.dp_size / max(tokens, 1.0)  # undone by the engine's 1/gas and DP mean
         loss_sum, grad_norm = 0.0, None
         for i, batch in enumerate(batches):
@@ -251,7 +312,7 @@ class Trainer:
         if self.cfg.train.zero_stage > 0:
             grad_norm = _float(self.engine.get_global_grad_norm())
         updated = self.value_optimizer.step()
-        loss_sum, = self._global_sum(loss_sum)
+        (loss_sum,) = self._global_sum(loss_sum)
         return StepResult(loss_sum / max(tokens, 1.0), int(tokens), grad_norm, updated)
 
     @torch.no_grad()
@@ -272,7 +333,7 @@ class Trainer:
                     split += sq
                 else:
                     replicated += sq
-        split_sum, = self.env.all_reduce_sum([float(split)], ps.get_tensor_model_parallel_group())
+        (split_sum,) = self.env.all_reduce_sum([float(split)], ps.get_tensor_model_parallel_group())
         return math.sqrt(split_sum + float(replicated))
 
     @torch.no_grad()
@@ -284,9 +345,9 @@ class Trainer:
         total, tokens = 0.0, 0.0
         for s in range(steps):
             start = ((offset + s) * t.global_batch_size) % max(1, len(ds) - t.global_batch_size + 1)
-            mine = list(range(start, start + t.global_batch_size))[self.env.dp_rank::self.env.dp_size]
+            mine = list(range(start, start + t.global_batch_size))[self.env.dp_rank :: self.env.dp_size]
             for i in range(0, len(mine), t.micro_batch_size):
-                batch = self._batches(ds, mine[i:i + t.micro_batch_size])
+                batch = self._batches(ds, mine[i : i + t.micro_batch_size])
                 per_token = lm_forward(self.engine, self.cfg.model.family, batch)
                 total += float((per_token.float() * batch["loss_mask"]).sum())
                 tokens += float(batch["loss_mask"].sum())
@@ -305,7 +366,7 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _preempt_requested(self) -> bool:
-        flag, = self.env.all_reduce_max([1.0 if self._preempt else 0.0])
+        (flag,) = self.env.all_reduce_max([1.0 if self._preempt else 0.0])
         return flag > 0
 
     def train(self) -> TrainResult:
@@ -338,8 +399,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
             if self.step % lg.log_interval == 0 or self.step == t.train_steps:
                 elapsed = time.perf_counter() - window_start
-                scalars = step_scalars(result.loss, self.scheduler.get_last_lr()[0], result.grad_norm,
-                                       window_steps * tokens_per_step, window_steps, elapsed)
+                scalars = step_scalars(
+                    result.loss,
+                    self.scheduler.get_last_lr()[0],
+                    result.grad_norm,
+                    window_steps * tokens_per_step,
+                    window_steps,
+                    elapsed,
+                )
                 scalars.update(self.usage.summary(self.step, lg.usage_window))
                 writer.write(self.step, scalars)
                 log.info(step_line(self.step, t.train_steps, scalars))
@@ -363,18 +430,32 @@ class Trainer:
             bar.close()
         saved = self.checkpointer.save(self.step) if exit_code == 0 else None
         writer.close()
-        return TrainResult(exit_code, self.step, self.step - start_step, first_loss, self.last_loss,
-                           self.usage.last_summary, saved, self.run_dir, self.env.is_main)
+        return TrainResult(
+            exit_code,
+            self.step,
+            self.step - start_step,
+            first_loss,
+            self.last_loss,
+            self.usage.last_summary,
+            saved,
+            self.run_dir,
+            self.env.is_main,
+        )
 
     def _already_finished(self) -> TrainResult:
         t = self.cfg.train
         latest = self.checkpointer.latest()
         if latest is None or latest.name != self.checkpointer.name(self.step):
             latest = self.checkpointer.save(self.step)  # e.g. train.train_steps=0: the initial weights
-        log.info("nothing to train: the run is at step %d and train.train_steps=%d (checkpoint %s)",
-                 self.step, t.train_steps, latest)
-        return TrainResult(0, self.step, 0, None, self.last_loss, self.usage.last_summary, latest, self.run_dir,
-                           self.env.is_main)
+        log.info(
+            "nothing to train: the run is at step %d and train.train_steps=%d (checkpoint %s)",
+            self.step,
+            t.train_steps,
+            latest,
+        )
+        return TrainResult(
+            0, self.step, 0, None, self.last_loss, self.usage.last_summary, latest, self.run_dir, self.env.is_main
+        )
 
 
 def pretrain(cfg: RunConfig | ResolvedRun) -> TrainResult:
@@ -387,7 +468,7 @@ def pretrain(cfg: RunConfig | ResolvedRun) -> TrainResult:
         shutdown()
 
 
-def _float(x) -> Optional[float]:
+def _float(x) -> float | None:
     if x is None:
         return None
     return float(x.item() if torch.is_tensor(x) else x)

@@ -1,4 +1,5 @@
 """Shared pytest fixtures and helpers (import the helpers with `from tests.conftest import ...`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,12 +18,20 @@ TINY_BERT = ROOT / "configs" / "tiny_bert.yaml"
 PY = os.path.abspath(sys.executable)  # this venv's interpreter, as `pkm launch` writes it into commands
 
 
-def run_pkm(*args: str, env: dict | None = None, cwd: Path | str = ROOT, timeout: int = 900,
-            stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_pkm(
+    *args: str, env: dict | None = None, cwd: Path | str = ROOT, timeout: int = 900, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     """The real `pkm` entry point in a subprocess (the interpreter of this venv, this checkout's code)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pkm", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", "pkm", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+    )
 
 
 def descendants(pid: int) -> set[int]:
@@ -77,8 +86,19 @@ def torchrun(script: Path | str, *args, nproc: int = 2, timeout: int = 900) -> s
     checkout with its code importable (one OpenMP thread a rank: the CPU is shared)."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), str(script), *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(script),
+        *map(str, args),
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -112,8 +132,9 @@ def small_tmpfs(directory: Path, size: str):
     """`directory` (created here) as a tmpfs of `size` (mount's syntax: "64k", "4m") for disk-full tests;
     skips the test where it cannot be mounted (needs root). Unmounted on the way out."""
     directory.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         yield directory

@@ -10,6 +10,7 @@ Use it from a test module with `from tests.slurm_cluster import slurm_cluster  #
 data; finished jobs are in `cluster.jobcomp(job_id)` (jobcomp/filetxt) and, for MinJobAge seconds,
 in `scontrol show job`.
 """
+
 from __future__ import annotations
 
 import os
@@ -130,8 +131,10 @@ class SlurmCluster:
             if state in states:
                 return state
             time.sleep(0.5)
-        raise TimeoutError(f"job {job_id} is {self.job_state(job_id)} after {timeout:.0f} s, not one of {sorted(states)}"
-                           f"\n{self.diagnostics()}")
+        raise TimeoutError(
+            f"job {job_id} is {self.job_state(job_id)} after {timeout:.0f} s, not one of {sorted(states)}"
+            f"\n{self.diagnostics()}"
+        )
 
     def jobcomp(self, job_id: str) -> list[dict[str, str]]:
         """The controller's completion records of a job (one per run: a requeue adds one)."""
@@ -185,14 +188,28 @@ def start_cluster(root: Path) -> SlurmCluster:
     key.chmod(0o600)
     ctld_port, node_ports = free_port(), [free_port() for _ in NODES]
     nodes = "\n".join(NODE_LINE.format(name=n, port=p) for n, p in zip(NODES, node_ports))
-    (root / "slurm.conf").write_text(SLURM_CONF.format(root=root, ctld_port=ctld_port, nodes=nodes, node_list=",".join(NODES)))
+    (root / "slurm.conf").write_text(
+        SLURM_CONF.format(root=root, ctld_port=ctld_port, nodes=nodes, node_list=",".join(NODES))
+    )
     env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
     env["PATH"] = os.pathsep.join([env.get("PATH", ""), *SBIN])
     cluster = SlurmCluster(root, env)
 
     m = root / "munge"
-    subprocess.run([_which("munged"), "--force", f"--socket={m}/socket", f"--key-file={key}", f"--pid-file={m}/munged.pid",
-                    f"--log-file={root}/log/munged.log", f"--seed-file={m}/seed"], check=True, env=env, timeout=30)
+    subprocess.run(
+        [
+            _which("munged"),
+            "--force",
+            f"--socket={m}/socket",
+            f"--key-file={key}",
+            f"--pid-file={m}/munged.pid",
+            f"--log-file={root}/log/munged.log",
+            f"--seed-file={m}/seed",
+        ],
+        check=True,
+        env=env,
+        timeout=30,
+    )
     _wait_for(lambda: (m / "socket").exists(), 10, "munged's socket")
     conf = str(root / "slurm.conf")
     subprocess.run([_which("slurmctld"), "-f", conf], check=True, env=env, timeout=30)
@@ -215,8 +232,9 @@ def _our_step_daemons(root: Path) -> list:
     found = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         try:
-            if "slurmstepd" in (proc.info["name"] or "") + " ".join(proc.info["cmdline"] or []) \
-                    and Path(proc.cwd()).is_relative_to(root):
+            if "slurmstepd" in (proc.info["name"] or "") + " ".join(proc.info["cmdline"] or []) and Path(
+                proc.cwd()
+            ).is_relative_to(root):
                 found.append(proc)
         except (psutil.Error, OSError):
             continue
@@ -234,7 +252,10 @@ def stop_cluster(cluster: SlurmCluster) -> None:
             break
         time.sleep(0.5)
     run = cluster.root / "run"
-    pids = [_pid(run / f"slurmd.{n}.pid") for n in NODES] + [_pid(run / "slurmctld.pid"), _pid(cluster.root / "munge" / "munged.pid")]
+    pids = [_pid(run / f"slurmd.{n}.pid") for n in NODES] + [
+        _pid(run / "slurmctld.pid"),
+        _pid(cluster.root / "munge" / "munged.pid"),
+    ]
     for pid in pids:
         if pid and _alive(pid):
             os.kill(pid, signal.SIGTERM)

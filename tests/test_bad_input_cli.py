@@ -1,6 +1,7 @@
 """Every `pkm` command against the inputs a tired user gives it, through the real entry point:
 exit 2, one line on stderr naming the key/file/path, no traceback, nothing under the final output name.
 None of these builds a model; each takes seconds."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_GPT, assert_user_error, run_pkm as _run_pkm, small_tmpfs
+from tests.conftest import ROOT, TINY_GPT, assert_user_error, small_tmpfs
+from tests.conftest import run_pkm as _run_pkm
 
 AUSTEN = ROOT / "data_pipeline" / "assets" / "austen"
 
@@ -30,8 +32,12 @@ def _leftovers(directory: Path) -> list[str]:
 
 @pytest.fixture()
 def bad_files(tmp_path: Path) -> dict[str, Path]:
-    files = {"empty": tmp_path / "empty.txt", "binary": tmp_path / "random.bin",
-             "undecodable": tmp_path / "latin1.txt", "a_file": tmp_path / "a_file"}
+    files = {
+        "empty": tmp_path / "empty.txt",
+        "binary": tmp_path / "random.bin",
+        "undecodable": tmp_path / "latin1.txt",
+        "a_file": tmp_path / "a_file",
+    }
     files["empty"].write_text("")
     files["binary"].write_bytes(bytes(range(256)) * 8)
     files["undecodable"].write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
@@ -66,13 +72,23 @@ def test_bad_input_tokenizer_train_broken_later_input(tmp_path):
 
 def test_bad_input_tokenizer_train_vocab_size(tmp_path):
     out = tmp_path / "tok"
-    r = run_pkm("data", "tokenizer", "train", "--input", AUSTEN / "persuasion.txt", "--output", out / "my",
-                "--vocab-size", "100")
+    r = run_pkm(
+        "data",
+        "tokenizer",
+        "train",
+        "--input",
+        AUSTEN / "persuasion.txt",
+        "--output",
+        out / "my",
+        "--vocab-size",
+        "100",
+    )
     line = assert_user_error(r, "--vocab-size 100")
     assert "use at least" in line and "INTERNAL" not in line
     assert _leftovers(out) == []
-    r = run_pkm("data", "tokenizer", "train", "--input", AUSTEN / "persuasion.txt", "--output", out / "my",
-                "--vocab-size", "0")
+    r = run_pkm(
+        "data", "tokenizer", "train", "--input", AUSTEN / "persuasion.txt", "--output", out / "my", "--vocab-size", "0"
+    )
     assert_user_error(r, "--vocab-size")
 
 
@@ -86,9 +102,27 @@ def test_bad_input_tokenizer_train_output_under_a_file(bad_files):
 def test_bad_input_tokenizer_train_sigterm_leaves_nothing(tmp_path):
     out = tmp_path / "tok"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "pkm", "data", "tokenizer", "train", "--input",
-                             str(AUSTEN / "*.txt"), "--output", str(out / "my"), "--vocab-size", "4000"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pkm",
+            "data",
+            "tokenizer",
+            "train",
+            "--input",
+            str(AUSTEN / "*.txt"),
+            "--output",
+            str(out / "my"),
+            "--vocab-size",
+            "4000",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not _leftovers(out) and time.monotonic() < deadline:  # its temporary directory: it is writing
         time.sleep(0.1)
@@ -101,8 +135,17 @@ def test_bad_input_tokenizer_train_sigterm_leaves_nothing(tmp_path):
 
 def test_bad_input_tokenizer_train_full_disk(tmp_path):
     with small_tmpfs(tmp_path / "full", "64k") as full:
-        r = run_pkm("data", "tokenizer", "train", "--input", AUSTEN / "persuasion.txt", "--output", full / "my",
-                    "--vocab-size", "6000")
+        r = run_pkm(
+            "data",
+            "tokenizer",
+            "train",
+            "--input",
+            AUSTEN / "persuasion.txt",
+            "--output",
+            full / "my",
+            "--vocab-size",
+            "6000",
+        )
         assert_user_error(r, full / "my.model")
         assert _leftovers(full) == []
 
@@ -118,8 +161,20 @@ def _fake_step(root: Path, name: str = "step_0000005") -> Path:
     return step
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "empty_dir", "run_dir_no_checkpoints", "checkpoints_no_latest",
-                                  "run_dir_no_latest", "latest_names_nothing", "hf_dir", "foreign_manifest"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "file",
+        "empty_dir",
+        "run_dir_no_checkpoints",
+        "checkpoints_no_latest",
+        "run_dir_no_latest",
+        "latest_names_nothing",
+        "hf_dir",
+        "foreign_manifest",
+    ],
+)
 def test_bad_input_export_path_is_not_a_checkpoint(tmp_path, case):
     run = tmp_path / "run"
     if case == "missing":
@@ -162,8 +217,13 @@ def test_bad_input_export_path_is_not_a_checkpoint(tmp_path, case):
 @pytest.mark.parametrize("kind", ["directory", "binary", "json_list", "empty", "missing"])
 @pytest.mark.parametrize("command", [["pretrain"], ["launch", "slurm", "--nodes", "1", "--dry-run"]])
 def test_bad_input_config_file_of_the_wrong_kind(tmp_path, bad_files, kind, command):
-    path = {"directory": tmp_path, "binary": bad_files["binary"], "empty": bad_files["empty"],
-            "json_list": tmp_path / "list.json", "missing": tmp_path / "nope.yaml"}[kind]
+    path = {
+        "directory": tmp_path,
+        "binary": bad_files["binary"],
+        "empty": bad_files["empty"],
+        "json_list": tmp_path / "list.json",
+        "missing": tmp_path / "nope.yaml",
+    }[kind]
     if kind == "json_list":
         path.write_text("[1, 2]\n")
     r = run_pkm(*command, "--config", path, f"run_dir={tmp_path / 'run'}")
@@ -175,33 +235,59 @@ def test_bad_input_config_file_of_the_wrong_kind(tmp_path, bad_files, kind, comm
 # numbers out of range, and outputs that cannot be written, for every command
 
 
-@pytest.mark.parametrize("argv,option", [
-    (["data", "preprocess", "--input", "x.txt", "--output", "o", "--workers", "-3"], "--workers"),
-    (["data", "preprocess", "--input", "x.txt", "--output", "o", "--max-sentence-tokens", "0"], "--max-sentence-tokens"),
-    (["data", "tokenizer", "train", "--input", "x.txt", "--output", "o", "--threads", "zero"], "--threads"),
-    (["data", "inspect", "o", "--show", "-1"], "--show"),
-    (["finetune", "m", "--steps", "0"], "--steps"),
-    (["finetune", "m", "--lr", "nan"], "--lr"),
-    (["eval", "online", "--model", "m", "--max-docs", "0"], "--max-docs"),
-    (["launch", "deepspeed", "--hosts", "a", "--slots", "1", "--master-port", "99999", "--config", "c"], "--master-port"),
-    (["launch", "torchrun", "--nnodes", "1", "--node-rank", "0", "--rdzv-endpoint", "h:1", "--shutdown-timeout", "-1",
-      "--config", "c"], "--shutdown-timeout"),
-    (["data", "preprocess", "--input", "x.txt", "--output", "tests/"], "tests/ is a directory"),
-    (["data", "tokenizer", "train", "--input", "x.txt", "--output", "tests"], "tests is a directory"),
-    (["data", "preprocess", "--input", "x.txt"], "--output"),  # a missing argument: one line too
-])
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["data", "preprocess", "--input", "x.txt", "--output", "o", "--workers", "-3"], "--workers"),
+        (
+            ["data", "preprocess", "--input", "x.txt", "--output", "o", "--max-sentence-tokens", "0"],
+            "--max-sentence-tokens",
+        ),
+        (["data", "tokenizer", "train", "--input", "x.txt", "--output", "o", "--threads", "zero"], "--threads"),
+        (["data", "inspect", "o", "--show", "-1"], "--show"),
+        (["finetune", "m", "--steps", "0"], "--steps"),
+        (["finetune", "m", "--lr", "nan"], "--lr"),
+        (["eval", "online", "--model", "m", "--max-docs", "0"], "--max-docs"),
+        (
+            ["launch", "deepspeed", "--hosts", "a", "--slots", "1", "--master-port", "99999", "--config", "c"],
+            "--master-port",
+        ),
+        (
+            [
+                "launch",
+                "torchrun",
+                "--nnodes",
+                "1",
+                "--node-rank",
+                "0",
+                "--rdzv-endpoint",
+                "h:1",
+                "--shutdown-timeout",
+                "-1",
+                "--config",
+                "c",
+            ],
+            "--shutdown-timeout",
+        ),
+        (["data", "preprocess", "--input", "x.txt", "--output", "tests/"], "tests/ is a directory"),
+        (["data", "tokenizer", "train", "--input", "x.txt", "--output", "tests"], "tests is a directory"),
+        (["data", "preprocess", "--input", "x.txt"], "--output"),  # a missing argument: one line too
+    ],
+)
 def test_bad_input_numeric_options(argv, option):
     assert_user_error(run_pkm(*argv), option)
 
 
 def test_bad_input_unwritable_outputs(bad_files):
     under = bad_files["a_file"] / "sub"
-    for argv in (["pretrain", "--config", TINY_GPT, f"run_dir={under}"],
-                 ["eval", "online", "--model", "smollm2", "--out", under],
-                 ["eval", "lm-eval-data", "--out", under / "books.jsonl"],
-                 ["data", "preprocess", "--input", AUSTEN / "persuasion.txt", "--output", under / "ds"],
-                 ["launch", "deepspeed", "--hosts", "a", "--slots", "1", "--config", TINY_GPT, f"run_dir={under}"],
-                 ["launch", "slurm", "--nodes", "1", "--config", TINY_GPT, f"run_dir={under}"]):
+    for argv in (
+        ["pretrain", "--config", TINY_GPT, f"run_dir={under}"],
+        ["eval", "online", "--model", "smollm2", "--out", under],
+        ["eval", "lm-eval-data", "--out", under / "books.jsonl"],
+        ["data", "preprocess", "--input", AUSTEN / "persuasion.txt", "--output", under / "ds"],
+        ["launch", "deepspeed", "--hosts", "a", "--slots", "1", "--config", TINY_GPT, f"run_dir={under}"],
+        ["launch", "slurm", "--nodes", "1", "--config", TINY_GPT, f"run_dir={under}"],
+    ):
         r = run_pkm(*argv)
         if argv[1] == "slurm" and "sbatch" in r.stderr:
             continue  # no SLURM on this machine: refused before anything is written, as it should be
@@ -248,8 +334,9 @@ def test_bad_input_eval_online_corpus_and_model(tmp_path, bad_files):
     binary_jsonl.write_bytes(bad_files["binary"].read_bytes())
     out = tmp_path / "eval"
     for corpus in (binary_jsonl, bad_files["binary"], tmp_path / "nope", bad_files["empty"]):
-        assert_user_error(run_pkm("eval", "online", "--model", tmp_path / "no-model", "--corpus", corpus,
-                                  "--out", out), corpus)
+        assert_user_error(
+            run_pkm("eval", "online", "--model", tmp_path / "no-model", "--corpus", corpus, "--out", out), corpus
+        )
     run = tmp_path / "run"
     step = _fake_step(run / "checkpoints")
     line = assert_user_error(run_pkm("eval", "online", "--model", run, "--max-docs", "1", "--out", out), run)
@@ -265,8 +352,15 @@ def test_bad_input_eval_online_corpus_and_model(tmp_path, bad_files):
 def tiny_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tiny_run")
     run = tmp / "run"
-    r = _run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={run}", "train.train_steps=2",
-                 "logging.tensorboard=false", f"data.cache_dir={tmp / 'cache'}")
+    r = _run_pkm(
+        "pretrain",
+        "--config",
+        TINY_GPT,
+        f"run_dir={run}",
+        "train.train_steps=2",
+        "logging.tensorboard=false",
+        f"data.cache_dir={tmp / 'cache'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return run
 
@@ -304,8 +398,17 @@ def test_bad_input_export_run_dir_without_latest(tiny_run, tmp_path):
 
 def test_bad_input_inspect_given_a_dataset_file(tmp_path):
     prefix = tmp_path / "ds"
-    r = run_pkm("data", "preprocess", "--input", AUSTEN / "persuasion.txt", "--output", prefix, "--workers", "1",
-                "--no-progress")
+    r = run_pkm(
+        "data",
+        "preprocess",
+        "--input",
+        AUSTEN / "persuasion.txt",
+        "--output",
+        prefix,
+        "--workers",
+        "1",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     for given in (f"{prefix}.bin", f"{prefix}.idx", f"{prefix}.manifest.json"):
         r = run_pkm("data", "inspect", given)

@@ -2,6 +2,7 @@
 one line naming the key (exit 2) before anything is built; a truncated dataset is named before training
 opens it; a finished run resumed, or `train.train_steps=0`, is a normal end (exit 0); a run killed with
 SIGKILL in the middle of a checkpoint save leaves no process behind."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,55 +22,62 @@ from tests.conftest import ROOT, TINY_GPT, assert_user_error, descendants, run_p
 AUSTEN = ROOT / "data_pipeline" / "assets" / "austen"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.pkm.knn=0", "model.pkm.knn"),  # was a segmentation fault in the numba top-k
-    ("model.pkm.knn=64", "model.pkm.knn"),  # more than n_keys=32
-    ("model.pkm.n_keys=0", "model.pkm.n_keys"),
-    ("model.pkm.heads=0", "model.pkm.heads"),
-    ("model.pkm.k_dim=0", "model.pkm.k_dim"),
-    ("model.pkm.value_dropout=1.0", "model.pkm.value_dropout"),
-    ("model.pkm.layers=[1,1]", "model.pkm.layers"),
-    ("model.num_attention_heads=0", "model.num_attention_heads"),  # was a ZeroDivisionError
-    ("model.num_query_groups=3", "model.num_query_groups"),
-    ("model.seq_length=0", "model.seq_length"),
-    ("train.lr=-1", "train.lr"),  # was torch's traceback after the whole start-up
-    ("train.lr=.nan", "train.lr"),
-    ("train.min_lr=0.1", "train.min_lr"),
-    ("train.micro_batch_size=0", "train.micro_batch_size"),  # was a ZeroDivisionError
-    ("train.global_batch_size=-8", "train.global_batch_size"),
-    ("train.train_steps=-1", "train.train_steps"),
-    ("train.adam_beta2=1.0", "train.adam_beta2"),
-    ("train.seed=-5", "train.seed"),
-    ("train.zero_stage=3", "train.zero_stage"),
-    ("parallel.tensor_parallel=0", "parallel.tensor_parallel"),
-    ("logging.usage_window=0", "logging.usage_window"),
-    ("logging.log_interval=0", "logging.log_interval"),
-    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
-    ("data.split=90,10", "data.split"),
-    ("data.mlm_probability=0", "data.mlm_probability"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.pkm.knn=0", "model.pkm.knn"),  # was a segmentation fault in the numba top-k
+        ("model.pkm.knn=64", "model.pkm.knn"),  # more than n_keys=32
+        ("model.pkm.n_keys=0", "model.pkm.n_keys"),
+        ("model.pkm.heads=0", "model.pkm.heads"),
+        ("model.pkm.k_dim=0", "model.pkm.k_dim"),
+        ("model.pkm.value_dropout=1.0", "model.pkm.value_dropout"),
+        ("model.pkm.layers=[1,1]", "model.pkm.layers"),
+        ("model.num_attention_heads=0", "model.num_attention_heads"),  # was a ZeroDivisionError
+        ("model.num_query_groups=3", "model.num_query_groups"),
+        ("model.seq_length=0", "model.seq_length"),
+        ("train.lr=-1", "train.lr"),  # was torch's traceback after the whole start-up
+        ("train.lr=.nan", "train.lr"),
+        ("train.min_lr=0.1", "train.min_lr"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),  # was a ZeroDivisionError
+        ("train.global_batch_size=-8", "train.global_batch_size"),
+        ("train.train_steps=-1", "train.train_steps"),
+        ("train.adam_beta2=1.0", "train.adam_beta2"),
+        ("train.seed=-5", "train.seed"),
+        ("train.zero_stage=3", "train.zero_stage"),
+        ("parallel.tensor_parallel=0", "parallel.tensor_parallel"),
+        ("logging.usage_window=0", "logging.usage_window"),
+        ("logging.log_interval=0", "logging.log_interval"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("data.split=90,10", "data.split"),
+        ("data.mlm_probability=0", "data.mlm_probability"),
+    ],
+)
 def test_bad_input_config_value(override: str, key: str):
     r = run_pkm("pretrain", "--config", TINY_GPT, override, "run_dir=/nonexistent/never-created", timeout=120)
     assert_user_error(r, key)
     assert not Path("/nonexistent/never-created").exists()
 
 
-@pytest.mark.parametrize("override, named", [
-    ("checkpoint.resume=/nonexistent/ckpt", "checkpoint.resume: /nonexistent/ckpt does not exist"),
-    ("checkpoint.init_from=/nonexistent/model", "checkpoint.init_from: /nonexistent/model does not exist"),
-    ("checkpoint.init_from=README.md", "checkpoint.init_from: README.md is a file"),
-    ("data.tokenizer=/nonexistent.model", "data.tokenizer: /nonexistent.model does not exist"),
-    ("data.paths=[/nonexistent/corpus]", "/nonexistent/corpus.manifest.json"),
-    ("run_dir=README.md/run", "run_dir: README.md/run: cannot be created"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("checkpoint.resume=/nonexistent/ckpt", "checkpoint.resume: /nonexistent/ckpt does not exist"),
+        ("checkpoint.init_from=/nonexistent/model", "checkpoint.init_from: /nonexistent/model does not exist"),
+        ("checkpoint.init_from=README.md", "checkpoint.init_from: README.md is a file"),
+        ("data.tokenizer=/nonexistent.model", "data.tokenizer: /nonexistent.model does not exist"),
+        ("data.paths=[/nonexistent/corpus]", "/nonexistent/corpus.manifest.json"),
+        ("run_dir=README.md/run", "run_dir: README.md/run: cannot be created"),
+    ],
+)
 def test_bad_input_paths(override: str, named: str):
     r = run_pkm("pretrain", "--config", TINY_GPT, override, timeout=120)
     assert_user_error(r, named)
 
 
 def test_bad_input_knn_zero_as_in_the_issue():
-    r = run_pkm("pretrain", "--config", "configs/tiny_gpt.yaml", "model.pkm.knn=0", "run_dir=/nonexistent/x",
-                timeout=120)
+    r = run_pkm(
+        "pretrain", "--config", "configs/tiny_gpt.yaml", "model.pkm.knn=0", "run_dir=/nonexistent/x", timeout=120
+    )
     assert_user_error(r, "model.pkm.knn")
 
 
@@ -103,8 +111,20 @@ def test_every_number_in_the_config_declares_its_range():
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory) -> Path:
     prefix = tmp_path_factory.mktemp("data") / "persuasion"
-    r = run_pkm("data", "preprocess", "--input", AUSTEN / "persuasion.txt", "--output", prefix,
-                "--text-mode", "blank-line", "--workers", "0", "--no-progress", timeout=300)
+    r = run_pkm(
+        "data",
+        "preprocess",
+        "--input",
+        AUSTEN / "persuasion.txt",
+        "--output",
+        prefix,
+        "--text-mode",
+        "blank-line",
+        "--workers",
+        "0",
+        "--no-progress",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return prefix
 
@@ -117,8 +137,9 @@ def test_bad_input_truncated_dataset(small_dataset: Path, tmp_path: Path):
     with open(data.with_suffix(".bin"), "r+b") as f:
         f.truncate(size // 2)
     run = tmp_path / "run"
-    r = run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={run}", f"data.paths=[{data}]", "train.train_steps=2",
-                timeout=600)
+    r = run_pkm(
+        "pretrain", "--config", TINY_GPT, f"run_dir={run}", f"data.paths=[{data}]", "train.train_steps=2", timeout=600
+    )
     assert_user_error(r, f"{data}.bin", "truncated")
     assert not (run / "checkpoints").exists()
 
@@ -127,8 +148,7 @@ def test_bad_input_dataset_bin_missing(small_dataset: Path, tmp_path: Path):
     data = tmp_path / "persuasion"
     for ext in (".idx", ".manifest.json"):
         data.with_suffix(ext).write_bytes(small_dataset.with_suffix(ext).read_bytes())
-    r = run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={tmp_path / 'run'}", f"data.paths=[{data}]",
-                timeout=600)
+    r = run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={tmp_path / 'run'}", f"data.paths=[{data}]", timeout=600)
     assert_user_error(r, f"{data}.bin", "missing")
 
 
@@ -155,8 +175,7 @@ def test_resume_of_a_finished_run_is_a_noop(tmp_path: Path):
 
 def test_train_steps_zero_saves_the_initial_weights(tmp_path: Path):
     run = tmp_path / "run"
-    r = run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={run}", "train.train_steps=0",
-                f"data.cache_dir={tmp_path}")
+    r = run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={run}", "train.train_steps=0", f"data.cache_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000000"
@@ -167,8 +186,14 @@ def test_bad_input_disk_full_during_checkpoint(tmp_path: Path):
     free space, exit 2, no half-written checkpoint left (a 4 MiB tmpfs; needs root to mount)."""
     with small_tmpfs(tmp_path / "small", "4m") as small:
         run = small / "run"
-        r = run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={run}", "train.train_steps=2",
-                    f"data.cache_dir={tmp_path / 'cache'}")
+        r = run_pkm(
+            "pretrain",
+            "--config",
+            TINY_GPT,
+            f"run_dir={run}",
+            "train.train_steps=2",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        )
         assert_user_error(r, f"{run}/checkpoints/step_0000002: could not write the checkpoint", "MiB free")
         assert list((run / "checkpoints").iterdir()) == []
 
@@ -181,8 +206,18 @@ def test_kill_during_checkpoint_save_leaves_no_process(tmp_path: Path):
     """megatron's checkpoint writer starts processes (forked bucket writers; before, also a spawned
     Manager server and a resource tracker that outlived a kill -9 holding memory and the run's files)."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(TINY_GPT), f"run_dir={run}",
-           "train.train_steps=400", "checkpoint.save_interval=2", f"data.cache_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pkm",
+        "pretrain",
+        "--config",
+        str(TINY_GPT),
+        f"run_dir={run}",
+        "train.train_steps=400",
+        "checkpoint.save_interval=2",
+        f"data.cache_dir={tmp_path}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen: set[int] = set()

@@ -6,6 +6,7 @@ trains the tiny GPT there for 2 steps, resumes it here to step 4, and compares s
 uninterrupted run of today's code (the losses agree to 1e-6: same data order, weights, moments and RNG).
 Skips where the history is not there (a shallow clone, or an export without .git).
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,14 @@ def test_checkpoint_of_previous_code_resumes_exactly(old_code, tmp_path):
     common = ["--config", str(TINY_GPT), "train.train_steps=4", "checkpoint.save_interval=0"]
     resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(old_code)}
-    old = subprocess.run([sys.executable, "-m", "pretrain.cli", "pretrain", *common, "train.train_steps=2",
-                          f"run_dir={resumed}"], cwd=old_code, env=env, capture_output=True, text=True, timeout=900)
+    old = subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", "pretrain", *common, "train.train_steps=2", f"run_dir={resumed}"],
+        cwd=old_code,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert old.returncode == 0, old.stderr[-3000:]
     assert (resumed / "checkpoints" / "step_0000002").is_dir()
 

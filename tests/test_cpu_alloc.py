@@ -1,6 +1,7 @@
 """pretrain.cpu_alloc: with glibc keeping freed memory, a training-like loop that frees and
 re-allocates the same large blocks stops page-faulting once its heap has grown; without, every
 iteration faults its blocks in again. Run in subprocesses (the setting is process-wide)."""
+
 import json
 import subprocess
 import sys
@@ -36,4 +37,4 @@ def test_keep_freed_memory_stops_page_faults():
     default, keep = _faults("default"), _faults("keep")
     assert keep["took"] is True
     assert min(default["faults"][6:]) > pages // 2, default  # glibc unmaps and re-maps it every time
-    assert sum(keep["faults"][6:]) < pages // 10, keep        # steady state: served from the kept heap
+    assert sum(keep["faults"][6:]) < pages // 10, keep  # steady state: served from the kept heap

@@ -1,6 +1,7 @@
 """The data pipeline under torchrun (2 ranks, gloo, megatron parallel_state with DP=2): rank 0 builds
 the demo corpus and megatron's index caches while the other waits; both ranks see the same samples,
 and the global batch sampler gives each its own disjoint part of every step."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 
 from tests.conftest import torchrun
 
-WORKER = r'''
+WORKER = r"""
 import json, os, sys, hashlib
 import torch
 import torch.distributed as dist
@@ -39,7 +40,7 @@ with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 dist.barrier()
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.dist

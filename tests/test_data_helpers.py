@@ -1,5 +1,6 @@
 """megatron-core's C++ dataset helpers: the shipped extension imports (so nothing is compiled), and
 `compile_helpers` builds an equivalent extension from the wheel's helpers.cpp when one is needed."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,10 @@ def test_shipped_helpers_import():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("pybind11") is None or shutil.which("g++") is None,
-                    reason="compiling the helpers needs pybind11 (pip install pybind11) and g++")
+@pytest.mark.skipif(
+    importlib.util.find_spec("pybind11") is None or shutil.which("g++") is None,
+    reason="compiling the helpers needs pybind11 (pip install pybind11) and g++",
+)
 def test_compiled_helpers_match_shipped(tmp_path):
     from megatron.core.datasets import helpers_cpp as shipped
 

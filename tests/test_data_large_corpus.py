@@ -1,5 +1,6 @@
 """A larger real corpus from a package: the GCIDE dictionary (Webster 1913 + WordNet, 40 MB of text,
 `apt-get install dict-gcide`), streamed from its gzip file through 2 workers in 1 MiB chunks."""
+
 from __future__ import annotations
 
 import gzip
@@ -21,8 +22,9 @@ def test_gcide_dictionary_streams_through(tmp_path):
     src = tmp_path / "gcide.txt.gz"
     os.symlink(GCIDE, src)
     tok = load_tokenizer(None)
-    m = preprocess([str(src)], str(tmp_path / "gcide"), tok, workers=2, text_mode="blank-line",
-                   on_error="skip", progress=False)
+    m = preprocess(
+        [str(src)], str(tmp_path / "gcide"), tok, workers=2, text_mode="blank-line", on_error="skip", progress=False
+    )
     text = gzip.open(GCIDE, "rb").read()
     blocks = [b for b in re.split(rb"\n[ \t\r\f\v]*\n", text) if b.strip()]
     assert m["sources"][0]["bytes"] == len(text)

@@ -1,19 +1,25 @@
 """Data pipeline spine on real text (the bundled Austen novels): tokenizers, preprocessing,
 GPT / masked-LM samples and the resumable global batch sampler. Runs in ~30 s on 2 cores."""
+
 from __future__ import annotations
 
 import json
 import os
 import re
 
-import numpy as np
 import pytest
 import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
-from data_pipeline.preprocess import (AUSTEN_DIR, check_tokenizer_matches, demo_files, ensure_demo_corpus,
-                                      preprocess, read_manifest)
+from data_pipeline.preprocess import (
+    AUSTEN_DIR,
+    check_tokenizer_matches,
+    demo_files,
+    ensure_demo_corpus,
+    preprocess,
+    read_manifest,
+)
 from data_pipeline.samplers import GlobalBatchSampler, build_datasets, collate
 from data_pipeline.tokenizer import load_tokenizer
 
@@ -57,8 +63,10 @@ def test_round_trip_whole_novels(recipe):
 def test_special_ids(gpt_tok, bert_tok):
     assert gpt_tok.vocab_size == 8192 and gpt_tok.id_to_piece(gpt_tok.eod_id) == "<eod>"
     assert gpt_tok.pad_id is not None and gpt_tok.pad_id != gpt_tok.eod_id
-    assert [bert_tok.id_to_piece(i) for i in (bert_tok.pad_id, bert_tok.unk_id, bert_tok.cls_id, bert_tok.sep_id,
-                                              bert_tok.mask_id)] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert [
+        bert_tok.id_to_piece(i)
+        for i in (bert_tok.pad_id, bert_tok.unk_id, bert_tok.cls_id, bert_tok.sep_id, bert_tok.mask_id)
+    ] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert gpt_tok.identity["sha256"] != bert_tok.identity["sha256"]
 
 
@@ -150,8 +158,9 @@ def test_bert_masking(cache, bert_tok):
 
 
 def test_whole_word_masking(cache, bert_tok):
-    train, _, _ = build_datasets(DataConfig(whole_word_masking=True), "bert", 128, bert_tok,
-                                 dict(train=200, valid=16, test=16), 7, cache)
+    train, _, _ = build_datasets(
+        DataConfig(whole_word_masking=True), "bert", 128, bert_tok, dict(train=200, valid=16, test=16), 7, cache
+    )
     starts = bert_tok.word_start
     split_words = 0
     for i in range(200):

@@ -5,6 +5,7 @@ a GPU run and fails a collective on a tensor built without `device=`. Checked ag
 the fix: the DP=2 run failed at the trainer's global token sum (`torch.tensor([value])`), the TP=2 run
 at the dense grad-norm split (`torch.zeros(1)`), and with only the trainer fixed the DP=2 run failed
 in the PKM usage summary (host counters reduced in place)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,13 @@ import torch
 from tests.conftest import ROOT, torchrun
 
 WORKER = ROOT / "tests" / "workers" / "guarded_train.py"
-COMMON = ["train.train_steps=3", "logging.tensorboard=false", "train.eval_interval=2", "train.eval_steps=1",
-          "checkpoint.keep_last=1"]
+COMMON = [
+    "train.train_steps=3",
+    "logging.tensorboard=false",
+    "train.eval_interval=2",
+    "train.eval_steps=1",
+    "checkpoint.keep_last=1",
+]
 
 
 def test_device_guard_tracks_placement(megatron_single_process):
@@ -30,10 +36,21 @@ def test_device_guard_tracks_placement(megatron_single_process):
     with DeviceGuard(required="cuda") as guard:
         placed = torch.ones(3, device=device)
         bare = torch.tensor([1.0])
-        for t in (placed, placed.sum(), placed * torch.tensor(2.0), torch.tensor([1.0]).to(device),
-                  torch.zeros_like(bare, device=device)):
+        for t in (
+            placed,
+            placed.sum(),
+            placed * torch.tensor(2.0),
+            torch.tensor([1.0]).to(device),
+            torch.zeros_like(bare, device=device),
+        ):
             dist.all_reduce(t)
-        for t in (bare, bare.clone() * 2, torch.zeros(2, dtype=torch.float64), placed.cpu(), torch.from_numpy(placed.numpy())):
+        for t in (
+            bare,
+            bare.clone() * 2,
+            torch.zeros(2, dtype=torch.float64),
+            placed.cpu(),
+            torch.from_numpy(placed.numpy()),
+        ):
             with pytest.raises(DeviceGuardError, match="built without device="):
                 dist.all_reduce(t)
         all_reduce_tensor(torch.zeros(4), "sum", dist.group.WORLD)  # host counters travel through the helper
@@ -42,8 +59,15 @@ def test_device_guard_tracks_placement(megatron_single_process):
 
 
 def _run(nproc: int, run_dir: Path, config: str, *overrides: str) -> str:
-    r = torchrun(WORKER, ROOT / "configs" / config, f"run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}",
-                 *COMMON, *overrides, nproc=nproc)
+    r = torchrun(
+        WORKER,
+        ROOT / "configs" / config,
+        f"run_dir={run_dir}",
+        f"data.cache_dir={run_dir.parent / 'cache'}",
+        *COMMON,
+        *overrides,
+        nproc=nproc,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert out.count("device guard checked") == nproc, out[-2000:]

@@ -6,6 +6,7 @@ RMSNorm, untied, PKM replacing the FFN), BERT pre-LN (PKM added), BERT post-LN w
 from HF BERT). BatchNorm running statistics are made non-trivial by a few training-mode forwards first.
 Tolerance: logits within 1e-4 absolute (fp32); files byte-identical after save -> load -> save.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,17 +36,55 @@ def _pkm(layers, placement="add"):
 
 
 CASES = {
-    "gpt2like": (ModelConfig(family="gpt", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=SEQ,
-                             activation="gelu_tanh", pkm=_pkm([1])), "austen_gpt.model"),
-    "llamalike": (ModelConfig(family="gpt", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                              ffn_hidden_size=96, seq_length=SEQ, normalization="RMSNorm", activation="swiglu",
-                              position_embedding="rope", rotary_base=5000, add_bias_linear=False,
-                              tie_embeddings=False, pkm=_pkm([0], "replace")), "austen_gpt.model"),
-    "bert_pre": (ModelConfig(family="bert", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=SEQ,
-                             pkm=_pkm([1])), "austen_bert.model"),
-    "bert_post": (ModelConfig(family="bert", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=SEQ,
-                              norm_position="post", binary_head=True, layernorm_epsilon=1e-12, pkm=_pkm([0])),
-                  "austen_bert.model"),
+    "gpt2like": (
+        ModelConfig(
+            family="gpt",
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            seq_length=SEQ,
+            activation="gelu_tanh",
+            pkm=_pkm([1]),
+        ),
+        "austen_gpt.model",
+    ),
+    "llamalike": (
+        ModelConfig(
+            family="gpt",
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=96,
+            seq_length=SEQ,
+            normalization="RMSNorm",
+            activation="swiglu",
+            position_embedding="rope",
+            rotary_base=5000,
+            add_bias_linear=False,
+            tie_embeddings=False,
+            pkm=_pkm([0], "replace"),
+        ),
+        "austen_gpt.model",
+    ),
+    "bert_pre": (
+        ModelConfig(family="bert", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=SEQ, pkm=_pkm([1])),
+        "austen_bert.model",
+    ),
+    "bert_post": (
+        ModelConfig(
+            family="bert",
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            seq_length=SEQ,
+            norm_position="post",
+            binary_head=True,
+            layernorm_epsilon=1e-12,
+            pkm=_pkm([0]),
+        ),
+        "austen_bert.model",
+    ),
 }
 
 
@@ -82,10 +121,14 @@ def exported(tmp_path_factory):
         model.train()
         with torch.no_grad():
             for k in range(3):
-                lm_forward(model, cfg.family, {"tokens": ids[2 * k:2 * k + 2], "labels": ids[2 * k:2 * k + 2]})
+                lm_forward(model, cfg.family, {"tokens": ids[2 * k : 2 * k + 2], "labels": ids[2 * k : 2 * k + 2]})
         model.eval()
-        card = {"train_steps": 3, "final_loss": 9.0123, "training_data": ["emma"],
-                "memory_usage": {"layer 1": {"slots read %": 12.5, "KL(uniform)": 0.31}}}
+        card = {
+            "train_steps": 3,
+            "final_loss": 9.0123,
+            "training_data": ["emma"],
+            "memory_usage": {"layer 1": {"slots read %": 12.5, "KL(uniform)": 0.31}},
+        }
         path = export_hf(model.state_dict(), cfg, os.path.join(TOK_DIR, tok), str(root / name), card)
         out[name] = (model, cfg, path, tok)
     return out
@@ -118,7 +161,7 @@ def test_exported_logits_equal_native_and_memory_contract(exported, name):
     b, s = ids.shape
     for mem, (_, ours) in zip(mems, memory_layers(model)):
         assert isinstance(mem.values, torch.nn.EmbeddingBag) and mem.values.mode == "sum"
-        assert tuple(mem.values.weight.shape) == (cfg.pkm.n_keys ** 2, cfg.hidden_size)
+        assert tuple(mem.values.weight.shape) == (cfg.pkm.n_keys**2, cfg.hidden_size)
         k = cfg.pkm.heads * cfg.pkm.knn
         assert mem.last_indices.dtype == torch.long and tuple(mem.last_indices.shape) == (b * s, k)
         megatron_order = ours.last_lookup.indices.view(s, b, k).transpose(0, 1).reshape(b * s, k)  # [s,b] -> [b,s]
@@ -163,7 +206,7 @@ def test_generate_with_kv_cache(exported, name):
         out = hf(cached[:, :10], use_cache=True)
         steps = [out.logits]
         for t in range(10, 22):
-            out = hf(cached[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = hf(cached[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits)
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < TOL
 
@@ -187,7 +230,7 @@ def test_heads_load_and_train(exported):
     assert base(input_ids=ids).last_hidden_state.shape == (2, SEQ, cfg.hidden_size)
 
 
-STANDALONE = r'''
+STANDALONE = r"""
 import json, os, sys, filecmp
 for name in ("megatron", "deepspeed", "model", "pretrain", "data_pipeline"):
     sys.modules[name] = None  # any import of these now fails: the export must not need them
@@ -207,7 +250,7 @@ for name, (path, family, ids_file) in cases.items():
             and filecmp.cmp(os.path.join(again, f), os.path.join(twice, f), shallow=False)
             for f in ("model.safetensors", "config.json", "modeling_pkm.py", "configuration_pkm.py")}
     print(json.dumps({"name": name, "diff": diff, "same": same}))
-'''
+"""
 
 
 def test_standalone_load_and_byte_stable_resave(exported, tmp_path):
@@ -218,8 +261,13 @@ def test_standalone_load_and_byte_stable_resave(exported, tmp_path):
         ids_file = str(tmp_path / f"{name}.pt")
         torch.save((ids, native(model, cfg.family, ids)), ids_file)
         cases[name] = (path, cfg.family, ids_file)
-    r = subprocess.run([sys.executable, "-c", STANDALONE, json.dumps(cases)], capture_output=True, text=True,
-                       timeout=600, cwd=str(tmp_path))
+    r = subprocess.run(
+        [sys.executable, "-c", STANDALONE, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(results) == len(cases)
@@ -229,36 +277,59 @@ def test_standalone_load_and_byte_stable_resave(exported, tmp_path):
     for path, _, _ in cases.values():
         for f in ("configuration_pkm.py", "modeling_pkm.py"):
             src = open(os.path.join(path, f)).read()
-            imports = {line.split()[1].split(".")[0] for line in src.splitlines()
-                       if line.startswith(("import ", "from ")) and not line.startswith("from .")}
+            imports = {
+                line.split()[1].split(".")[0]
+                for line in src.splitlines()
+                if line.startswith(("import ", "from ")) and not line.startswith("from .")
+            }
             assert imports <= {"math", "typing", "torch", "transformers"}, imports
 
 
 def test_files_config_and_card(exported):
     _, cfg, path, _ = exported["llamalike"]
     files = set(os.listdir(path))
-    assert {"model.safetensors", "config.json", "configuration_pkm.py", "modeling_pkm.py", "README.md",
-            "tokenizer.json", "tokenizer_config.json"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "configuration_pkm.py",
+        "modeling_pkm.py",
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= files
     config = json.load(open(os.path.join(path, "config.json")))
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_pkm.PKMGPTForCausalLM"
     assert config["pkm"]["layers"] == [0] and config["pkm"]["placement"] == "replace"
     assert (config["num_key_value_heads"], config["position_embedding"], config["activation"]) == (2, "rope", "swiglu")
     card = open(os.path.join(path, "README.md")).read()
-    for text in ("## Product Key Memory", "16^2 = 256", "| placement | replace", "| steps | 3 |",
-                 "| final training loss | 9.012 |", "| layer 1 | 0.31 | 12.5 |", "| tokens seen | not recorded |"):
+    for text in (
+        "## Product Key Memory",
+        "16^2 = 256",
+        "| placement | replace",
+        "| steps | 3 |",
+        "| final training loss | 9.012 |",
+        "| layer 1 | 0.31 | 12.5 |",
+        "| tokens seen | not recorded |",
+    ):
         assert text in card, text
     _, _, bert_path, _ = exported["bert_post"]
     auto = json.load(open(os.path.join(bert_path, "config.json")))["auto_map"]
-    assert set(auto) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
-                         "AutoModelForQuestionAnswering"}
+    assert set(auto) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForMaskedLM",
+        "AutoModelForSequenceClassification",
+        "AutoModelForQuestionAnswering",
+    }
 
 
 def test_sharded_safetensors(exported, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, cfg, _, tok = exported["gpt2like"]
-    path = export_hf(model.state_dict(), cfg, os.path.join(TOK_DIR, tok), str(tmp_path / "sharded"),
-                     max_shard_size="1MB")
+    path = export_hf(
+        model.state_dict(), cfg, os.path.join(TOK_DIR, tok), str(tmp_path / "sharded"), max_shard_size="1MB"
+    )
     shards = [f for f in os.listdir(path) if f.startswith("model-") and f.endswith(".safetensors")]
     assert len(shards) >= 2 and "model.safetensors.index.json" in os.listdir(path)
     hf = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
@@ -277,13 +348,19 @@ def test_refusals(exported, tmp_path):
     shard[name] = sd[name][:, :32]  # one column shard of a TP=2 layout
     with pytest.raises(ModelError, match=r"value tables are not full \[256, 64\] tables .*consolidated"):
         export_hf(shard, cfg, os.path.join(TOK_DIR, tok), str(tmp_path / "x"))
-    with pytest.raises(ModelError, match=r"does not fit the gpt config: missing \[\], unexpected "
-                                         r"\['model.layers.0.extra.weight'\]"):
-        export_hf({**sd, "decoder.layers.0.extra.weight": torch.zeros(1)}, cfg, os.path.join(TOK_DIR, tok),
-                  str(tmp_path / "y"))
+    with pytest.raises(
+        ModelError,
+        match=r"does not fit the gpt config: missing \[\], unexpected "
+        r"\['model.layers.0.extra.weight'\]",
+    ):
+        export_hf(
+            {**sd, "decoder.layers.0.extra.weight": torch.zeros(1)},
+            cfg,
+            os.path.join(TOK_DIR, tok),
+            str(tmp_path / "y"),
+        )
     with pytest.raises(ModelError, match="'lm_head.dense.weight' has no exported name"):  # a BERT weight
-        export_hf({**sd, "lm_head.dense.weight": torch.zeros(1)}, cfg, os.path.join(TOK_DIR, tok),
-                  str(tmp_path / "y"))
+        export_hf({**sd, "lm_head.dense.weight": torch.zeros(1)}, cfg, os.path.join(TOK_DIR, tok), str(tmp_path / "y"))
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
 
 
@@ -305,7 +382,6 @@ def test_sentencepiece_tokenizer_conversion_keeps_ids(name):
         assert enc["token_type_ids"][-1] == 1 and enc["token_type_ids"][0] == 0
     else:  # GPT: no special tokens added (documents are separated by <eod> in the data)
         assert not set(pieces) & {"<s>", "</s>", "<eod>"} and fast.eos_token == "<eod>"
-
 
 
 def test_push_to_hub_errors_are_clear(exported, tmp_path):

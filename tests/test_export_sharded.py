@@ -8,6 +8,7 @@ Each export loads with AutoModelForCausalLM (trust_remote_code) and gives the lo
 checkpoint consolidates to (`pretrain.checkpoint.load_consolidated`) within 1e-4 (fp32), so the HF
 modeling file implements what was trained.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,7 @@ def export_and_compare(ckpt: Path, out: Path) -> dict:
     assert not hf.training
     text = (ROOT / "data_pipeline" / "assets" / "austen" / "persuasion.txt").read_text()[5000:9000]
     seq = cfg.model.seq_length
-    ids = torch.tensor(load_tokenizer(None).encode(text)[:2 * seq]).view(2, seq)
+    ids = torch.tensor(load_tokenizer(None).encode(text)[: 2 * seq]).view(2, seq)
     with torch.no_grad():
         ref = native(input_ids=ids, position_ids=torch.arange(seq).unsqueeze(0).expand(2, -1), attention_mask=None)
         got = hf(ids).logits
@@ -52,14 +53,22 @@ def export_and_compare(ckpt: Path, out: Path) -> dict:
 
 @pytest.mark.dist
 def test_export_of_a_tp2_dp2_checkpoint(megatron_single_process, tmp_path):
-    d = run("tiny_gpt.yaml", 4, tmp_path / "run", "parallel.tensor_parallel=2", "parallel.memory_parallel=all",
-            "train.zero_stage=1", "train.micro_batch_size=4", "train.train_steps=3")
+    d = run(
+        "tiny_gpt.yaml",
+        4,
+        tmp_path / "run",
+        "parallel.tensor_parallel=2",
+        "parallel.memory_parallel=all",
+        "train.zero_stage=1",
+        "train.micro_batch_size=4",
+        "train.train_steps=3",
+    )
     ckpt = d / "checkpoints" / "step_0000003"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert (manifest["tp"], manifest["dp"], manifest["memory_parallel"]) == (2, 2, "all")
     sd = export_and_compare(ckpt, tmp_path / "hf")
     key, table = next((k, v) for k, v in sd.items() if k.endswith("values.weight"))
-    assert table.shape == (48 ** 2, 64)  # whole again: n_keys**2 slots x hidden, from 4 column shards
+    assert table.shape == (48**2, 64)  # whole again: n_keys**2 slots x hidden, from 4 column shards
     from tests.test_reshard import checkpoint_tensors
 
     raw = checkpoint_tensors(ckpt, f"model.{key}")[f"model.{key}"]  # read back by torch's own DCP reader
@@ -68,14 +77,26 @@ def test_export_of_a_tp2_dp2_checkpoint(megatron_single_process, tmp_path):
 
 def test_export_with_query_layernorm_and_dropouts(megatron_single_process, tmp_path):
     run_dir = tmp_path / "run"
-    r = run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}",
-                "train.train_steps=3", "logging.tensorboard=false", "model.pkm.query_layernorm=true",
-                "model.pkm.input_dropout=0.1", "model.pkm.query_dropout=0.1", "model.pkm.value_dropout=0.1")
+    r = run_pkm(
+        "pretrain",
+        "--config",
+        TINY_GPT,
+        f"run_dir={run_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.train_steps=3",
+        "logging.tensorboard=false",
+        "model.pkm.query_layernorm=true",
+        "model.pkm.input_dropout=0.1",
+        "model.pkm.query_dropout=0.1",
+        "model.pkm.value_dropout=0.1",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "hf"
     sd = export_and_compare(run_dir / "checkpoints" / "step_0000003", out)
     ln = {k: v for k, v in sd.items() if "query_layernorm" in k}
     assert {k.rsplit(".", 1)[1] for k in ln} == {"weight", "bias"}, sorted(ln)
-    assert not torch.equal(ln[next(k for k in ln if k.endswith("weight"))], torch.ones(32)), "the LayerNorm never trained"
+    assert not torch.equal(ln[next(k for k in ln if k.endswith("weight"))], torch.ones(32)), (
+        "the LayerNorm never trained"
+    )
     pkm = json.loads((out / "config.json").read_text())["pkm"]
     assert pkm["query_layernorm"] is True and pkm["value_dropout"] == 0.1

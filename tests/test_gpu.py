@@ -7,6 +7,7 @@ export loaded by `transformers` that generates on the GPU.
 Written without a GPU at hand (the session that wrote them had none); tolerances are the CPU ones
 widened for GPU non-determinism (atomic adds in sparse gradients and index_add_), stated per test.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,18 +21,33 @@ import torch
 
 from tests.conftest import ROOT, free_port, losses, run_pkm
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="needs a CUDA GPU and a CUDA build of torch (README: Running on GPUs)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU and a CUDA build of torch (README: Running on GPUs)"
+    ),
+]
 WORKER = ROOT / "tests" / "workers" / "guarded_train.py"
 RUNS = [("gpt", "add"), ("gpt", "replace"), ("bert", "add"), ("bert", "replace")]
 
 
 def _torchrun(config: Path, run_dir: Path, *overrides: str) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-           str(free_port()), str(WORKER), str(config), f"run_dir={run_dir}",
-           f"data.cache_dir={run_dir.parent / 'cache'}", "train.precision=bf16", "logging.tensorboard=false",
-           *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        str(free_port()),
+        str(WORKER),
+        str(config),
+        f"run_dir={run_dir}",
+        f"data.cache_dir={run_dir.parent / 'cache'}",
+        "train.precision=bf16",
+        "logging.tensorboard=false",
+        *overrides,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr
@@ -45,8 +61,14 @@ def gpu_run(request, tmp_path_factory):
     family, placement = request.param
     config = ROOT / "configs" / f"tiny_{family}.yaml"
     run_dir = tmp_path_factory.mktemp(f"{family}_{placement}") / "run"
-    out = _torchrun(config, run_dir, f"model.pkm.placement={placement}", "train.train_steps=20",
-                    "checkpoint.save_interval=10", "checkpoint.keep_last=3")
+    out = _torchrun(
+        config,
+        run_dir,
+        f"model.pkm.placement={placement}",
+        "train.train_steps=20",
+        "checkpoint.save_interval=10",
+        "checkpoint.keep_last=3",
+    )
     return family, placement, config, run_dir, out
 
 
@@ -59,8 +81,13 @@ def test_gpu_bf16_nccl_trainer_and_resume(gpu_run):
     whole = losses(run_dir)
     assert sorted(whole) == list(range(1, 21)) and whole[20] < whole[1], whole
     resumed_dir = run_dir.parent / "resumed"
-    _torchrun(config, resumed_dir, f"model.pkm.placement={placement}", "train.train_steps=20",
-              f"checkpoint.resume={run_dir / 'checkpoints' / 'step_0000010'}")
+    _torchrun(
+        config,
+        resumed_dir,
+        f"model.pkm.placement={placement}",
+        "train.train_steps=20",
+        f"checkpoint.resume={run_dir / 'checkpoints' / 'step_0000010'}",
+    )
     resumed = losses(resumed_dir)
     for step in range(11, 21):
         assert abs(resumed[step] - whole[step]) <= 2e-3 * whole[step], (step, whole[step], resumed[step])

@@ -10,6 +10,7 @@ another order: up to 2.3e-4 apart on SmolLM2's logits, which reach 40). Toleranc
 With a fresh PKM added to one FFN the outputs stay close to the pretrained model's: the memory's
 output is small next to the residual stream (measured in benchmarks/RESULTS.md (HF section)).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,7 +39,7 @@ def _package_dir(name: str, reason: str) -> str:
 
 
 def austen(book: str, start: int, chars: int = 6000) -> str:
-    return open(os.path.join(ROOT, "data_pipeline", "assets", "austen", f"{book}.txt")).read()[start:start + chars]
+    return open(os.path.join(ROOT, "data_pipeline", "assets", "austen", f"{book}.txt")).read()[start : start + chars]
 
 
 def _build(hf_dir: str, pkm: PKMConfig, seq: int):

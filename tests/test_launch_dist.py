@@ -3,6 +3,7 @@ form one job and train a tiny PKM-GPT (DP=2, gloo); then a worker is killed with
 `--max-restarts 1`, torchrun restarts the group, training resumes from the last checkpoint, and the
 final loss equals the uninterrupted run's.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,29 @@ def start_nodes(run_dir: Path, max_restarts: int) -> list[subprocess.Popen]:
     run_dir.mkdir(parents=True)
     procs = []
     for rank in (0, 1):
-        cmd = [PY, "-m", "pkm", "launch", "torchrun", "--nnodes", "2", "--node-rank", str(rank),
-               "--rdzv-endpoint", endpoint, "--nproc-per-node", "1", "--max-restarts", str(max_restarts),
-               "--shutdown-timeout", "20", "--config", str(TINY_GPT), f"run_dir={run_dir}", *OVERRIDES]
+        cmd = [
+            PY,
+            "-m",
+            "pkm",
+            "launch",
+            "torchrun",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(rank),
+            "--rdzv-endpoint",
+            endpoint,
+            "--nproc-per-node",
+            "1",
+            "--max-restarts",
+            str(max_restarts),
+            "--shutdown-timeout",
+            "20",
+            "--config",
+            str(TINY_GPT),
+            f"run_dir={run_dir}",
+            *OVERRIDES,
+        ]
         out = open(run_dir.parent / f"{run_dir.name}-node{rank}.out", "w")
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
     return procs
@@ -85,7 +106,7 @@ def uninterrupted(tmp_path_factory):
 def test_two_torchrun_nodes_form_one_job(uninterrupted):
     run_dir, outs = uninterrupted
     for rank, out in enumerate(outs):
-        assert f"--nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d" in out.splitlines()[0]
+        assert "--nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d" in out.splitlines()[0]
         assert f"--rdzv-conf=is_host={int(rank == 0)}" in out.splitlines()[0]  # node rank 0 hosts the store
     train_log = (run_dir / "logs" / "train.log").read_text()
     assert "world 2 = TP 1 x DP 2" in train_log
@@ -95,8 +116,7 @@ def test_two_torchrun_nodes_form_one_job(uninterrupted):
 
 def _worker_pids(agent: subprocess.Popen) -> list[int]:
     """The trainer processes torchrun started (`pkm launch torchrun` became torchrun by exec)."""
-    return [c.pid for c in psutil.Process(agent.pid).children()
-            if "-m pkm " in " ".join(c.cmdline())]
+    return [c.pid for c in psutil.Process(agent.pid).children() if "-m pkm " in " ".join(c.cmdline())]
 
 
 def test_killed_worker_restarts_group_and_resumes(uninterrupted, tmp_path):
@@ -135,5 +155,8 @@ def test_killed_worker_restarts_group_and_resumes(uninterrupted, tmp_path):
     ref, got = losses(uninterrupted[0]), losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     # Restored data order, RNG and optimizer state: equal to float32 round-off.
-    print(f"final loss: uninterrupted {ref[STEPS]!r}, killed+restarted {got[STEPS]!r}, |diff| {abs(got[STEPS] - ref[STEPS]):.3g}")
+    print(
+        f"final loss: uninterrupted {ref[STEPS]!r}, killed+restarted {got[STEPS]!r}, "
+        f"|diff| {abs(got[STEPS] - ref[STEPS]):.3g}"
+    )
     assert got[STEPS] == pytest.approx(ref[STEPS], rel=1e-5, abs=1e-6)

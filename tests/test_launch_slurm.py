@@ -4,6 +4,7 @@ A tiny PKM-GPT trains across both nodes (DP=2, gloo); a second run is signalled 
 `#SBATCH --signal=B:USR1@N` signals it (slurmctld → the batch script), saves, requeues itself and
 finishes; its final loss must equal the uninterrupted run's.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,9 +25,28 @@ JOB_TIMEOUT = 240
 
 
 def submit(cluster, run_dir: Path) -> str:
-    proc = subprocess.run([PY, "-m", "pkm", "launch", "slurm", "--nodes", "2", "--signal-seconds", "60",
-                           "--config", str(TINY_GPT), f"run_dir={run_dir}", *OVERRIDES],
-                          cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "pkm",
+            "launch",
+            "slurm",
+            "--nodes",
+            "2",
+            "--signal-seconds",
+            "60",
+            "--config",
+            str(TINY_GPT),
+            f"run_dir={run_dir}",
+            *OVERRIDES,
+        ],
+        cwd=ROOT,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"Submitted SLURM job (\d+)", proc.stdout)
     assert m, proc.stdout
@@ -81,19 +101,24 @@ def test_preempted_job_saves_requeues_and_matches(slurm_cluster, uninterrupted, 
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + JOB_TIMEOUT
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert time.monotonic() < deadline and slurm_cluster.job_state(job_id) in ("PENDING", "RUNNING"), \
+        assert time.monotonic() < deadline and slurm_cluster.job_state(job_id) in ("PENDING", "RUNNING"), (
             slurm_log(run_dir, job_id) if (run_dir / "slurm").exists() else "no log"
+        )
         time.sleep(0.2)
     # What `#SBATCH --signal=B:USR1@60` does 60 s before the time limit: slurmctld signals the batch shell.
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
     log = finish(slurm_cluster, job_id, run_dir)
 
-    preempted_at = int(re.search(r"preempted at step (\d+): checkpoint saved", (run_dir / "logs" / "train.log").read_text()).group(1))
+    preempted_at = int(
+        re.search(r"preempted at step (\d+): checkpoint saved", (run_dir / "logs" / "train.log").read_text()).group(1)
+    )
     assert 3 <= preempted_at < STEPS, "the signal must land mid-run"
     assert "got SIGUSR1: asking the training step to save a checkpoint and stop" in log
     assert f"requeueing job {job_id}" in log and f"job {job_id} (requeued 1 times)" in log
     assert "training step finished with exit code 0" in log
-    assert re.search(rf"resumed from \S+step_{preempted_at:07d} at step {preempted_at}", (run_dir / "logs" / "train.log").read_text())
+    assert re.search(
+        rf"resumed from \S+step_{preempted_at:07d} at step {preempted_at}", (run_dir / "logs" / "train.log").read_text()
+    )
     runs = slurm_cluster.jobcomp(job_id)
     assert [r["JobState"] for r in runs] == ["PENDING", "COMPLETED"]  # requeued once, then finished
     assert all(r["NodeList"] == "node[1-2]" for r in runs)
@@ -101,6 +126,11 @@ def test_preempted_job_saves_requeues_and_matches(slurm_cluster, uninterrupted, 
     ref, got = losses(uninterrupted[0]), losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     # Same data order, RNG and optimizer state restored: equal to float32 round-off.
-    print(f"final loss: uninterrupted {ref[STEPS]!r}, preempted+requeued {got[STEPS]!r}, |diff| {abs(got[STEPS] - ref[STEPS]):.3g}")
+    print(
+        f"final loss: uninterrupted {ref[STEPS]!r}, preempted+requeued {got[STEPS]!r}, "
+        f"|diff| {abs(got[STEPS] - ref[STEPS]):.3g}"
+    )
     assert got[STEPS] == pytest.approx(ref[STEPS], rel=1e-5, abs=1e-6)
-    assert [got[s] for s in range(1, STEPS + 1)] == pytest.approx([ref[s] for s in range(1, STEPS + 1)], rel=1e-5, abs=1e-6)
+    assert [got[s] for s in range(1, STEPS + 1)] == pytest.approx(
+        [ref[s] for s in range(1, STEPS + 1)], rel=1e-5, abs=1e-6
+    )

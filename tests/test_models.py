@@ -1,4 +1,5 @@
 """megatron-core GPT and BERT models with PKM at chosen layers (one process, gloo world of 1)."""
+
 from __future__ import annotations
 
 import copy
@@ -22,17 +23,25 @@ def _model(family: str, placement: str, layers=(1,), num_layers=3, seed=0):
 
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    cfg = ModelConfig(family=family, num_layers=num_layers, hidden_size=32, num_attention_heads=4,
-                      seq_length=SEQ, pkm=PKMConfig(layers=list(layers), placement=placement,
-                                                    n_keys=8, heads=2, knn=4, k_dim=16))
+    cfg = ModelConfig(
+        family=family,
+        num_layers=num_layers,
+        hidden_size=32,
+        num_attention_heads=4,
+        seq_length=SEQ,
+        pkm=PKMConfig(layers=list(layers), placement=placement, n_keys=8, heads=2, knn=4, k_dim=16),
+    )
     return build_model(cfg, VOCAB), cfg
 
 
 def _batch(family: str, seed=1):
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
-    batch = {"tokens": tokens, "labels": torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen),
-             "loss_mask": torch.ones(BATCH, SEQ)}
+    batch = {
+        "tokens": tokens,
+        "labels": torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen),
+        "loss_mask": torch.ones(BATCH, SEQ),
+    }
     if family == "bert":
         pad = torch.zeros(BATCH, SEQ, dtype=torch.bool)
         pad[1, 11:] = True

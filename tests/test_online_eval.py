@@ -4,6 +4,7 @@ Tiny real models (2-layer Llama, GPT-2, and our exported PKM-GPT modeling code) 
 tokenizer, on the bundled books; SmolLM2-135M itself in a `slow` test. Numerical tolerances are
 stated where they apply; "exactly" means bit-identical floats.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,11 +21,18 @@ import pytest
 import torch
 
 from pretrain.errors import PretrainError
-from pretrain.online_eval.trainable import Adaptation
 from pretrain.online_eval.config import OnlineEvalConfig
-from pretrain.online_eval.corpus import (BOOK_NAMES, BOOKS_DIR, SHIFT_NAMES, Document, bundled_books, load_corpus,
-                                         tokenize)
+from pretrain.online_eval.corpus import (
+    BOOK_NAMES,
+    BOOKS_DIR,
+    SHIFT_NAMES,
+    Document,
+    bundled_books,
+    load_corpus,
+    tokenize,
+)
 from pretrain.online_eval.engine import OnlineRun, compare
+from pretrain.online_eval.trainable import Adaptation
 
 S = 32  # chunk / stride used by most tests
 
@@ -44,18 +52,28 @@ def tok():
     tokenizer an exported PKM-GPT ships with."""
     from model.hf.tokenizer_export import load_tokenizer_for_export
 
-    return load_tokenizer_for_export(str(Path(__file__).resolve().parents[1] / "data_pipeline" / "assets"
-                                         / "tokenizer" / "austen_gpt.model"))
+    return load_tokenizer_for_export(
+        str(Path(__file__).resolve().parents[1] / "data_pipeline" / "assets" / "tokenizer" / "austen_gpt.model")
+    )
 
 
 def tiny_llama(tok, layers=2, seed=0, max_positions=1024):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                      tie_word_embeddings=True, initializer_range=0.1, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -63,8 +81,7 @@ def tiny_gpt2(tok, positions=256, seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=positions,
-                     initializer_range=0.1)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=positions, initializer_range=0.1)
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -74,13 +91,23 @@ def tiny_pkm_gpt(tok, layers=2, seed=0, position_embedding="rope"):
     from model.hf.modeling.modeling_pkm import PKMGPTForCausalLM
 
     torch.manual_seed(seed)
-    cfg = PKMGPTConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1024,
-                       normalization="RMSNorm", activation="swiglu", position_embedding=position_embedding,
-                       add_bias_linear=False, initializer_range=0.1,
-                       pkm={"layers": [layers - 1], "n_keys": 16, "heads": 2, "knn": 4, "k_dim": 16,
-                            "query_batchnorm": False},
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = PKMGPTConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=1024,
+        normalization="RMSNorm",
+        activation="swiglu",
+        position_embedding=position_embedding,
+        add_bias_linear=False,
+        initializer_range=0.1,
+        pkm={"layers": [layers - 1], "n_keys": 16, "heads": 2, "knn": 4, "k_dim": 16, "query_batchnorm": False},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return PKMGPTForCausalLM(cfg).eval()
 
 
@@ -122,8 +149,12 @@ def test_bundled_books_are_the_three_non_austen_books_plus_the_kjv_excerpts():
 
 def test_corpus_formats_and_errors(tmp_path, tok):
     good = tmp_path / "docs.jsonl"
-    good.write_text(json.dumps({"id": "a", "text": "The Martians came."}) + "\n\n"
-                    + json.dumps({"text": "A second document."}) + "\n")
+    good.write_text(
+        json.dumps({"id": "a", "text": "The Martians came."})
+        + "\n\n"
+        + json.dumps({"text": "A second document."})
+        + "\n"
+    )
     docs = load_corpus(str(good))
     assert [d.name for d in docs] == ["a", "docs:3"]
     bad = tmp_path / "bad.jsonl"
@@ -166,8 +197,10 @@ def test_lr_zero_reproduces_static_exactly(tok, strategy):
     model = tiny_llama(tok)
     docs = book(tok)
     base = OnlineEvalConfig(strategy=strategy, chunk=S, window=2 * S)
-    runs = [base] + [base.replace(mode="dynamic", lr=0.0, adapt=a, optimizer=o)
-                     for a, o in (("all", "sgd"), ("all", "adamw"), ("all", "rms"), ("lora", "adamw"))]
+    runs = [base] + [
+        base.replace(mode="dynamic", lr=0.0, adapt=a, optimizer=o)
+        for a, o in (("all", "sgd"), ("all", "adamw"), ("all", "rms"), ("lora", "adamw"))
+    ]
     static, *dynamic = compare(model, docs, runs, progress=False)
     for r in dynamic:
         assert r.updates == len(static.curve)
@@ -199,10 +232,10 @@ def test_overlapping_scores_each_chunk_before_learning_from_it(tok):
         stop = min(2 * S if done == 0 else done + S, docs[0].n_scored)
         start = max(0, stop - 2 * S)
         with torch.no_grad():
-            logits = ref(ids[start:stop][None]).logits[0, done - start:]
-            means.append(float(torch.nn.functional.cross_entropy(logits, ids[done + 1:stop + 1])))
-        logits = ref(ids[start:stop][None]).logits[0, done - start:]
-        torch.nn.functional.cross_entropy(logits, ids[done + 1:stop + 1]).backward()
+            logits = ref(ids[start:stop][None]).logits[0, done - start :]
+            means.append(float(torch.nn.functional.cross_entropy(logits, ids[done + 1 : stop + 1])))
+        logits = ref(ids[start:stop][None]).logits[0, done - start :]
+        torch.nn.functional.cross_entropy(logits, ids[done + 1 : stop + 1]).backward()
         opt.step()
         opt.zero_grad()
         done = stop
@@ -215,8 +248,9 @@ def test_overlapping_scores_each_chunk_before_learning_from_it(tok):
 def test_per_document_reset_restores_initial_weights_bit_for_bit(tok, adapt):
     model = tiny_pkm_gpt(tok)
     before = state(model)
-    docs = (tokenize(bundled_books(["the_war_of_the_worlds"]), tok, max_tokens=4 * S)
-            + tokenize(bundled_books(["great_expectations"]), tok, max_tokens=4 * S))
+    docs = tokenize(bundled_books(["the_war_of_the_worlds"]), tok, max_tokens=4 * S) + tokenize(
+        bundled_books(["great_expectations"]), tok, max_tokens=4 * S
+    )
     cfg = OnlineEvalConfig(mode="dynamic", adapt=adapt, optimizer="adamw", lr=3e-2, chunk=S)
     both = OnlineRun(model, docs, cfg).run()
     assert_same_state(model, before)  # restored after the run too
@@ -241,8 +275,15 @@ def test_txl_with_one_layer_equals_overlapping_exactly(tok, arch):
     chunk, positions running up to 8S (RoPE: only relative positions count). rtol 1e-5."""
     model = tiny_llama(tok, layers=1) if arch == "llama" else tiny_pkm_gpt(tok, layers=1)
     docs = book(tok, tokens=8 * S)
-    txl, ov = compare(model, docs, [OnlineEvalConfig(strategy="txl", chunk=S, sink=0),
-                                    OnlineEvalConfig(strategy="overlapping", chunk=S, window=2 * S)], progress=False)
+    txl, ov = compare(
+        model,
+        docs,
+        [
+            OnlineEvalConfig(strategy="txl", chunk=S, sink=0),
+            OnlineEvalConfig(strategy="overlapping", chunk=S, window=2 * S),
+        ],
+        progress=False,
+    )
     t, o = chunk_means(txl), chunk_means(ov)
     torch.testing.assert_close((t[0] + t[1]) / 2, o[0], rtol=1e-5, atol=0)  # first window: 2S targets
     torch.testing.assert_close(t[2:], o[1:], rtol=1e-5, atol=0)
@@ -271,11 +312,11 @@ def test_txl_memory_holds_the_sink_tokens_and_the_previous_chunk(tok, max_positi
             if max_positions is not None and pos + S > max_positions:
                 pos = 4 + S  # restarted: the sink at 0..3, the previous chunk at 4..4+S-1
             mem_pos = torch.cat([first, torch.arange(pos - S, pos)])
-            inp = torch.cat([ids[:4], ids[(i - 1) * S:(i + 1) * S]])
+            inp = torch.cat([ids[:4], ids[(i - 1) * S : (i + 1) * S]])
             positions = torch.cat([mem_pos, torch.arange(pos, pos + S)])
             with torch.no_grad():
                 logits = model(inp[None], position_ids=positions[None]).logits[0, -S:]
-            ref = torch.nn.functional.cross_entropy(logits, ids[i * S + 1:(i + 1) * S + 1]).double()
+            ref = torch.nn.functional.cross_entropy(logits, ids[i * S + 1 : (i + 1) * S + 1]).double()
             torch.testing.assert_close(means[i], ref, rtol=1e-5, atol=0)
         pos += S
 
@@ -288,10 +329,16 @@ def test_txl_position_restart_equals_overlapping(tok, arch):
     tokens) TXL differs, but only slightly."""
     model = {"llama": tiny_llama, "gpt2": tiny_gpt2, "pkm": tiny_pkm_gpt}[arch](tok)
     docs = book(tok, tokens=8 * S)
-    txl, free, ov = compare(model, docs, [OnlineEvalConfig(strategy="txl", chunk=S, max_positions=2 * S, sink=0),
-                                          OnlineEvalConfig(strategy="txl", chunk=S),
-                                          OnlineEvalConfig(strategy="overlapping", chunk=S, window=2 * S)],
-                            progress=False)
+    txl, free, ov = compare(
+        model,
+        docs,
+        [
+            OnlineEvalConfig(strategy="txl", chunk=S, max_positions=2 * S, sink=0),
+            OnlineEvalConfig(strategy="txl", chunk=S),
+            OnlineEvalConfig(strategy="overlapping", chunk=S, window=2 * S),
+        ],
+        progress=False,
+    )
     t, o = chunk_means(txl), chunk_means(ov)
     torch.testing.assert_close((t[0] + t[1]) / 2, o[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(t[2:], o[1:], rtol=1e-5, atol=0)
@@ -321,12 +368,17 @@ def test_dynamic_beats_static_on_a_book(tok):
     model = tiny_llama(tok)
     docs = book(tok, tokens=1024)
     base = OnlineEvalConfig(chunk=64)
-    static, txl, ov, mlp = compare(model, docs, [
-        base,
-        base.replace(mode="dynamic", optimizer="adamw", lr=3e-3),
-        base.replace(mode="dynamic", strategy="overlapping", window=128, optimizer="adamw", lr=3e-3),
-        base.replace(mode="dynamic", adapt="mlp", optimizer="adamw", lr=3e-3),
-    ], progress=False)
+    static, txl, ov, mlp = compare(
+        model,
+        docs,
+        [
+            base,
+            base.replace(mode="dynamic", optimizer="adamw", lr=3e-3),
+            base.replace(mode="dynamic", strategy="overlapping", window=128, optimizer="adamw", lr=3e-3),
+            base.replace(mode="dynamic", adapt="mlp", optimizer="adamw", lr=3e-3),
+        ],
+        progress=False,
+    )
     assert txl.nats_per_token < static.nats_per_token - 0.5
     assert ov.nats_per_token < static.nats_per_token - 0.5
     assert mlp.nats_per_token < static.nats_per_token - 0.05
@@ -360,8 +412,12 @@ def test_pkm_values_update_only_the_rows_read(tok):
     static = OnlineRun(model, docs, OnlineEvalConfig(chunk=S)).run()
     for opt, lr in (("sgd", 1.0), ("adamw", 3e-2), ("rms", 3e-2)):
         prev = memory.values.weight.detach().clone()
-        run = OnlineRun(model, docs, OnlineEvalConfig(mode="dynamic", adapt="pkm-values", optimizer=opt, lr=lr,
-                                                      rms_decay=0.01, chunk=S), on_chunk=check)
+        run = OnlineRun(
+            model,
+            docs,
+            OnlineEvalConfig(mode="dynamic", adapt="pkm-values", optimizer=opt, lr=lr, rms_decay=0.01, chunk=S),
+            on_chunk=check,
+        )
         result = run.run()
         assert result.updates == 6 and result.rows_updated >= sum(seen[-6:])
         assert result.nats_per_token < static.nats_per_token, opt
@@ -373,9 +429,15 @@ def test_pkm_values_update_only_the_rows_read(tok):
 def test_update_every_k_skips_backward_on_other_chunks(tok):
     model = tiny_llama(tok)
     docs = book(tok, tokens=8 * S)
-    every1, every4 = compare(model, docs, [
-        OnlineEvalConfig(mode="dynamic", chunk=S, lr=0.1),
-        OnlineEvalConfig(mode="dynamic", chunk=S, lr=0.1, update_every=4)], progress=False)
+    every1, every4 = compare(
+        model,
+        docs,
+        [
+            OnlineEvalConfig(mode="dynamic", chunk=S, lr=0.1),
+            OnlineEvalConfig(mode="dynamic", chunk=S, lr=0.1, update_every=4),
+        ],
+        progress=False,
+    )
     assert (every1.updates, every4.updates) == (8, 2)
     assert every4.flops < every1.flops
     assert every4.curve[:4] == every1.curve[:1] + every4.curve[1:4]  # chunks 1-4 see the initial weights
@@ -385,8 +447,8 @@ def test_update_every_k_skips_backward_on_other_chunks(tok):
 def test_krause_rms_rule_dense_and_lazy_sparse():
     """Dense: one step matches the formula. Sparse with fixed (calibration) MS: a row read at steps 1
     and 3 ends where the dense rule leaves it after steps 1, 2 (zero gradient) and 3. atol 1e-6."""
-    from pretrain.online_eval.trainable import Trainable
     from pretrain.online_eval.online_optimizers import OnlineOptimizer
+    from pretrain.online_eval.trainable import Trainable
 
     torch.manual_seed(0)
     cfg = OnlineEvalConfig(mode="dynamic", optimizer="rms", lr=0.1, rms_decay=0.2, betas=(0.9, 0.5))
@@ -455,9 +517,10 @@ def test_flop_estimate_matches_flop_counter(tok):
             cache = keep_last(model(ids[None, :S], use_cache=True).past_key_values, S)
         counter = FlopCounterMode(display=False)
         with counter:
-            out = model(ids[None, S:2 * S], past_key_values=cache, use_cache=True,
-                        position_ids=torch.arange(S, 2 * S)[None])
-            torch.nn.functional.cross_entropy(out.logits[0], ids[S + 1:2 * S + 1]).backward()
+            out = model(
+                ids[None, S : 2 * S], past_key_values=cache, use_cache=True, position_ids=torch.arange(S, 2 * S)[None]
+            )
+            torch.nn.functional.cross_entropy(out.logits[0], ids[S + 1 : 2 * S + 1]).backward()
         trainable = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         if model.get_output_embeddings() is None:
             trainable += model.get_input_embeddings().weight.numel()
@@ -472,9 +535,13 @@ def test_flop_estimate_matches_flop_counter(tok):
     assert adaptation.depth_fraction(fm.layers) == 0.5
     counter = FlopCounterMode(display=False)
     with counter:
-        out = model(ids[None, S:2 * S], past_key_values=keep_last(model(ids[None, :S], use_cache=True).past_key_values, S),
-                    use_cache=True, position_ids=torch.arange(S, 2 * S)[None])
-        torch.nn.functional.cross_entropy(out.logits[0], ids[S + 1:2 * S + 1]).backward()
+        out = model(
+            ids[None, S : 2 * S],
+            past_key_values=keep_last(model(ids[None, :S], use_cache=True).past_key_values, S),
+            use_cache=True,
+            position_ids=torch.arange(S, 2 * S)[None],
+        )
+        torch.nn.functional.cross_entropy(out.logits[0], ids[S + 1 : 2 * S + 1]).backward()
     adaptation.close()
     first = fm.forward(S, causal_keys(S, 0), S)  # the memory's own forward is inside the counter here
     estimate = first + fm.forward(S, keys, S) + fm.backward(S, keys, S, 0, depth=0.5)
@@ -486,9 +553,13 @@ def test_reports_json_plot_tensorboard(tmp_path, tok):
 
     model = tiny_llama(tok)
     docs = book(tok, tokens=4 * S)
-    results = compare(model, docs, [OnlineEvalConfig(chunk=S, position_bin=S),
-                                    OnlineEvalConfig(mode="dynamic", chunk=S, lr=0.1, position_bin=S)],
-                      interleave=True, progress=False)
+    results = compare(
+        model,
+        docs,
+        [OnlineEvalConfig(chunk=S, position_bin=S), OnlineEvalConfig(mode="dynamic", chunk=S, lr=0.1, position_bin=S)],
+        interleave=True,
+        progress=False,
+    )
     s = report.write_json(tmp_path / "r.json", results, {"k": 1})
     on_disk = json.loads((tmp_path / "r.json").read_text())
     assert on_disk == json.loads(json.dumps(s))
@@ -531,10 +602,39 @@ def test_cli_on_an_exported_pkm_gpt(tmp_path, tok, capsys):
 
     model_dir = export_like_ours(tiny_pkm_gpt(tok), tok, tmp_path / "pkm_gpt")
     out = tmp_path / "eval"
-    rc = main(["eval", "online", "--model", str(model_dir), "--corpus", "books:the_war_of_the_worlds",
-               "--max-tokens", str(4 * S), "--modes", "static", "dynamic", "--adapt", "pkm-values", "lora",
-               "--optimizer", "adamw", "--lr", "1e-2", "--chunk", str(S), "--position-bin", str(S),
-               "--out", str(out), "--json", "--no-progress", "--interleave", "--threads", "1"])
+    rc = main(
+        [
+            "eval",
+            "online",
+            "--model",
+            str(model_dir),
+            "--corpus",
+            "books:the_war_of_the_worlds",
+            "--max-tokens",
+            str(4 * S),
+            "--modes",
+            "static",
+            "dynamic",
+            "--adapt",
+            "pkm-values",
+            "lora",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "1e-2",
+            "--chunk",
+            str(S),
+            "--position-bin",
+            str(S),
+            "--out",
+            str(out),
+            "--json",
+            "--no-progress",
+            "--interleave",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(printed[-1])
@@ -556,10 +656,18 @@ def test_run_online_eval_is_the_command_without_its_parser(tmp_path, tok):
     from pretrain.online_eval import OnlineEvalJob, run_online_eval
 
     model_dir = export_like_ours(tiny_pkm_gpt(tok), tok, tmp_path / "pkm_gpt")
-    runs = [OnlineEvalConfig(chunk=S), OnlineEvalConfig(mode="dynamic", chunk=S, adapt="pkm-values", optimizer="adamw",
-                                                        lr=1e-2)]
-    job = OnlineEvalJob(model=str(model_dir), runs=runs, corpus="books:the_war_of_the_worlds", max_tokens=2 * S,
-                        out=str(tmp_path / "eval"), progress=False)
+    runs = [
+        OnlineEvalConfig(chunk=S),
+        OnlineEvalConfig(mode="dynamic", chunk=S, adapt="pkm-values", optimizer="adamw", lr=1e-2),
+    ]
+    job = OnlineEvalJob(
+        model=str(model_dir),
+        runs=runs,
+        corpus="books:the_war_of_the_worlds",
+        max_tokens=2 * S,
+        out=str(tmp_path / "eval"),
+        progress=False,
+    )
     results, summary = run_online_eval(job)
     assert [r.name for r in results] == ["static/txl", "dynamic/txl/pkm-values/adamw"]
     written = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -606,9 +714,14 @@ def test_lm_eval_rolling_loglikelihood_matches_static(tmp_path, tok, monkeypatch
     yaml_path = lm_eval_task.write_task(tmp_path / "task", [Document("wotw", text=text)], task="pkm_books_test")
     argv = lm_eval_task.command(str(model_dir), str(yaml_path.parent), task="pkm_books_test")
     arg = dict(zip(argv[1::2], argv[2::2]))
-    out = lm_eval.simple_evaluate(model=arg["--model"], model_args=arg["--model_args"], tasks=[arg["--tasks"]],
-                                  device=arg["--device"], batch_size=int(arg["--batch_size"]),
-                                  task_manager=TaskManager(include_path=arg["--include_path"], include_defaults=False))
+    out = lm_eval.simple_evaluate(
+        model=arg["--model"],
+        model_args=arg["--model_args"],
+        tasks=[arg["--tasks"]],
+        device=arg["--device"],
+        batch_size=int(arg["--batch_size"]),
+        task_manager=TaskManager(include_path=arg["--include_path"], include_defaults=False),
+    )
     metrics = out["results"]["pkm_books_test"]
     docs = tokenize([Document("wotw", text=text)], tok)
     ours = OnlineRun(model, docs, OnlineEvalConfig(strategy="overlapping", chunk=512, window=512)).run()
@@ -629,14 +742,52 @@ def test_native_checkpoint_is_exported_then_evaluated(tmp_path, capsys):
     repo = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "pkm", "pretrain", "--config",
-                        str(repo / "configs" / "tiny_gpt.yaml"), f"run_dir={run}", "train.train_steps=4",
-                        f"data.cache_dir={tmp_path / 'cache'}"], cwd=repo, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pkm",
+            "pretrain",
+            "--config",
+            str(repo / "configs" / "tiny_gpt.yaml"),
+            f"run_dir={run}",
+            "train.train_steps=4",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    rc = main(["eval", "online", "--model", str(run / "checkpoints"), "--corpus", "books:the_war_of_the_worlds",
-               "--max-tokens", "64", "--chunk", "16", "--modes", "static", "dynamic", "--adapt", "pkm-values",
-               "--optimizer", "adamw", "--lr", "1e-2", "--out", str(tmp_path / "eval"), "--json", "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "online",
+            "--model",
+            str(run / "checkpoints"),
+            "--corpus",
+            "books:the_war_of_the_worlds",
+            "--max-tokens",
+            "64",
+            "--chunk",
+            "16",
+            "--modes",
+            "static",
+            "dynamic",
+            "--adapt",
+            "pkm-values",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "1e-2",
+            "--out",
+            str(tmp_path / "eval"),
+            "--json",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     static, dynamic = summary["runs"]
@@ -653,9 +804,12 @@ def test_smollm2_reads_a_book_better_dynamically():
 
     model, tok = load_causal_lm("smollm2")
     docs = tokenize(bundled_books(["the_war_of_the_worlds"]), tok, max_tokens=1024)
-    static, dynamic = compare(model, docs, [OnlineEvalConfig(chunk=256),
-                                            OnlineEvalConfig(mode="dynamic", chunk=256, optimizer="adamw", lr=1e-4)],
-                              progress=False)
+    static, dynamic = compare(
+        model,
+        docs,
+        [OnlineEvalConfig(chunk=256), OnlineEvalConfig(mode="dynamic", chunk=256, optimizer="adamw", lr=1e-4)],
+        progress=False,
+    )
     assert 5 < static.perplexity < 60
     assert dynamic.perplexity < static.perplexity
 
@@ -667,11 +821,30 @@ def test_run_names_carry_what_differs_in_the_sweep():
     from pretrain.online_eval.cli import configs_from_args
     from pretrain.online_eval.config import run_names
 
-    args = build_parser().parse_args(["eval", "online", "--model", "smollm2", "--adapt", "all", "pkm-values",
-                                      "--optimizer", "adamw", "--lr", "3e-4", "1e-2"])
+    args = build_parser().parse_args(
+        [
+            "eval",
+            "online",
+            "--model",
+            "smollm2",
+            "--adapt",
+            "all",
+            "pkm-values",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "3e-4",
+            "1e-2",
+        ]
+    )
     names = run_names(configs_from_args(args))
-    assert names == ["static/txl", "dynamic/txl/all/adamw/lr=0.0003", "dynamic/txl/all/adamw/lr=0.01",
-                     "dynamic/txl/pkm-values/adamw/lr=0.0003", "dynamic/txl/pkm-values/adamw/lr=0.01"]
+    assert names == [
+        "static/txl",
+        "dynamic/txl/all/adamw/lr=0.0003",
+        "dynamic/txl/all/adamw/lr=0.01",
+        "dynamic/txl/pkm-values/adamw/lr=0.0003",
+        "dynamic/txl/pkm-values/adamw/lr=0.01",
+    ]
     from pretrain.online_eval.config import OnlineEvalConfig
 
     same = [OnlineEvalConfig(), OnlineEvalConfig()]

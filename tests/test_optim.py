@@ -1,4 +1,5 @@
 """The value tables' lazy Adam (pretrain.optim.LazyRowAdam) against torch.optim.SparseAdam."""
+
 import copy
 
 import pytest
@@ -91,7 +92,7 @@ def _reference(init: torch.Tensor, grads, kind: str, lr=1e-2, b1=0.9, b2=0.98, e
             else:
                 m[r] = b1 * m[r] + (1 - b1) * g[r]
                 state[r] = b2 * state[r] + (1 - b2) * mean_sq
-                w[r] -= lr * (m[r] / (1 - b1 ** t)) / ((state[r] / (1 - b2 ** t)).sqrt() + eps)
+                w[r] -= lr * (m[r] / (1 - b1**t)) / ((state[r] / (1 - b2**t)).sqrt() + eps)
     return w, state, m
 
 
@@ -105,8 +106,11 @@ def test_rowwise_optimizers_match_their_definition(kind):
     torch.manual_seed(0)
     init = torch.randn(100, 16)
     w = init.clone().requires_grad_()
-    make = ((lambda g: RowwiseAdagrad(g, lr=1e-2)) if kind == "rowwise_adagrad"
-            else (lambda g: RowwiseAdam(g, lr=1e-2, betas=(0.9, 0.98))))
+    make = (
+        (lambda g: RowwiseAdagrad(g, lr=1e-2))
+        if kind == "rowwise_adagrad"
+        else (lambda g: RowwiseAdam(g, lr=1e-2, betas=(0.9, 0.98)))
+    )
     opt, grads = _rowwise_steps(make, w)
     ref_w, ref_state, ref_m = _reference(init, grads, kind)
     torch.testing.assert_close(w.detach().double(), ref_w, rtol=0, atol=1e-6)
@@ -124,11 +128,13 @@ def test_stochastic_round_bf16_is_unbiased_and_layout_free():
     bf16 step (round-to-nearest is off by up to half a step); the same (element, salt) rounds the same."""
     from pretrain.optim import stochastic_round_bf16
 
-    x = torch.tensor([1.0 + 2 ** -9, -0.3, 0.0625 + 1e-5, 1e-3])  # between bf16 neighbours
+    x = torch.tensor([1.0 + 2**-9, -0.3, 0.0625 + 1e-5, 1e-3])  # between bf16 neighbours
     element = torch.tensor([5, 6, 7, 1 << 33])
     runs = torch.stack([stochastic_round_bf16(x, element, salt).float() for salt in range(4000)])
-    step = (torch.nextafter(x.to(torch.bfloat16), torch.full_like(x, float("inf")).to(torch.bfloat16)).float()
-            - x.to(torch.bfloat16).float()).abs()
+    step = (
+        torch.nextafter(x.to(torch.bfloat16), torch.full_like(x, float("inf")).to(torch.bfloat16)).float()
+        - x.to(torch.bfloat16).float()
+    ).abs()
     assert ((runs - x).abs() <= step * 1.001).all()
     assert ((runs.mean(0) - x).abs() <= 0.02 * step).all(), (runs.mean(0) - x) / step
     assert not torch.equal(runs[:, 0], runs[:, 0].roll(1))  # both neighbours occur
@@ -154,9 +160,9 @@ def test_bf16_table_trains_with_rowwise_adagrad():
         assert table.weight.grad.dtype == torch.bfloat16
         opt.step()
     assert table.weight.dtype == torch.bfloat16 and table.weight.is_leaf
-    moved = (table.weight.detach()[:64].float() - init[:64].float())
+    moved = table.weight.detach()[:64].float() - init[:64].float()
     # every gradient is +1: Adagrad moves each value by -lr * sum_t 1/sqrt(t) ~ -7.0e-4 over 20 steps
-    expected = -1e-4 * sum(t ** -0.5 for t in range(1, 21))
+    expected = -1e-4 * sum(t**-0.5 for t in range(1, 21))
     assert abs(moved.mean().item() - expected) < 0.1 * abs(expected), (moved.mean().item(), expected)
     assert torch.equal(table.weight.detach()[64:], init[64:])
     assert opt.state_bytes() == 256 * 4

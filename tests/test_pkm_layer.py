@@ -1,4 +1,5 @@
 """The PKM layer on its own: exact product-key search, gradients, padding, XLM semantics."""
+
 from __future__ import annotations
 
 import math
@@ -224,8 +225,7 @@ def test_weighted_bag_matches_native_sparse_embedding_bag(cpu_path):
     w = torch.rand(64, 24)
     g = torch.randn(64, 16)
     results = []
-    for fn in (weighted_bag,
-               lambda i, w, t: F.embedding_bag(i, t, per_sample_weights=w, mode="sum", sparse=True)):
+    for fn in (weighted_bag, lambda i, w, t: F.embedding_bag(i, t, per_sample_weights=w, mode="sum", sparse=True)):
         t = table.clone().requires_grad_(True)
         ww = w.clone().requires_grad_(True)
         out = fn(idx, ww, t)
@@ -347,11 +347,11 @@ def test_xlm_shapes_and_initialisation():
     assert layer.query_proj.in_features == dim and layer.query_proj.out_features == cfg.heads * cfg.k_dim
     assert layer.query_proj.bias is not None
     w = layer.values.weight
-    assert w.shape == (cfg.n_keys ** 2, dim) and w.requires_grad and w.is_leaf
+    assert w.shape == (cfg.n_keys**2, dim) and w.requires_grad and w.is_leaf
     assert not any(p is w for p in layer.parameters()), "the table is a buffer: the DP engine must not see it"
     # 262,144 N(0, dim^-0.5) draws: the sample std is within 1% of dim^-0.5 (its own sd is ~0.14%).
-    assert abs(w.std().item() / dim ** -0.5 - 1) < 0.01
-    assert abs(w.mean().item()) < 0.01 * dim ** -0.5
+    assert abs(w.std().item() / dim**-0.5 - 1) < 0.01
+    assert abs(w.mean().item()) < 0.01 * dim**-0.5
 
 
 def test_value_init_is_seeded_and_depends_on_seed():
@@ -371,7 +371,7 @@ def test_softmax_weights_sum_to_one_per_head_and_slots_are_distinct():
     torch.testing.assert_close(per_head_w.sum(-1), torch.ones(50, cfg.heads), rtol=0, atol=1e-6)
     assert (per_head_w > 0).all()
     per_head_i = indices.view(50, cfg.heads, cfg.knn)
-    assert per_head_i.min() >= 0 and per_head_i.max() < cfg.n_keys ** 2
+    assert per_head_i.min() >= 0 and per_head_i.max() < cfg.n_keys**2
     assert (per_head_i.sort(-1).values.diff(dim=-1) > 0).all(), "knn distinct slots per head"
     # The output is sum over heads and knn of weight * value row (one shared table for all heads).
     out = layer(x)
@@ -412,8 +412,12 @@ def test_dropout_is_active_in_train_mode_and_gradients_flow(which):
     b = layer(x)
     assert not torch.equal(a, b), f"{which}=0.5 changed nothing in train mode"
     b.sum().backward()
-    for name, p in [("input", x), ("query_proj", layer.query_proj.weight), ("keys", layer.keys),
-                    ("values", layer.values.weight)]:
+    for name, p in [
+        ("input", x),
+        ("query_proj", layer.query_proj.weight),
+        ("keys", layer.keys),
+        ("values", layer.values.weight),
+    ]:
         assert p.grad is not None and p.grad.to_dense().abs().sum() > 0, f"no gradient reaches {name} with {which}"
 
 

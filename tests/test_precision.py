@@ -3,6 +3,7 @@ tables, their lazy-Adam moments and the BatchNorm statistics fp32, tracks the fp
 exactly. Against the code before the fix: the bf16 run stopped at its first step (`expected scalar type
 BFloat16 but found Float` in the query BatchNorm), and a bf16 resume lost DeepSpeed's fp32 master
 weights and the dense Adam state (step 4 after a resume at 2: 8.9806 vs 8.9057 uninterrupted)."""
+
 from __future__ import annotations
 
 import copy
@@ -58,18 +59,29 @@ def test_precision_pkm_layer_bf16_vs_fp32():
 
     grad_low, grad_ref = low.values.weight.grad, ref.values.weight.grad
     assert grad_low.is_sparse and grad_low.dtype == torch.float32
-    for name, a, b in [("output", out_low, out_ref), ("input grad", x_low.grad, x_ref.grad),
-                       ("value grad", grad_low.to_dense(), grad_ref.to_dense()),
-                       ("query grad", low.query_proj.weight.grad, ref.query_proj.weight.grad),
-                       ("key grad", low.keys.grad, ref.keys.grad)]:
+    for name, a, b in [
+        ("output", out_low, out_ref),
+        ("input grad", x_low.grad, x_ref.grad),
+        ("value grad", grad_low.to_dense(), grad_ref.to_dense()),
+        ("query grad", low.query_proj.weight.grad, ref.query_proj.weight.grad),
+        ("key grad", low.keys.grad, ref.keys.grad),
+    ]:
         assert _rel(a, b) < 0.1, (name, _rel(a, b))
     assert low.query_batchnorm.running_mean.dtype == torch.float32
     assert _rel(low.query_batchnorm.running_var, ref.query_batchnorm.running_var) < 1e-3
 
 
 def _train(precision: str, run_dir: Path, *overrides: str) -> dict:
-    cmd = [sys.executable, str(WORKER), str(TINY_GPT), f"train.precision={precision}", f"run_dir={run_dir}",
-           f"data.cache_dir={run_dir.parent / 'cache'}", "logging.tensorboard=false", *overrides]
+    cmd = [
+        sys.executable,
+        str(WORKER),
+        str(TINY_GPT),
+        f"train.precision={precision}",
+        f"run_dir={run_dir}",
+        f"data.cache_dir={run_dir.parent / 'cache'}",
+        "logging.tensorboard=false",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -103,13 +115,25 @@ def test_precision_bf16_trainer_tracks_fp32(tmp_path):
 def test_precision_bf16_resume_is_exact(tmp_path, zero):
     """A bf16 run resumed from its step-2 checkpoint continues exactly like the uninterrupted run: the
     checkpoint holds DeepSpeed's fp32 master weights and dense Adam state, not the bf16 copies."""
-    common = ["--config", TINY_GPT, "train.precision=bf16", "train.train_steps=4", f"train.zero_stage={zero}",
-              "logging.tensorboard=false", f"data.cache_dir={tmp_path / 'cache'}"]
-    r = run_pkm("pretrain", *common, f"run_dir={tmp_path / 'a'}", "checkpoint.save_interval=2",
-                "checkpoint.keep_last=3")
+    common = [
+        "--config",
+        TINY_GPT,
+        "train.precision=bf16",
+        "train.train_steps=4",
+        f"train.zero_stage={zero}",
+        "logging.tensorboard=false",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    r = run_pkm(
+        "pretrain", *common, f"run_dir={tmp_path / 'a'}", "checkpoint.save_interval=2", "checkpoint.keep_last=3"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_pkm("pretrain", *common, f"run_dir={tmp_path / 'b'}",
-                f"checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'step_0000002'}")
+    r = run_pkm(
+        "pretrain",
+        *common,
+        f"run_dir={tmp_path / 'b'}",
+        f"checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'step_0000002'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     whole, resumed = losses(tmp_path / "a"), losses(tmp_path / "b")
     for step in (3, 4):

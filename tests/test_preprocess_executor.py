@@ -4,6 +4,7 @@ Real components: datatrove's LocalPipelineExecutor (forked task processes) and S
 (a job array on the two-node SLURM cluster of tests/slurm_cluster.py), megatron-core's builder,
 the bundled Austen novels and tokenizer, the real `pkm` entry point.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,19 @@ def same_dataset(a: str, b: str) -> None:
     for ext in (".bin", ".idx"):
         assert Path(a + ext).read_bytes() == Path(b + ext).read_bytes(), f"{a}{ext} differs from {b}{ext}"
     ma, mb = read_manifest(a), read_manifest(b)
-    for key in ("documents", "sequences", "tokens", "tokenizer", "dtype", "sources", "skipped_total", "skipped",
-                "skipped_by_reason", "options", "files"):
+    for key in (
+        "documents",
+        "sequences",
+        "tokens",
+        "tokenizer",
+        "dtype",
+        "sources",
+        "skipped_total",
+        "skipped",
+        "skipped_by_reason",
+        "options",
+        "files",
+    ):
         assert ma[key] == mb[key], key
 
 
@@ -49,8 +61,21 @@ def single_node(tmp_path_factory) -> str:
 
 def test_executor_local_matches_single_node(single_node, tmp_path):
     prefix = tmp_path / "austen"
-    r = run_pkm("data", "preprocess", "--input", NOVELS, "--output", prefix, *MODE,
-                "--executor", "local", "--tasks", "4", "--workers", "2")
+    r = run_pkm(
+        "data",
+        "preprocess",
+        "--input",
+        NOVELS,
+        "--output",
+        prefix,
+        *MODE,
+        "--executor",
+        "local",
+        "--tasks",
+        "4",
+        "--workers",
+        "2",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "over 4 tasks" in r.stdout
     same_dataset(single_node, str(prefix))
@@ -65,11 +90,33 @@ def test_executor_local_matches_single_node(single_node, tmp_path):
 
 def test_executor_local_rerun_after_a_killed_task_redoes_only_unfinished(single_node, tmp_path):
     prefix = tmp_path / "austen"
-    argv = [sys.executable, "-m", "pkm", "data", "preprocess", "--input", NOVELS, "--output", str(prefix),
-            *MODE, "--executor", "local", "--tasks", "6", "--workers", "1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "pkm",
+        "data",
+        "preprocess",
+        "--input",
+        NOVELS,
+        "--output",
+        str(prefix),
+        *MODE,
+        "--executor",
+        "local",
+        "--tasks",
+        "6",
+        "--workers",
+        "1",
+    ]
     done = prefix.parent / "austen.parts" / "logs" / "completions"
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 600
     while not (done / "00001").exists():  # tasks run one after the other: kill the third mid-way
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
@@ -98,7 +145,9 @@ def _jsonl_shards(dir: Path, n: int) -> list[Path]:
     paras = paras[:2000]
     files = [dir / f"shard{i}.jsonl" for i in range(n)]
     for i, f in enumerate(files):
-        f.write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[i * len(paras) // n:(i + 1) * len(paras) // n]))
+        f.write_text(
+            "".join(json.dumps({"text": p}) + "\n" for p in paras[i * len(paras) // n : (i + 1) * len(paras) // n])
+        )
     return files
 
 
@@ -110,14 +159,40 @@ def test_executor_bad_record_in_third_task(tmp_path):
     inputs = [str(tmp_path / "shard*.jsonl")]
     out = tmp_path / "out" / "ds"
 
-    r = run_pkm("data", "preprocess", "--input", *inputs, "--output", out, "--executor", "local", "--tasks", "4",
-                "--workers", "2")
+    r = run_pkm(
+        "data",
+        "preprocess",
+        "--input",
+        *inputs,
+        "--output",
+        out,
+        "--executor",
+        "local",
+        "--tasks",
+        "4",
+        "--workers",
+        "2",
+    )
     line = assert_user_error(r, f"{files[2]}:5")
     assert "malformed JSON" in line and "--on-error skip" in line
     assert not is_complete(str(out)) and not (out.parent / "ds.bin").exists()
 
-    r = run_pkm("data", "preprocess", "--input", *inputs, "--output", out, "--executor", "local", "--tasks", "4",
-                "--workers", "2", "--on-error", "skip")
+    r = run_pkm(
+        "data",
+        "preprocess",
+        "--input",
+        *inputs,
+        "--output",
+        out,
+        "--executor",
+        "local",
+        "--tasks",
+        "4",
+        "--workers",
+        "2",
+        "--on-error",
+        "skip",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"skipped {files[2]}:5: malformed JSON" in r.stdout
     m = read_manifest(str(out))
@@ -128,15 +203,18 @@ def test_executor_bad_record_in_third_task(tmp_path):
     same_dataset(ref, str(out))
 
 
-@pytest.mark.parametrize("args, names", [
-    (["--executor", "local", "--tasks", "0"], ["--tasks", "0 is not a positive integer"]),
-    (["--executor", "local", "--tasks", "2", "--workers", "-3"], ["--workers", "-3 is not"]),
-    (["--workers", "-3"], ["--workers", "-3 is not"]),
-    (["--executor", "local"], ["--tasks"]),
-    (["--tasks", "2"], ["--tasks", "--executor"]),
-    (["--executor", "local", "--tasks", "2", "--slurm-partition", "cpu"], ["--slurm-partition"]),
-    (["--executor", "slurm", "--tasks", "2", "--slurm-cpus-per-task", "0"], ["--slurm-cpus-per-task", "0 is not"]),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--executor", "local", "--tasks", "0"], ["--tasks", "0 is not a positive integer"]),
+        (["--executor", "local", "--tasks", "2", "--workers", "-3"], ["--workers", "-3 is not"]),
+        (["--workers", "-3"], ["--workers", "-3 is not"]),
+        (["--executor", "local"], ["--tasks"]),
+        (["--tasks", "2"], ["--tasks", "--executor"]),
+        (["--executor", "local", "--tasks", "2", "--slurm-partition", "cpu"], ["--slurm-partition"]),
+        (["--executor", "slurm", "--tasks", "2", "--slurm-cpus-per-task", "0"], ["--slurm-cpus-per-task", "0 is not"]),
+    ],
+)
 def test_executor_bad_options_are_one_line_errors(tmp_path, args, names):
     out = tmp_path / "ds"
     r = run_pkm("data", "preprocess", "--input", NOVELS, "--output", out, *args)
@@ -145,8 +223,18 @@ def test_executor_bad_options_are_one_line_errors(tmp_path, args, names):
 
 
 def test_executor_missing_input_and_unwritable_output(tmp_path):
-    r = run_pkm("data", "preprocess", "--input", str(tmp_path / "nope*.jsonl"), "--output", tmp_path / "ds",
-                "--executor", "local", "--tasks", "2")
+    r = run_pkm(
+        "data",
+        "preprocess",
+        "--input",
+        str(tmp_path / "nope*.jsonl"),
+        "--output",
+        tmp_path / "ds",
+        "--executor",
+        "local",
+        "--tasks",
+        "2",
+    )
     assert_user_error(r, str(tmp_path / "nope*.jsonl"))
     assert leftovers(tmp_path / "ds") == []
     blocker = tmp_path / "file"  # a regular file where the output directory should be (root ignores modes)
@@ -165,15 +253,26 @@ def test_executor_and_launch_describe_a_slurm_job_alike(tmp_path):
     from launch.training import Entry
 
     job = SlurmJob(time="04:00:00", partition="cpu", account="proj7", cpus_per_task=3, sbatch_lines=["--qos=high"])
-    opts = SlurmOptions(nodes=1, time=job.time, partition=job.partition, account=job.account,
-                        cpus_per_task=job.cpus_per_task, sbatch_lines=job.sbatch_lines)
+    opts = SlurmOptions(
+        nodes=1,
+        time=job.time,
+        partition=job.partition,
+        account=job.account,
+        cpus_per_task=job.cpus_per_task,
+        sbatch_lines=job.sbatch_lines,
+    )
     assert opts.job() == job
     train = render_sbatch(opts, Entry("pkm", ("pretrain",)), tmp_path / "run", "/venv/bin/python", tmp_path)
     plan = make_plan([NOVELS], str(tmp_path / "ds"), load_tokenizer(None), 4, "fail", "text", "file", "gpt", 256)
     tokenize, merge = slurm_executors(plan, job, workers=2)
     array = tokenize.get_launch_file_contents(tokenize.get_sbatch_args(4), "true")
-    for line in ["#SBATCH --time=04:00:00", "#SBATCH --partition=cpu", "#SBATCH --account=proj7",
-                 "#SBATCH --qos=high", "#SBATCH --cpus-per-task=3"]:
+    for line in [
+        "#SBATCH --time=04:00:00",
+        "#SBATCH --partition=cpu",
+        "#SBATCH --account=proj7",
+        "#SBATCH --qos=high",
+        "#SBATCH --cpus-per-task=3",
+    ]:
         assert line in train.splitlines() and line in array.splitlines(), line
     assert "#SBATCH --array=0-3%2" in array.splitlines()
     for absent in ("None", "--mem-per-cpu", "--qos=normal"):
@@ -187,9 +286,30 @@ def test_executor_and_launch_describe_a_slurm_job_alike(tmp_path):
 def test_executor_slurm_job_array_on_two_nodes(slurm_cluster, single_node, tmp_path):
     prefix = tmp_path / "austen"
     env = {**slurm_cluster.env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = run_pkm("data", "preprocess", "--input", NOVELS, "--output", prefix, *MODE, "--executor", "slurm",
-                "--tasks", "4", "--slurm-partition", "debug", "--slurm-time", "00:20:00", "--slurm-account", "pkmtest",
-                "--slurm-cpus-per-task", "1", "--slurm-sbatch=--comment=pkm-preprocess-test", env=env, timeout=120)
+    r = run_pkm(
+        "data",
+        "preprocess",
+        "--input",
+        NOVELS,
+        "--output",
+        prefix,
+        *MODE,
+        "--executor",
+        "slurm",
+        "--tasks",
+        "4",
+        "--slurm-partition",
+        "debug",
+        "--slurm-time",
+        "00:20:00",
+        "--slurm-account",
+        "pkmtest",
+        "--slurm-cpus-per-task",
+        "1",
+        "--slurm-sbatch=--comment=pkm-preprocess-test",
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     m = re.search(r"Submitted SLURM job array (\d+) \(4 of 4 tasks\) and merge job (\d+)", r.stdout)
     assert m, r.stdout
@@ -200,12 +320,22 @@ def test_executor_slurm_job_array_on_two_nodes(slurm_cluster, single_node, tmp_p
     same_dataset(single_node, str(prefix))
     assert read_manifest(str(prefix))["executor"] == "slurm"
     script = (prefix.parent / "austen.parts" / "logs" / "launch_script.slurm").read_text().splitlines()
-    for line in ["#SBATCH --partition=debug", "#SBATCH --time=00:20:00", "#SBATCH --account=pkmtest",
-                 "#SBATCH --comment=pkm-preprocess-test", "#SBATCH --cpus-per-task=1", "#SBATCH --array=0-3"]:
+    for line in [
+        "#SBATCH --partition=debug",
+        "#SBATCH --time=00:20:00",
+        "#SBATCH --account=pkmtest",
+        "#SBATCH --comment=pkm-preprocess-test",
+        "#SBATCH --cpus-per-task=1",
+        "#SBATCH --array=0-3",
+    ]:
         assert line in script, line
     # the controller's completion records (what sacct would show): four array tasks over both nodes
-    records = [dict(w.split("=", 1) for w in line.split() if "=" in w)
-               for line in (slurm_cluster.root / "log" / "jobcomp.txt").read_text().splitlines()]
+    records = [
+        dict(w.split("=", 1) for w in line.split() if "=" in w)
+        for line in (slurm_cluster.root / "log" / "jobcomp.txt").read_text().splitlines()
+    ]
     tasks = [r for r in records if r.get("ArrayJobId") == array_id]
     assert sorted(r["ArrayTaskId"] for r in tasks) == ["0", "1", "2", "3"], tasks
-    assert {r["JobState"] for r in tasks} == {"COMPLETED"} and {r["NodeList"] for r in tasks} == {"node1", "node2"}, tasks
+    assert {r["JobState"] for r in tasks} == {"COMPLETED"} and {r["NodeList"] for r in tasks} == {"node1", "node2"}, (
+        tasks
+    )

@@ -10,6 +10,7 @@ would see neither.
 `test_reshard_restores_sparse_moments` checks the load itself: right after resuming at another layout
 the value optimizer holds exactly the checkpoint's moments and step count (it fails if they are dropped).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,11 @@ def checkpoint_tensors(ckpt: Path, prefix: str) -> dict[str, torch.Tensor]:
 
     reader = dcp.FileSystemReader(str(ckpt))
     meta = reader.read_metadata().state_dict_metadata
-    out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-           if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    out = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
     dcp.load(out, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=True)
     return out
 
@@ -49,8 +53,9 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:07d}"
 
 
-def assert_close(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str,
-                 one_scale: bool = False) -> None:
+def assert_close(
+    ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str, one_scale: bool = False
+) -> None:
     """Each tensor within TOL x its largest magnitude; with `one_scale`, x the largest magnitude over all
     of `ref` (dense moments: some gradients are zero in exact arithmetic, e.g. the query projection's
     bias under BatchNorm, and their moments are fp32 rounding noise that differs with reduction order)."""
@@ -68,9 +73,18 @@ def assert_close(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor], wha
 def uninterrupted(tmp_path_factory) -> Path:
     """TP2 x DP2, memory_parallel=all, ZeRO 1: 10 steps, checkpoints at steps 5 and 10."""
     d = tmp_path_factory.mktemp("tp2dp2") / "run"
-    run("tiny_gpt.yaml", 4, d, "parallel.tensor_parallel=2", "parallel.memory_parallel=all",
-        "train.zero_stage=1", "train.micro_batch_size=4", f"train.train_steps={STEPS}",
-        f"checkpoint.save_interval={SAVED_AT}", "checkpoint.keep_last=2")
+    run(
+        "tiny_gpt.yaml",
+        4,
+        d,
+        "parallel.tensor_parallel=2",
+        "parallel.memory_parallel=all",
+        "train.zero_stage=1",
+        "train.micro_batch_size=4",
+        f"train.train_steps={STEPS}",
+        f"checkpoint.save_interval={SAVED_AT}",
+        "checkpoint.keep_last=2",
+    )
     assert step_dir(d, SAVED_AT).is_dir() and step_dir(d, STEPS).is_dir()
     return d
 
@@ -85,9 +99,18 @@ def resumed_copy(uninterrupted: Path, dest: Path) -> Path:
 @pytest.mark.parametrize("nproc,zero", RESUME_LAYOUTS, ids=["tp1dp1", "dp2-zero2", "dp4-zero1"])
 def test_reshard_resume_trains_like_uninterrupted(uninterrupted: Path, tmp_path: Path, nproc: int, zero: int):
     d = resumed_copy(uninterrupted, tmp_path / "resumed")
-    run("tiny_gpt.yaml", nproc, d, "parallel.tensor_parallel=1", "parallel.memory_parallel=dp",
-        f"train.zero_stage={zero}", f"train.micro_batch_size={8 // nproc}", f"train.train_steps={STEPS}",
-        f"checkpoint.save_interval={SAVED_AT}", "checkpoint.resume=auto")
+    run(
+        "tiny_gpt.yaml",
+        nproc,
+        d,
+        "parallel.tensor_parallel=1",
+        "parallel.memory_parallel=dp",
+        f"train.zero_stage={zero}",
+        f"train.micro_batch_size={8 // nproc}",
+        f"train.train_steps={STEPS}",
+        f"checkpoint.save_interval={SAVED_AT}",
+        "checkpoint.resume=auto",
+    )
 
     ref, got = loss_curve(uninterrupted)[SAVED_AT:], loss_curve(d)
     assert len(ref) == len(got) == STEPS - SAVED_AT, (ref, got)
@@ -97,15 +120,20 @@ def test_reshard_resume_trains_like_uninterrupted(uninterrupted: Path, tmp_path:
     ref_ckpt, got_ckpt = step_dir(uninterrupted, STEPS), step_dir(d, STEPS)
     values = {k: v for k, v in checkpoint_tensors(ref_ckpt, "model.").items() if k.endswith("values.weight")}
     assert values, "no value table in the checkpoint"
-    assert_close(values, {k: v for k, v in checkpoint_tensors(got_ckpt, "model.").items() if k in values},
-                 "value table")
+    assert_close(
+        values, {k: v for k, v in checkpoint_tensors(got_ckpt, "model.").items() if k in values}, "value table"
+    )
     sparse = checkpoint_tensors(ref_ckpt, "value_optimizer.")
     assert any(v.abs().max() > 0 for v in sparse.values()), "the value optimizer never moved"
     assert_close(sparse, checkpoint_tensors(got_ckpt, "value_optimizer."), "value-table Adam moment")
     for k in ("exp_avg", "exp_avg_sq"):
         prefix = f"optimizer.{k}."
-        assert_close(checkpoint_tensors(ref_ckpt, prefix), checkpoint_tensors(got_ckpt, prefix),
-                     "dense Adam moment", one_scale=True)
+        assert_close(
+            checkpoint_tensors(ref_ckpt, prefix),
+            checkpoint_tensors(got_ckpt, prefix),
+            "dense Adam moment",
+            one_scale=True,
+        )
     steps = [torch.load(c / "common.pt", weights_only=False)["value_optimizer_steps"] for c in (ref_ckpt, got_ckpt)]
     assert steps[0] == steps[1] == [STEPS], steps
 
@@ -129,11 +157,28 @@ def test_reshard_restores_sparse_moments(uninterrupted: Path, tmp_path: Path):
     d = resumed_copy(uninterrupted, tmp_path / "resumed")
     out = tmp_path / "state.pt"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    r = subprocess.run([sys.executable, "-c", LOAD_WORKER, str(ROOT / "configs" / "tiny_gpt.yaml"), str(out),
-                        f"run_dir={d}", f"data.cache_dir={d.parent / 'cache'}", "model.pkm.n_keys=48",
-                        "train.global_batch_size=8", f"train.train_steps={STEPS}", "logging.tensorboard=false",
-                        "parallel.memory_parallel=dp", "checkpoint.resume=auto"],
-                       cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_WORKER,
+            str(ROOT / "configs" / "tiny_gpt.yaml"),
+            str(out),
+            f"run_dir={d}",
+            f"data.cache_dir={d.parent / 'cache'}",
+            "model.pkm.n_keys=48",
+            "train.global_batch_size=8",
+            f"train.train_steps={STEPS}",
+            "logging.tensorboard=false",
+            "parallel.memory_parallel=dp",
+            "checkpoint.resume=auto",
+        ],
+        cwd=ROOT,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     state = torch.load(out, weights_only=False)
     saved = checkpoint_tensors(step_dir(uninterrupted, SAVED_AT), "value_optimizer.")

@@ -10,6 +10,7 @@
   never hold more than one block of rows of a table, and write exactly the checkpoint's table.
 The memory figures at 1.07e9 parameters are benchmarks/scale.py's.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,14 +48,15 @@ LAYOUTS = [(1, 2), (1, 4), (2, 2), (2, 4)]
 def test_init_draws_only_own_columns_and_equals_single_process_table(tp, dp):
     n_slots, dim, seed = 5000, 64, 1001  # 5000: a last block of rows shorter than the others
     full = ValueTable(n_slots, dim, init_seed=seed).weight.detach()
-    assert abs(full.std().item() - dim ** -0.5) < 0.01 * dim ** -0.5
+    assert abs(full.std().item() - dim**-0.5) < 0.01 * dim**-0.5
     shards = []
     for t in range(tp):
         for d in range(dp):
             guard = LargestStorage()
             with guard:
-                table = ValueTable(n_slots, dim, MemoryParallel(tp_size=tp, tp_rank=t, dp_size=dp, dp_rank=d),
-                                   init_seed=seed)
+                table = ValueTable(
+                    n_slots, dim, MemoryParallel(tp_size=tp, tp_rank=t, dp_size=dp, dp_rank=d), init_seed=seed
+                )
             shard_bytes = table.weight.numel() * 4
             assert guard.largest <= shard_bytes, f"init made a {guard.largest}-byte tensor, the shard is {shard_bytes}"
             shards.append((table.column_start, table.weight.detach()))
@@ -86,11 +88,18 @@ def test_export_streams_tables_in_blocks_of_rows(megatron_single_process, tmp_pa
     from pretrain.checkpoint import CheckpointReader, checkpoint_tokenizer
     from tests.test_sharding import run, value_table
 
-    n_slots, dim = 48 ** 2, 64  # test_sharding's n_keys, tiny_gpt's hidden size
+    n_slots, dim = 48**2, 64  # test_sharding's n_keys, tiny_gpt's hidden size
     monkeypatch.setenv("PKM_TEST_CHECKPOINT_BLOCK_BYTES", str(n_slots * dim * 4 // 8))
     monkeypatch.setattr(vt, "CHECKPOINT_BLOCK_BYTES", n_slots * dim * 4 // 8)
-    d = run("tiny_gpt.yaml", 2, tmp_path / "run", "parallel.tensor_parallel=1", "parallel.memory_parallel=dp",
-            "train.micro_batch_size=4", "train.train_steps=2")
+    d = run(
+        "tiny_gpt.yaml",
+        2,
+        tmp_path / "run",
+        "parallel.tensor_parallel=1",
+        "parallel.memory_parallel=dp",
+        "train.micro_batch_size=4",
+        "train.train_steps=2",
+    )
     table = value_table(d)
     assert table.shape == (n_slots, dim)
     rows, count = vt.checkpoint_row_blocks(n_slots, dim)
@@ -98,8 +107,13 @@ def test_export_streams_tables_in_blocks_of_rows(megatron_single_process, tmp_pa
     ckpt = d / "checkpoints" / (d / "checkpoints" / "latest").read_text().strip()
     with _NoTableRows(n_slots):
         reader = CheckpointReader(ckpt)
-        out = export_hf(reader.state_dict(), reader.cfg.model, checkpoint_tokenizer(reader.path),
-                        str(tmp_path / "hf"), max_shard_size="100KB")
+        out = export_hf(
+            reader.state_dict(),
+            reader.cfg.model,
+            checkpoint_tokenizer(reader.path),
+            str(tmp_path / "hf"),
+            max_shard_size="100KB",
+        )
     files = os.listdir(out)
     index = json.loads((Path(out) / "model.safetensors.index.json").read_text())
     name = next(k for k in index["weight_map"] if k.endswith("memory.values.weight"))
@@ -144,16 +158,32 @@ def test_resume_in_row_blocks_at_another_layout(tmp_path, monkeypatch):
 
     from tests.test_sharding import loss_curve, run
 
-    blocks8 = str(48 ** 2 * 64 * 4 // 8)
+    blocks8 = str(48**2 * 64 * 4 // 8)
     for name, saved_blocks, world in (("blocks", blocks8, 4), ("single_chunk", "", 1)):
         monkeypatch.setenv("PKM_TEST_CHECKPOINT_BLOCK_BYTES", saved_blocks)
-        a = run("tiny_gpt.yaml", 2, tmp_path / f"{name}_w2", "parallel.tensor_parallel=1",
-                "parallel.memory_parallel=dp", "train.micro_batch_size=4", "train.train_steps=3",
-                "checkpoint.save_interval=2", "checkpoint.keep_last=2")
+        a = run(
+            "tiny_gpt.yaml",
+            2,
+            tmp_path / f"{name}_w2",
+            "parallel.tensor_parallel=1",
+            "parallel.memory_parallel=dp",
+            "train.micro_batch_size=4",
+            "train.train_steps=3",
+            "checkpoint.save_interval=2",
+            "checkpoint.keep_last=2",
+        )
         b = tmp_path / f"{name}_w{world}"
         shutil.copytree(a / "checkpoints" / "step_0000002", b / "checkpoints" / "step_0000002")
         monkeypatch.setenv("PKM_TEST_CHECKPOINT_BLOCK_BYTES", blocks8)
-        run("tiny_gpt.yaml", world, b, "parallel.tensor_parallel=1", "parallel.memory_parallel=dp",
-            f"train.micro_batch_size={8 // world}", "train.train_steps=3", "checkpoint.resume=auto")
+        run(
+            "tiny_gpt.yaml",
+            world,
+            b,
+            "parallel.tensor_parallel=1",
+            "parallel.memory_parallel=dp",
+            f"train.micro_batch_size={8 // world}",
+            "train.train_steps=3",
+            "checkpoint.resume=auto",
+        )
         (continued,), (resumed,) = loss_curve(a)[2:], loss_curve(b)
         assert abs(resumed - continued) <= 1e-5 * abs(continued), (name, resumed, continued)

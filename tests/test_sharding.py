@@ -2,6 +2,7 @@
 real Trainer against a single-process run of the same global batch: per-step losses within 1e-5
 (relative, fp32) and the gathered value table within 1e-5 after 5 steps; no rank ever holds a dense
 full-size table or table gradient (checked op by op inside each worker, tests/workers/sharded_train.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,15 +13,27 @@ import torch
 from tests.conftest import ROOT, losses, torchrun
 
 WORKER = ROOT / "tests" / "workers" / "sharded_train.py"
-COMMON = ["model.pkm.n_keys=48", "train.train_steps=5", "logging.tensorboard=false", "checkpoint.keep_last=1",
-          "train.global_batch_size=8"]
+COMMON = [
+    "model.pkm.n_keys=48",
+    "train.train_steps=5",
+    "logging.tensorboard=false",
+    "checkpoint.keep_last=1",
+    "train.global_batch_size=8",
+]
 TOL = 1e-5
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def run(config: str, nproc: int, run_dir: Path, *overrides: str) -> Path:
-    r = torchrun(WORKER, ROOT / "configs" / config, f"run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}",
-                 *COMMON, *overrides, nproc=nproc)
+    r = torchrun(
+        WORKER,
+        ROOT / "configs" / config,
+        f"run_dir={run_dir}",
+        f"data.cache_dir={run_dir.parent / 'cache'}",
+        *COMMON,
+        *overrides,
+        nproc=nproc,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert r.stdout.count("largest dense table-shaped tensor") == nproc
     return run_dir
@@ -37,8 +50,11 @@ def value_table(run_dir: Path) -> torch.Tensor:
 
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     reader = dcp.FileSystemReader(str(ckpt))
-    key = next(k for k in reader.read_metadata().state_dict_metadata if k.startswith("model.") and
-               k.endswith("memory.values.weight"))
+    key = next(
+        k
+        for k in reader.read_metadata().state_dict_metadata
+        if k.startswith("model.") and k.endswith("memory.values.weight")
+    )
     meta = reader.read_metadata().state_dict_metadata[key]
     out = {key: torch.empty(meta.size, dtype=torch.float32)}
     dcp.load(out, storage_reader=reader, no_dist=True)
@@ -63,12 +79,20 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("family,nproc,tp,mp,zero", LAYOUTS,
-                         ids=[f"{f}-np{n}-tp{t}-mp_{m}-zero{z}" for f, n, t, m, z in LAYOUTS])
+@pytest.mark.parametrize(
+    "family,nproc,tp,mp,zero", LAYOUTS, ids=[f"{f}-np{n}-tp{t}-mp_{m}-zero{z}" for f, n, t, m, z in LAYOUTS]
+)
 def test_sharded_matches_single_process(reference, tmp_path, family, nproc, tp, mp, zero):
     dp = nproc // tp
-    out = run(f"tiny_{family}.yaml", nproc, tmp_path / "run", f"parallel.tensor_parallel={tp}",
-              f"parallel.memory_parallel={mp}", f"train.zero_stage={zero}", f"train.micro_batch_size={8 // dp}")
+    out = run(
+        f"tiny_{family}.yaml",
+        nproc,
+        tmp_path / "run",
+        f"parallel.tensor_parallel={tp}",
+        f"parallel.memory_parallel={mp}",
+        f"train.zero_stage={zero}",
+        f"train.micro_batch_size={8 // dp}",
+    )
     ref_losses, got = loss_curve(reference[family]), loss_curve(out)
     assert len(got) == len(ref_losses) == 5
     for step, (a, b) in enumerate(zip(ref_losses, got), 1):
@@ -84,8 +108,11 @@ def value_table_at_init(run_dir: Path) -> torch.Tensor:
     from model.pkm.value_table import ValueTable
 
     cfg = __import__("yaml").safe_load((run_dir / "config.yaml").read_text())
-    t = ValueTable(cfg["model"]["pkm"]["n_keys"] ** 2, cfg["model"]["hidden_size"],
-                   init_seed=cfg["train"]["seed"] * 1000 + cfg["model"]["pkm"]["layers"][0] + 1)
+    t = ValueTable(
+        cfg["model"]["pkm"]["n_keys"] ** 2,
+        cfg["model"]["hidden_size"],
+        init_seed=cfg["train"]["seed"] * 1000 + cfg["model"]["pkm"]["layers"][0] + 1,
+    )
     return t.weight.detach()
 
 
@@ -96,22 +123,32 @@ ROWWISE_LAYOUTS = [("gpt", 2, 2, "tp", 1), ("gpt", 2, 1, "dp", 2), ("gpt", 4, 2,
 def rowwise_reference(tmp_path_factory):
     """Single-process GPT runs with each row-wise value optimizer."""
     base = tmp_path_factory.mktemp("ref_rowwise")
-    return {kind: run("tiny_gpt.yaml", 1, base / kind, "train.micro_batch_size=8", f"model.pkm.value_optimizer={kind}")
-            for kind in ("rowwise_adagrad", "rowwise_adam")}
+    return {
+        kind: run("tiny_gpt.yaml", 1, base / kind, "train.micro_batch_size=8", f"model.pkm.value_optimizer={kind}")
+        for kind in ("rowwise_adagrad", "rowwise_adam")
+    }
 
 
 @pytest.mark.parametrize("kind", ["rowwise_adagrad", "rowwise_adam"])
-@pytest.mark.parametrize("family,nproc,tp,mp,zero", ROWWISE_LAYOUTS,
-                         ids=[f"np{n}-tp{t}-mp_{m}" for _, n, t, m, _ in ROWWISE_LAYOUTS])
+@pytest.mark.parametrize(
+    "family,nproc,tp,mp,zero", ROWWISE_LAYOUTS, ids=[f"np{n}-tp{t}-mp_{m}" for _, n, t, m, _ in ROWWISE_LAYOUTS]
+)
 def test_rowwise_value_optimizers_match_single_process(rowwise_reference, tmp_path, kind, family, nproc, tp, mp, zero):
     """Issue #15: a row's statistic (mean of its squared gradient over the full width) does not depend
     on the layout: with the table split by columns the shards' sums are all-reduced before the update.
     Same tolerances as above (1e-5). Without the all-reduce each shard divides its own columns' sum by
     the full width and the tables differ after the first step."""
     dp = nproc // tp
-    out = run(f"tiny_{family}.yaml", nproc, tmp_path / "run", f"parallel.tensor_parallel={tp}",
-              f"parallel.memory_parallel={mp}", f"train.zero_stage={zero}", f"train.micro_batch_size={8 // dp}",
-              f"model.pkm.value_optimizer={kind}")
+    out = run(
+        f"tiny_{family}.yaml",
+        nproc,
+        tmp_path / "run",
+        f"parallel.tensor_parallel={tp}",
+        f"parallel.memory_parallel={mp}",
+        f"train.zero_stage={zero}",
+        f"train.micro_batch_size={8 // dp}",
+        f"model.pkm.value_optimizer={kind}",
+    )
     ref_losses, got = loss_curve(rowwise_reference[kind]), loss_curve(out)
     assert len(got) == len(ref_losses) == 5
     for step, (a, b) in enumerate(zip(ref_losses, got), 1):

@@ -7,6 +7,7 @@ gloo processes (each worker's stderr is read from torchrun's per-rank log files)
 sees the environment of rank 0 of a 4-process world: the check runs before any process group exists,
 so that process must fail at once instead of waiting for three peers that never come.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,10 +27,12 @@ from tests.conftest import ROOT, TINY_GPT, free_port
 COMMON = ["train.train_steps=1", "logging.tensorboard=false"]
 
 
-
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT") and not k.startswith("SLURM_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")
+    }
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -44,14 +47,17 @@ def assert_one_line_error(stderr: str, *expected: str) -> None:
 
 TORCHRUN_CASES = [
     # (id, overrides, what the one line must say)
-    ("hidden-not-divisible-by-memory-parallel",
-     ["model.hidden_size=63", "model.num_attention_heads=3", "parallel.memory_parallel=dp"],
-     ["model.hidden_size=63", "memory-parallel size 2", "parallel.memory_parallel=dp"]),
-    ("tp-does-not-divide-world", ["parallel.tensor_parallel=3"],
-     ["parallel.tensor_parallel=3", "world size 2"]),
-    ("heads-not-divisible-by-tp",
-     ["parallel.tensor_parallel=2", "model.hidden_size=66", "model.num_attention_heads=3"],
-     ["model.num_attention_heads=3", "parallel.tensor_parallel=2"]),
+    (
+        "hidden-not-divisible-by-memory-parallel",
+        ["model.hidden_size=63", "model.num_attention_heads=3", "parallel.memory_parallel=dp"],
+        ["model.hidden_size=63", "memory-parallel size 2", "parallel.memory_parallel=dp"],
+    ),
+    ("tp-does-not-divide-world", ["parallel.tensor_parallel=3"], ["parallel.tensor_parallel=3", "world size 2"]),
+    (
+        "heads-not-divisible-by-tp",
+        ["parallel.tensor_parallel=2", "model.hidden_size=66", "model.num_attention_heads=3"],
+        ["model.num_attention_heads=3", "parallel.tensor_parallel=2"],
+    ),
 ]
 
 
@@ -59,9 +65,28 @@ TORCHRUN_CASES = [
 @pytest.mark.parametrize("overrides,expected", [c[1:] for c in TORCHRUN_CASES], ids=[c[0] for c in TORCHRUN_CASES])
 def test_layout_error_under_torchrun(tmp_path, overrides, expected):
     logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "--log-dir", str(logs), "--redirects", "3", "-m", "pkm", "pretrain", "--config", str(TINY_GPT),
-           f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", *COMMON, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+        "-m",
+        "pkm",
+        "pretrain",
+        "--config",
+        str(TINY_GPT),
+        f"run_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *COMMON,
+        *overrides,
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     out = r.stdout + r.stderr
     assert r.returncode != 0, out[-3000:]
@@ -80,15 +105,33 @@ def test_layout_error_under_torchrun(tmp_path, overrides, expected):
 def test_memory_parallel_error_before_distributed_setup(tmp_path):
     """hidden 66 over a 4-way memory-parallel split (TP 2 x DP 2, memory_parallel=all); 66 divides by the
     TP size and 6 heads, so only the value-table split is wrong."""
-    env = {**_env(), "RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'run'}",
-           *COMMON, "model.hidden_size=66", "model.num_attention_heads=6", "parallel.tensor_parallel=2",
-           "parallel.memory_parallel=all"]
+    env = {
+        **_env(),
+        "RANK": "0",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "pkm",
+        "pretrain",
+        "--config",
+        str(TINY_GPT),
+        f"run_dir={tmp_path / 'run'}",
+        *COMMON,
+        "model.hidden_size=66",
+        "model.num_attention_heads=6",
+        "parallel.tensor_parallel=2",
+        "parallel.memory_parallel=all",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
-    assert_one_line_error(r.stderr, "model.hidden_size=66", "memory-parallel size 4", "parallel.memory_parallel=all",
-                          "TP 2 x DP 2")
+    assert_one_line_error(
+        r.stderr, "model.hidden_size=66", "memory-parallel size 4", "parallel.memory_parallel=all", "TP 2 x DP 2"
+    )
 
 
 def _model(**kw) -> ModelConfig:
@@ -112,9 +155,14 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("model,tp,mode,world,error", LAYOUTS,
-                         ids=[f"h{m.hidden_size}-heads{m.num_attention_heads}-tp{tp}-{mode}-w{w}-{'ok' if e is None else 'error'}"
-                              for m, tp, mode, w, e in LAYOUTS])
+@pytest.mark.parametrize(
+    "model,tp,mode,world,error",
+    LAYOUTS,
+    ids=[
+        f"h{m.hidden_size}-heads{m.num_attention_heads}-tp{tp}-{mode}-w{w}-{'ok' if e is None else 'error'}"
+        for m, tp, mode, w, e in LAYOUTS
+    ],
+)
 def test_check_layout(model, tp, mode, world, error):
     parallel = ParallelConfig(tensor_parallel=tp, memory_parallel=mode)
     if error is None:

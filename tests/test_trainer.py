@@ -1,5 +1,6 @@
 """The training spine through its real entry point (`pkm pretrain`): DeepSpeed engine, megatron-core
 GPT/BERT with PKM, TensorBoard metrics, checkpoints, exact resume, row-sparse value updates."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,15 @@ GOLDEN_FIRST_LOSS_GPT = 9.0306363  # value tables drawn per (4096-row block, col
 def gpt_run(tmp_path_factory) -> Path:
     """20 steps of the tiny PKM-GPT, checkpoints at 10 and 20 (shared by several tests)."""
     run = tmp_path_factory.mktemp("gpt") / "run"
-    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}", "checkpoint.save_interval=10",
-            "checkpoint.keep_last=3", f"data.cache_dir={run.parent / 'cache'}")
+    r = run_pkm(
+        "pretrain",
+        "--config",
+        str(TINY_GPT),
+        f"run_dir={run}",
+        "checkpoint.save_interval=10",
+        "checkpoint.keep_last=3",
+        f"data.cache_dir={run.parent / 'cache'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     run.joinpath("stdout.txt").write_text(r.stdout)
     return run
@@ -41,9 +49,17 @@ def test_tensorboard_scalars(gpt_run: Path):
     acc = EventAccumulator(str(gpt_run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("lm loss", "learning rate", "grad norm", "tokens per second", "iteration time",
-                "pkm/layer1/slots read %", "pkm/layer1/top-1 slots read %", "pkm/layer1/kl to uniform",
-                "pkm/layer1/slots updated in last 10 steps %"):
+    for tag in (
+        "lm loss",
+        "learning rate",
+        "grad norm",
+        "tokens per second",
+        "iteration time",
+        "pkm/layer1/slots read %",
+        "pkm/layer1/top-1 slots read %",
+        "pkm/layer1/kl to uniform",
+        "pkm/layer1/slots updated in last 10 steps %",
+    ):
         assert tag in tags, f"missing TensorBoard scalar {tag!r}; have {sorted(tags)}"
     assert len(acc.Scalars("lm loss")) == 20
     lrs = [e.value for e in acc.Scalars("learning rate")]
@@ -69,8 +85,14 @@ def test_exact_resume(gpt_run: Path, tmp_path: Path):
 
     run = tmp_path / "resumed"
     shutil.copytree(gpt_run / "checkpoints" / "step_0000010", run / "checkpoints" / "step_0000010")
-    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}", "checkpoint.resume=auto",
-            f"data.cache_dir={gpt_run.parent / 'cache'}")
+    r = run_pkm(
+        "pretrain",
+        "--config",
+        str(TINY_GPT),
+        f"run_dir={run}",
+        "checkpoint.resume=auto",
+        f"data.cache_dir={gpt_run.parent / 'cache'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     straight, resumed = losses(gpt_run), losses(run)
     assert sorted(resumed) == list(range(11, 21))
@@ -86,13 +108,26 @@ def test_corrupt_checkpoint_falls_back(gpt_run: Path, tmp_path: Path):
     victim = max((run / "checkpoints" / "step_0000020").rglob("*.distcp"), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     # An explicit path to the bad checkpoint: a one-line error naming the file.
-    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}",
-            f"checkpoint.resume={run / 'checkpoints' / 'step_0000020'}", "train.train_steps=21")
+    r = run_pkm(
+        "pretrain",
+        "--config",
+        str(TINY_GPT),
+        f"run_dir={run}",
+        f"checkpoint.resume={run / 'checkpoints' / 'step_0000020'}",
+        "train.train_steps=21",
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert victim.name in r.stderr and "truncated" in r.stderr
     # resume=auto: warns and continues from the previous good checkpoint (step 10).
-    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}", "checkpoint.resume=auto",
-            "train.train_steps=12", f"data.cache_dir={gpt_run.parent / 'cache'}")
+    r = run_pkm(
+        "pretrain",
+        "--config",
+        str(TINY_GPT),
+        f"run_dir={run}",
+        "checkpoint.resume=auto",
+        "train.train_steps=12",
+        f"data.cache_dir={gpt_run.parent / 'cache'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "falling back to the previous one" in r.stderr
     assert losses(run)[11] == losses(gpt_run)[11]
@@ -124,10 +159,12 @@ def test_value_updates_are_row_sparse(megatron_single_process, tmp_path: Path):
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
-    cfg = load_config(TINY_GPT, [f"run_dir={tmp_path / 'run'}", "train.train_steps=3", "logging.tensorboard=false",
-                                 "model.pkm.n_keys=64"])
+    cfg = load_config(
+        TINY_GPT,
+        [f"run_dir={tmp_path / 'run'}", "train.train_steps=3", "logging.tensorboard=false", "model.pkm.n_keys=64"],
+    )
     tr = Trainer(cfg)
-    (name, mem), = tr.pkm_layers
+    ((name, mem),) = tr.pkm_layers
     table = mem.values.weight
     in_engine = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
     assert id(table) not in in_engine and table not in set(tr.model.parameters())
@@ -158,19 +195,41 @@ def test_init_from_memory_free_run_and_consolidate(gpt_run: Path, tmp_path: Path
     """Kim & Jung's recipe with our own weights: a memory-free run's checkpoint initialises a model
     with fresh PKM (`--init-from`); `load_consolidated` gathers any checkpoint into full tensors."""
     base = tmp_path / "dense"
-    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={base}", "model.pkm.layers=[]", "train.train_steps=3",
-            f"data.cache_dir={gpt_run.parent / 'cache'}")
+    r = run_pkm(
+        "pretrain",
+        "--config",
+        str(TINY_GPT),
+        f"run_dir={base}",
+        "model.pkm.layers=[]",
+        "train.train_steps=3",
+        f"data.cache_dir={gpt_run.parent / 'cache'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = base / "checkpoints" / "step_0000003"
-    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'with_pkm'}", "train.train_steps=2",
-            "--init-from", str(ckpt), f"data.cache_dir={gpt_run.parent / 'cache'}")
+    r = run_pkm(
+        "pretrain",
+        "--config",
+        str(TINY_GPT),
+        f"run_dir={tmp_path / 'with_pkm'}",
+        "train.train_steps=2",
+        "--init-from",
+        str(ckpt),
+        f"data.cache_dir={gpt_run.parent / 'cache'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "initialised from our checkpoint" in r.stdout
     # the memory-free run continued from its step-3 loss level, not from scratch
     assert losses(tmp_path / "with_pkm")[1] < losses(base)[1] - 0.05
     # a missing weight is a clear error: a 3-layer model cannot come from a 2-layer checkpoint
-    r = run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'bad'}", "model.num_layers=3",
-            "--init-from", str(ckpt))
+    r = run_pkm(
+        "pretrain",
+        "--config",
+        str(TINY_GPT),
+        f"run_dir={tmp_path / 'bad'}",
+        "model.num_layers=3",
+        "--init-from",
+        str(ckpt),
+    )
     assert r.returncode == 2 and "lacks" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -179,5 +238,5 @@ def test_load_consolidated(megatron_single_process, gpt_run: Path):
 
     sd, cfg, info = load_consolidated(gpt_run / "checkpoints")
     table = sd["decoder.layers.1.mlp.memory.values.weight"]
-    assert table.shape == (cfg.model.pkm.n_keys ** 2, cfg.model.hidden_size)
+    assert table.shape == (cfg.model.pkm.n_keys**2, cfg.model.hidden_size)
     assert info["step"] == 20 and info["final_loss"] == pytest.approx(losses(gpt_run)[20])

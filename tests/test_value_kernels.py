@@ -1,5 +1,6 @@
 """The value-table kernel (model/pkm/value_table.py `weighted_bag`) against fbgemm's table-batched
 embedding bags, and on bf16 tables."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,10 @@ def test_weighted_bag_matches_fbgemm_rowwise_adagrad():
     try:
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-            ComputeDevice, OptimType, SplitTableBatchedEmbeddingBagsCodegen)
+            ComputeDevice,
+            OptimType,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
     except ImportError as e:
         pytest.skip(f"fbgemm-gpu-cpu not installed (`pip install fbgemm-gpu-cpu==1.8.0`, the test extra): {e}")
     slots, dim, lr, eps = 64, 16, 0.05, 1e-8
@@ -34,9 +38,13 @@ def test_weighted_bag_matches_fbgemm_rowwise_adagrad():
     table0 = torch.randn(slots, dim, generator=torch.Generator().manual_seed(1))
     grad_out = torch.randn(n, dim, generator=torch.Generator().manual_seed(2))
 
-    fb = SplitTableBatchedEmbeddingBagsCodegen([(slots, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-                                               optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=lr, eps=eps,
-                                               pooling_mode=PoolingMode.SUM)
+    fb = SplitTableBatchedEmbeddingBagsCodegen(
+        [(slots, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=lr,
+        eps=eps,
+        pooling_mode=PoolingMode.SUM,
+    )
     with torch.no_grad():
         fb.weights_host.copy_(table0.reshape(-1))
     w_fb = weights.clone().requires_grad_(True)

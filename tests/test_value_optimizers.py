@@ -1,6 +1,7 @@
 """Issue #15: the row-wise value optimizers through the real trainer and checkpoints. A run saved at
 step 3 and resumed gives the same per-step losses as the straight run (row state and bf16 tables
 included); resuming with another value optimizer, or bf16 tables with adam, is a one-line error."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,10 @@ import pytest
 from tests.conftest import TINY_GPT, assert_user_error, run_pkm
 
 pytestmark = pytest.mark.slow
-VARIANTS = {"rowwise_adam": ["model.pkm.value_optimizer=rowwise_adam"],
-            "rowwise_adagrad_bf16": ["model.pkm.value_optimizer=rowwise_adagrad", "model.pkm.value_dtype=bf16"]}
+VARIANTS = {
+    "rowwise_adam": ["model.pkm.value_optimizer=rowwise_adam"],
+    "rowwise_adagrad_bf16": ["model.pkm.value_optimizer=rowwise_adagrad", "model.pkm.value_dtype=bf16"],
+}
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -22,9 +25,18 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def train(run_dir: Path, *overrides: str):
-    return run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run_dir}", "train.train_steps=6",
-                   "checkpoint.save_interval=3", "checkpoint.keep_last=2", "logging.tensorboard=false",
-                   f"data.cache_dir={run_dir.parent / 'cache'}", *overrides)
+    return run_pkm(
+        "pretrain",
+        "--config",
+        str(TINY_GPT),
+        f"run_dir={run_dir}",
+        "train.train_steps=6",
+        "checkpoint.save_interval=3",
+        "checkpoint.keep_last=2",
+        "logging.tensorboard=false",
+        f"data.cache_dir={run_dir.parent / 'cache'}",
+        *overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +69,9 @@ def test_resume_with_another_value_optimizer_is_a_user_error(straight, tmp_path)
     ckpt = straight["rowwise_adam"] / "checkpoints" / "step_0000003"
     r = train(tmp_path / "other", f"checkpoint.resume={ckpt}", "model.pkm.value_optimizer=adam")
     line = assert_user_error(r, "step_0000003", "rowwise_adam", "value_optimizer=adam")
-    assert not (tmp_path / "other" / "checkpoints").exists() or not any((tmp_path / "other" / "checkpoints").iterdir()), line
+    assert not (tmp_path / "other" / "checkpoints").exists() or not any(
+        (tmp_path / "other" / "checkpoints").iterdir()
+    ), line
 
 
 def test_bf16_tables_with_adam_is_a_user_error(tmp_path):

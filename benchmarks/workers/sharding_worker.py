@@ -1,12 +1,14 @@
 """torchrun worker of benchmarks/sharding.py: builds the real Trainer, times its training steps and
 reports what this rank really holds for the PKM value tables (live tensors, not formulas).
 
-usage: torchrun --nproc_per_node N benchmarks/workers/sharding_worker.py OUT_DIR WARMUP STEPS DENSE CONFIG [overrides...]
+usage: torchrun --nproc_per_node N benchmarks/workers/sharding_worker.py \
+    OUT_DIR WARMUP STEPS DENSE CONFIG [overrides...]
 
 Each round times one training step with the row-sparse value update (the Trainer's LazyRowAdam) and,
 when DENSE is 1, one with the dense alternative right after it (A B A B ...), so both see the same
 machine load. Writes OUT_DIR/rank<R>.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,8 +92,9 @@ def main() -> int:
     t = cfg.train
     optimizers = {"sparse": tr.value_optimizer}
     if dense:
-        optimizers["dense"] = DenseValueAdam(tr.value_optimizer, cfg.model.pkm.value_lr,
-                                             (t.adam_beta1, t.adam_beta2), t.adam_eps)
+        optimizers["dense"] = DenseValueAdam(
+            tr.value_optimizer, cfg.model.pkm.value_lr, (t.adam_beta1, t.adam_beta2), t.adam_eps
+        )
     optimizers = {k: RowCounter(v) for k, v in optimizers.items()}
     times = {k: [] for k in optimizers}
     cpu = {k: [] for k in optimizers}  # this process's CPU time (all its threads): less sensitive to load
@@ -106,14 +109,20 @@ def main() -> int:
                 times[name].append((time.perf_counter() - start) * 1e3)
                 cpu[name].append((time.process_time() - cpu_start) * 1e3)
         if env.is_main:
-            print(f"  world {env.world_size}: round {r + 1}/{warmup + steps}" + ("" if r >= warmup else " (warm-up)")
-                  + "".join(f"  {k} {v[-1]:.0f} ms" for k, v in times.items() if v and r >= warmup), flush=True)
+            print(
+                f"  world {env.world_size}: round {r + 1}/{warmup + steps}"
+                + ("" if r >= warmup else " (warm-up)")
+                + "".join(f"  {k} {v[-1]:.0f} ms" for k, v in times.items() if v and r >= warmup),
+                flush=True,
+            )
 
     tables = [m.values.weight for _, m in tr.pkm_layers]
     sparse_state = optimizers["sparse"].inner.optimizer.state
     moments = [sparse_state[w][k] for w in tables for k in ("exp_avg", "exp_avg_sq")]
     report = {
-        "rank": env.rank, "world": env.world_size, "memory_parallel_size": env.memory_parallel.size,
+        "rank": env.rank,
+        "world": env.world_size,
+        "memory_parallel_size": env.memory_parallel.size,
         "omp_threads": torch.get_num_threads(),
         "value_shape": [list(w.shape) for w in tables],
         "value_bytes": storage_bytes(tables),

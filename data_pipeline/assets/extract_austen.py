@@ -6,6 +6,7 @@
 The package keeps each novel as a character vector of the Project Gutenberg text's lines in an R
 lazy-load database (read by data_pipeline/r_books.py). Needs `pip install rdata`.
 """
+
 from __future__ import annotations
 
 import argparse

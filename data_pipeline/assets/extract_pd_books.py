@@ -11,6 +11,7 @@ pretraining (the Kim & Jung recipe, configs/recipes/kim_jung/), from Debian/Ubun
 The online-evaluation books (tidytext's, pretrain/online_eval/assets/books) and the King James Bible are
 evaluation / shift data and deliberately not here. Needs `pip install rdata`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ def gutenberg_body(text: str) -> list[str]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("*** START OF"))
     end = next(i for i, line in enumerate(lines) if line.startswith("*** END OF"))
-    return lines[start + 1:end]
+    return lines[start + 1 : end]
 
 
 def main() -> None:

@@ -6,10 +6,12 @@ Megatron names are *canonical*: an FFN wrapped by a PKM "add" layer (`mlp.mlp.li
 `mlp.linear_fc1`. `{i}` stands for the layer index. HF names are relative to the base model (the
 `bert.` / `transformer.` / `model.` prefix is stripped); task heads keep their full names.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 # How the HF tensors of one rule become the megatron tensor (see init_from.CONVERT):
 #   copy       one tensor, as is
@@ -48,17 +50,25 @@ def F(name: str, *hf: str, default: Any = None, required: bool = True) -> Config
 
 
 # ModelConfig field -> its key in transformers' PretrainedConfig, which every family's config.json uses.
-_STANDARD_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
-                  "num_attention_heads": "num_attention_heads", "max_position_embeddings": "max_position_embeddings",
-                  "vocab_size": "vocab_size"}
+_STANDARD_KEYS = {
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_attention_heads": "num_attention_heads",
+    "max_position_embeddings": "max_position_embeddings",
+    "vocab_size": "vocab_size",
+}
 
 
 def _standard_fields(tie_default: bool, **older_keys: str) -> tuple[ConfigField, ...]:
     """The fields under their standard keys (required), each looked up first under the family's older key
     where it has one (GPT-2 writes n_embd, n_layer, ...); and whether the output embeddings are tied."""
-    return (*(F(field, *([older_keys[field]] if field in older_keys else []), key)
-              for field, key in _STANDARD_KEYS.items()),
-            F("tie_embeddings", "tie_word_embeddings", default=tie_default, required=False))
+    return (
+        *(
+            F(field, *([older_keys[field]] if field in older_keys else []), key)
+            for field, key in _STANDARD_KEYS.items()
+        ),
+        F("tie_embeddings", "tie_word_embeddings", default=tie_default, required=False),
+    )
 
 
 @dataclass(frozen=True)
@@ -82,7 +92,7 @@ class Adapter:
     activation_key: str
     rules: tuple[Rule, ...]
     ignore: tuple[str, ...] = ()  # regexes of HF names that hold buffers, not weights
-    derived: Optional[Callable[[dict, set], dict]] = None  # fields derived from config + weight names
+    derived: Callable[[dict, set], dict] | None = None  # fields derived from config + weight names
 
 
 def _bert_derived(hf_cfg: dict, names: set) -> dict:
@@ -94,8 +104,14 @@ BERT = Adapter(
     name="bert",
     model_types=("bert",),
     base_prefixes=("bert.",),
-    fixed={"family": "bert", "normalization": "LayerNorm", "norm_position": "post",
-           "position_embedding": "learned_absolute", "add_bias_linear": True, "qkv_bias": None},
+    fixed={
+        "family": "bert",
+        "normalization": "LayerNorm",
+        "norm_position": "post",
+        "position_embedding": "learned_absolute",
+        "add_bias_linear": True,
+        "qkv_bias": None,
+    },
     fields=(
         *_standard_fields(tie_default=True),
         F("ffn_hidden_size", "intermediate_size"),
@@ -115,12 +131,20 @@ BERT = Adapter(
         R("embedding.tokentype_embeddings.weight", "embeddings.token_type_embeddings.weight"),
         R("embedding.embedding_dropout.layernorm.weight", "embeddings.LayerNorm.weight"),
         R("embedding.embedding_dropout.layernorm.bias", "embeddings.LayerNorm.bias"),
-        R("encoder.layers.{i}.self_attention.linear_qkv.weight", "encoder.layer.{i}.attention.self.query.weight",
-          "encoder.layer.{i}.attention.self.key.weight", "encoder.layer.{i}.attention.self.value.weight",
-          convert="qkv"),
-        R("encoder.layers.{i}.self_attention.linear_qkv.bias", "encoder.layer.{i}.attention.self.query.bias",
-          "encoder.layer.{i}.attention.self.key.bias", "encoder.layer.{i}.attention.self.value.bias",
-          convert="qkv"),
+        R(
+            "encoder.layers.{i}.self_attention.linear_qkv.weight",
+            "encoder.layer.{i}.attention.self.query.weight",
+            "encoder.layer.{i}.attention.self.key.weight",
+            "encoder.layer.{i}.attention.self.value.weight",
+            convert="qkv",
+        ),
+        R(
+            "encoder.layers.{i}.self_attention.linear_qkv.bias",
+            "encoder.layer.{i}.attention.self.query.bias",
+            "encoder.layer.{i}.attention.self.key.bias",
+            "encoder.layer.{i}.attention.self.value.bias",
+            convert="qkv",
+        ),
         R("encoder.layers.{i}.self_attention.linear_proj.weight", "encoder.layer.{i}.attention.output.dense.weight"),
         R("encoder.layers.{i}.self_attention.linear_proj.bias", "encoder.layer.{i}.attention.output.dense.bias"),
         R("encoder.layers.{i}.self_attn_bda.layernorm.weight", "encoder.layer.{i}.attention.output.LayerNorm.weight"),
@@ -152,11 +176,22 @@ GPT2 = Adapter(
     name="gpt2",
     model_types=("gpt2",),
     base_prefixes=("transformer.",),
-    fixed={"family": "gpt", "normalization": "LayerNorm", "norm_position": "pre",
-           "position_embedding": "learned_absolute", "add_bias_linear": True, "qkv_bias": None},
+    fixed={
+        "family": "gpt",
+        "normalization": "LayerNorm",
+        "norm_position": "pre",
+        "position_embedding": "learned_absolute",
+        "add_bias_linear": True,
+        "qkv_bias": None,
+    },
     fields=(
-        *_standard_fields(tie_default=True, hidden_size="n_embd", num_layers="n_layer", num_attention_heads="n_head",
-                          max_position_embeddings="n_positions"),
+        *_standard_fields(
+            tie_default=True,
+            hidden_size="n_embd",
+            num_layers="n_layer",
+            num_attention_heads="n_head",
+            max_position_embeddings="n_positions",
+        ),
         F("ffn_hidden_size", "n_inner", default=None, required=False),
         F("layernorm_epsilon", "layer_norm_epsilon", default=1e-5, required=False),
     ),
@@ -189,6 +224,7 @@ GPT2 = Adapter(
     ignore=(r"h\.\d+\.attn\.bias", r"h\.\d+\.attn\.masked_bias"),
 )
 
+
 def _llama_derived(hf_cfg: dict, names: set) -> dict:
     # HF Llama: attention_bias covers q, k, v and o; mlp_bias gate, up, down. megatron: add_qkv_bias covers
     # q, k, v; add_bias_linear covers o and the MLP. Representable when both flags agree.
@@ -196,8 +232,10 @@ def _llama_derived(hf_cfg: dict, names: set) -> dict:
     if attn != mlp:
         from model.errors import ModelError
 
-        raise ModelError(f"config.json: attention_bias={attn} with mlp_bias={mlp} has no megatron-core "
-                         "equivalent (its output-projection bias follows the MLP's)")
+        raise ModelError(
+            f"config.json: attention_bias={attn} with mlp_bias={mlp} has no megatron-core "
+            "equivalent (its output-projection bias follows the MLP's)"
+        )
     return {}
 
 
@@ -225,17 +263,35 @@ LLAMA = Adapter(
     rules=(
         R("embedding.word_embeddings.weight", "embed_tokens.weight", vocab=True),
         R("decoder.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight"),
-        R("decoder.layers.{i}.self_attention.linear_qkv.weight", "layers.{i}.self_attn.q_proj.weight",
-          "layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.v_proj.weight", convert="qkv"),
-        R("decoder.layers.{i}.self_attention.linear_qkv.bias", "layers.{i}.self_attn.q_proj.bias",
-          "layers.{i}.self_attn.k_proj.bias", "layers.{i}.self_attn.v_proj.bias", convert="qkv"),
+        R(
+            "decoder.layers.{i}.self_attention.linear_qkv.weight",
+            "layers.{i}.self_attn.q_proj.weight",
+            "layers.{i}.self_attn.k_proj.weight",
+            "layers.{i}.self_attn.v_proj.weight",
+            convert="qkv",
+        ),
+        R(
+            "decoder.layers.{i}.self_attention.linear_qkv.bias",
+            "layers.{i}.self_attn.q_proj.bias",
+            "layers.{i}.self_attn.k_proj.bias",
+            "layers.{i}.self_attn.v_proj.bias",
+            convert="qkv",
+        ),
         R("decoder.layers.{i}.self_attention.linear_proj.weight", "layers.{i}.self_attn.o_proj.weight"),
         R("decoder.layers.{i}.self_attention.linear_proj.bias", "layers.{i}.self_attn.o_proj.bias"),
         R("decoder.layers.{i}.pre_mlp_layernorm.weight", "layers.{i}.post_attention_layernorm.weight"),
-        R("decoder.layers.{i}.mlp.linear_fc1.weight", "layers.{i}.mlp.gate_proj.weight",
-          "layers.{i}.mlp.up_proj.weight", convert="gate_up"),
-        R("decoder.layers.{i}.mlp.linear_fc1.bias", "layers.{i}.mlp.gate_proj.bias",
-          "layers.{i}.mlp.up_proj.bias", convert="gate_up"),
+        R(
+            "decoder.layers.{i}.mlp.linear_fc1.weight",
+            "layers.{i}.mlp.gate_proj.weight",
+            "layers.{i}.mlp.up_proj.weight",
+            convert="gate_up",
+        ),
+        R(
+            "decoder.layers.{i}.mlp.linear_fc1.bias",
+            "layers.{i}.mlp.gate_proj.bias",
+            "layers.{i}.mlp.up_proj.bias",
+            convert="gate_up",
+        ),
         R("decoder.layers.{i}.mlp.linear_fc2.weight", "layers.{i}.mlp.down_proj.weight"),
         R("decoder.layers.{i}.mlp.linear_fc2.bias", "layers.{i}.mlp.down_proj.bias"),
         R("decoder.final_layernorm.weight", "norm.weight"),

@@ -6,6 +6,7 @@ written as "not recorded" (never invented):
   train_steps, tokens_seen, final_loss, final_eval_loss, memory_usage (dict: figure -> value, or
   layer -> {figure: value}), license, notes.
 """
+
 from __future__ import annotations
 
 from model.config import ModelConfig
@@ -86,12 +87,12 @@ def model_card(model, cfg: ModelConfig, info: dict, tokenizer: str) -> str:
         "|---|---|",
         f"| layers (0-based) | {_fmt(list(p.layers)) if p.layers else 'none (memory-free)'} |",
         f"| placement | {p.placement} ({'FFN(x) + PKM(x)' if p.placement == 'add' else 'PKM(x) replaces the FFN'}) |",
-        f"| slots per layer | {p.n_keys}^2 = {p.n_keys ** 2:,} |",
+        f"| slots per layer | {p.n_keys}^2 = {p.n_keys**2:,} |",
         f"| heads / knn / key dim | {p.heads} / {p.knn} / {p.k_dim} |",
         f"| query BatchNorm / LayerNorm | {p.query_batchnorm} / {p.query_layernorm} |",
-        f"| value tables | {value_bytes / 2 ** 20:.1f} MiB in total |",
+        f"| value tables | {value_bytes / 2**20:.1f} MiB in total |",
         "",
-        "Each memory is a `ProductKeyMemory` module; its value table `values` is an `nn.EmbeddingBag(mode=\"sum\")` "
+        'Each memory is a `ProductKeyMemory` module; its value table `values` is an `nn.EmbeddingBag(mode="sum")` '
         "and `last_indices` holds the slots read by the last forward ([tokens, heads*knn]).",
         "",
         "## Training",

@@ -10,13 +10,13 @@ Load with `AutoModelForCausalLM` / `AutoModelForMaskedLM` / `AutoModelForSequenc
 
 The exported module tree mirrors megatron's, so the weights move by renaming alone (RENAMES).
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
 import shutil
-from typing import Optional
 
 import torch
 
@@ -42,7 +42,8 @@ RENAMES_COMMON = (
 )
 RENAMES = {
     "gpt": RENAMES_COMMON + ((r"output_layer\.weight", "lm_head.weight"),),
-    "bert": RENAMES_COMMON + (
+    "bert": RENAMES_COMMON
+    + (
         (r"pooler\.", "model.pooler."),
         (r"lm_head\.", "lm_head."),
         (r"output_layer\.weight", "lm_head.decoder.weight"),
@@ -53,12 +54,18 @@ RENAMES = {
 NOT_EXPORTED = (r"binary_head\..*", r".*_extra_state")
 
 AUTO_MAP = {
-    "gpt": {"AutoConfig": "configuration_pkm.PKMGPTConfig", "AutoModel": "modeling_pkm.PKMGPTModel",
-            "AutoModelForCausalLM": "modeling_pkm.PKMGPTForCausalLM"},
-    "bert": {"AutoConfig": "configuration_pkm.PKMBertConfig", "AutoModel": "modeling_pkm.PKMBertModel",
-             "AutoModelForMaskedLM": "modeling_pkm.PKMBertForMaskedLM",
-             "AutoModelForSequenceClassification": "modeling_pkm.PKMBertForSequenceClassification",
-             "AutoModelForQuestionAnswering": "modeling_pkm.PKMBertForQuestionAnswering"},
+    "gpt": {
+        "AutoConfig": "configuration_pkm.PKMGPTConfig",
+        "AutoModel": "modeling_pkm.PKMGPTModel",
+        "AutoModelForCausalLM": "modeling_pkm.PKMGPTForCausalLM",
+    },
+    "bert": {
+        "AutoConfig": "configuration_pkm.PKMBertConfig",
+        "AutoModel": "modeling_pkm.PKMBertModel",
+        "AutoModelForMaskedLM": "modeling_pkm.PKMBertForMaskedLM",
+        "AutoModelForSequenceClassification": "modeling_pkm.PKMBertForSequenceClassification",
+        "AutoModelForQuestionAnswering": "modeling_pkm.PKMBertForQuestionAnswering",
+    },
 }
 MAIN_CLASS = {"gpt": "PKMGPTForCausalLM", "bert": "PKMBertForMaskedLM"}
 
@@ -120,10 +127,19 @@ def hf_config(model_cfg: ModelConfig, vocab_size: int, tokenizer=None):
         hidden_dropout=model_cfg.hidden_dropout,
         attention_dropout=model_cfg.attention_dropout,
         initializer_range=model_cfg.init_method_std,
-        pkm={"layers": list(p.layers), "placement": p.placement, "n_keys": p.n_keys, "heads": p.heads,
-             "knn": p.knn, "k_dim": p.k_dim, "query_batchnorm": p.query_batchnorm,
-             "query_layernorm": p.query_layernorm, "input_dropout": p.input_dropout,
-             "query_dropout": p.query_dropout, "value_dropout": p.value_dropout},
+        pkm={
+            "layers": list(p.layers),
+            "placement": p.placement,
+            "n_keys": p.n_keys,
+            "heads": p.heads,
+            "knn": p.knn,
+            "k_dim": p.k_dim,
+            "query_batchnorm": p.query_batchnorm,
+            "query_layernorm": p.query_layernorm,
+            "input_dropout": p.input_dropout,
+            "query_dropout": p.query_dropout,
+            "value_dropout": p.value_dropout,
+        },
         **special,
     )
     cfg.auto_map = dict(AUTO_MAP[model_cfg.family])
@@ -131,12 +147,15 @@ def hf_config(model_cfg: ModelConfig, vocab_size: int, tokenizer=None):
 
 
 def _check_value_tables(sd: dict, model_cfg: ModelConfig) -> None:
-    want = (model_cfg.pkm.n_keys ** 2, model_cfg.hidden_size)
-    bad = [f"{k} {tuple(v.shape)}" for k, v in sd.items() if k.endswith("memory.values.weight")
-           and tuple(v.shape) != want]
+    want = (model_cfg.pkm.n_keys**2, model_cfg.hidden_size)
+    bad = [
+        f"{k} {tuple(v.shape)}" for k, v in sd.items() if k.endswith("memory.values.weight") and tuple(v.shape) != want
+    ]
     if bad:
-        raise ModelError(f"value tables are not full [{want[0]}, {want[1]}] tables (a shard of a TP/DP layout? "
-                         f"export needs the consolidated TP=1 state dict): {', '.join(bad[:4])}")
+        raise ModelError(
+            f"value tables are not full [{want[0]}, {want[1]}] tables (a shard of a TP/DP layout? "
+            f"export needs the consolidated TP=1 state dict): {', '.join(bad[:4])}"
+        )
 
 
 def _skeleton(weights: dict, model_cfg: ModelConfig, config, dtype: torch.dtype):
@@ -149,18 +168,30 @@ def _skeleton(weights: dict, model_cfg: ModelConfig, config, dtype: torch.dtype)
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:
-        raise ModelError(f"state dict does not fit the {model_cfg.family} config: missing {missing[:6]}"
-                         f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                         f"{'...' if len(unexpected) > 6 else ''}")
-    shapes = [f"{k} {tuple(weights[k].shape)} (model: {tuple(v.shape)})" for k, v in expected.items()
-              if tuple(weights[k].shape) != tuple(v.shape)]
+        raise ModelError(
+            f"state dict does not fit the {model_cfg.family} config: missing {missing[:6]}"
+            f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+            f"{'...' if len(unexpected) > 6 else ''}"
+        )
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} (model: {tuple(v.shape)})"
+        for k, v in expected.items()
+        if tuple(weights[k].shape) != tuple(v.shape)
+    ]
     if shapes:
         raise ModelError(f"state dict does not fit the {model_cfg.family} config: {', '.join(shapes[:4])}")
     return model.eval()
 
 
-def export_hf(state_dict: dict, model_cfg: ModelConfig, tokenizer: str, out_dir: str,
-              card_info: Optional[dict] = None, max_shard_size: str = "2GB", overwrite: bool = False) -> str:
+def export_hf(
+    state_dict: dict,
+    model_cfg: ModelConfig,
+    tokenizer: str,
+    out_dir: str,
+    card_info: dict | None = None,
+    max_shard_size: str = "2GB",
+    overwrite: bool = False,
+) -> str:
     """Write the HF repository for a trained model to `out_dir` (atomically: a temp dir, renamed).
     `state_dict` holds tensors, or StreamedTensors for value tables read block by block of rows from a
     checkpoint: the weights are written as they arrive, so no table is ever whole in memory."""
@@ -181,8 +212,9 @@ def export_hf(state_dict: dict, model_cfg: ModelConfig, tokenizer: str, out_dir:
     config = hf_config(model_cfg, vocab, tok)
     model = _skeleton(weights, model_cfg, config, dtype)
     if len(tok) > model.config.vocab_size:
-        raise ModelError(f"tokenizer {tokenizer} has {len(tok)} tokens, the model's vocabulary only "
-                         f"{model.config.vocab_size}")
+        raise ModelError(
+            f"tokenizer {tokenizer} has {len(tok)} tokens, the model's vocabulary only {model.config.vocab_size}"
+        )
     # As the model's .to(dtype) would: floating tensors in the model's dtype, others as they are.
     tensors = {}
     for name, meta in model.state_dict().items():

@@ -1,10 +1,10 @@
 """Push an exported model directory to the Hugging Face Hub (`huggingface_hub.create_repo` +
 `upload_folder`; the token comes from HF_TOKEN or `huggingface-cli login`, as usual)."""
+
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 from model.errors import ModelError
 
@@ -25,9 +25,14 @@ def check_export_dir(folder: str) -> None:
         raise ModelError(f"{folder}: not an exported model (missing {', '.join(missing)})")
 
 
-def push_to_hub(folder: str, repo_id: str, token: Optional[str] = None, private: bool = False,
-                commit_message: str = "Upload PKM model exported by pkm-pretrain",
-                endpoint: Optional[str] = None) -> str:
+def push_to_hub(
+    folder: str,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload PKM model exported by pkm-pretrain",
+    endpoint: str | None = None,
+) -> str:
     """Create (or reuse) the model repository `repo_id` and upload `folder`. Returns the repo URL.
     `endpoint`: the Hub's URL (default: HF_ENDPOINT or https://huggingface.co)."""
     from huggingface_hub import HfApi, constants
@@ -46,16 +51,27 @@ def push_to_hub(folder: str, repo_id: str, token: Optional[str] = None, private:
     except Exception as e:  # httpx / requests / hub errors: one clear line for the CLI
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if _is_network_error(e):
-            raise ModelError(f"cannot push to the Hub: {endpoint} is unreachable (no network?): "
-                             f"{type(e).__name__}: {reason}") from None
+            raise ModelError(
+                f"cannot push to the Hub: {endpoint} is unreachable (no network?): {type(e).__name__}: {reason}"
+            ) from None
         raise ModelError(f"cannot push {folder} to {repo_id}: {type(e).__name__}: {reason}") from None
     log.info("pushed %s to %s", folder, url)
     return str(url)
 
 
 def _is_network_error(e: BaseException) -> bool:
-    names = {"ConnectError", "ConnectionError", "ConnectTimeout", "NewConnectionError", "OfflineModeIsEnabled",
-             "NameResolutionError", "gaierror", "ConnectionRefusedError", "TimeoutException", "ReadTimeout"}
+    names = {
+        "ConnectError",
+        "ConnectionError",
+        "ConnectTimeout",
+        "NewConnectionError",
+        "OfflineModeIsEnabled",
+        "NameResolutionError",
+        "gaierror",
+        "ConnectionRefusedError",
+        "TimeoutException",
+        "ReadTimeout",
+    }
     seen = 0
     while e is not None and seen < 10:
         if type(e).__name__ in names or any(n in type(e).__name__ for n in ("Connect", "Timeout")):

@@ -9,13 +9,13 @@ How a weight travels: HF tensors --(adapter rule: transpose / fuse q,k,v per que
 the full TP=1 megatron tensor --(megatron's partition info: `tensor_model_parallel`, `partition_dim`;
 gated fc1 split per half; vocabulary rows padded)--> this rank's shard.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -27,10 +27,25 @@ from model.hf.weights import HFWeights, read_config
 log = logging.getLogger("pkm.model.hf")
 
 # ModelConfig fields that describe the architecture: a model built with other values cannot take the weights.
-ARCH_FIELDS = ("family", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
-               "ffn_hidden_size", "normalization", "activation", "position_embedding", "rotary_base",
-               "add_bias_linear", "qkv_bias", "tie_embeddings", "layernorm_epsilon", "norm_position",
-               "binary_head", "max_position_embeddings")
+ARCH_FIELDS = (
+    "family",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "normalization",
+    "activation",
+    "position_embedding",
+    "rotary_base",
+    "add_bias_linear",
+    "qkv_bias",
+    "tie_embeddings",
+    "layernorm_epsilon",
+    "norm_position",
+    "binary_head",
+    "max_position_embeddings",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,20 +62,22 @@ class HFSource:
     adapter: Adapter
 
     @classmethod
-    def open(cls, path) -> "HFSource":
+    def open(cls, path) -> HFSource:
         config = read_config(str(path))
         return cls(str(path), config, adapter_for(config, str(path)))
 
 
-def _source(hf: "str | HFSource") -> HFSource:
+def _source(hf: str | HFSource) -> HFSource:
     return hf if isinstance(hf, HFSource) else HFSource.open(hf)
 
 
 def adapter_for(hf_cfg: dict, where: str) -> Adapter:
     model_type = hf_cfg.get("model_type")
     if model_type not in ADAPTERS:
-        raise ModelError(f"{where}/config.json: model_type {model_type!r} is not supported "
-                         f"(supported: {', '.join(sorted(ADAPTERS))})")
+        raise ModelError(
+            f"{where}/config.json: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(sorted(ADAPTERS))})"
+        )
     return ADAPTERS[model_type]
 
 
@@ -83,14 +100,15 @@ def _normalised_names(weights: HFWeights, adapter: Adapter) -> dict[str, str]:
         short = name
         for prefix in adapter.base_prefixes:
             if name.startswith(prefix):
-                short = name[len(prefix):]
+                short = name[len(prefix) :]
                 break
         out[short] = name
     return out
 
 
-def model_config_from_hf(hf: "str | HFSource", base: Optional[ModelConfig] = None,
-                         pkm: Optional[PKMConfig] = None) -> ModelConfig:
+def model_config_from_hf(
+    hf: str | HFSource, base: ModelConfig | None = None, pkm: PKMConfig | None = None
+) -> ModelConfig:
     """Our ModelConfig for an HF checkpoint (a directory or an opened HFSource): the architecture from
     its config.json; everything else (PKM placement, seq_length, dropout, init) from `base` (and `pkm`
     when given)."""
@@ -98,8 +116,14 @@ def model_config_from_hf(hf: "str | HFSource", base: Optional[ModelConfig] = Non
     hf_dir, hf_cfg, adapter = src.path, src.config, src.adapter
     base = base or ModelConfig()
     # Architecture fields a family does not set take their memory-free defaults, not the base's.
-    values: dict = {"num_query_groups": None, "rotary_base": 10000, "binary_head": False, "qkv_bias": None,
-                    "norm_position": "pre", **adapter.fixed}
+    values: dict = {
+        "num_query_groups": None,
+        "rotary_base": 10000,
+        "binary_head": False,
+        "qkv_bias": None,
+        "norm_position": "pre",
+        **adapter.fixed,
+    }
     for f in adapter.fields:
         found = next((v for k in f.hf if (v := _lookup(hf_cfg, k)) is not _MISSING), _MISSING)
         if found is _MISSING:
@@ -111,18 +135,24 @@ def model_config_from_hf(hf: "str | HFSource", base: Optional[ModelConfig] = Non
         got = _lookup(hf_cfg, req.hf)
         got = req.default if got is _MISSING else got
         if got not in req.allowed:
-            raise ModelError(f"{hf_dir}/config.json: {req.hf}={got!r} is not supported "
-                             f"(our {adapter.name} model needs {' or '.join(map(repr, req.allowed))})")
+            raise ModelError(
+                f"{hf_dir}/config.json: {req.hf}={got!r} is not supported "
+                f"(our {adapter.name} model needs {' or '.join(map(repr, req.allowed))})"
+            )
     act = hf_cfg.get(adapter.activation_key)
     if act not in adapter.activations:
-        raise ModelError(f"{hf_dir}/config.json: {adapter.activation_key}={act!r} is not supported "
-                         f"(supported: {', '.join(adapter.activations)})")
+        raise ModelError(
+            f"{hf_dir}/config.json: {adapter.activation_key}={act!r} is not supported "
+            f"(supported: {', '.join(adapter.activations)})"
+        )
     values["activation"] = adapter.activations[act]
     hidden, heads = values["hidden_size"], values["num_attention_heads"]
     head_dim = hf_cfg.get("head_dim")
     if head_dim is not None and head_dim * heads != hidden:
-        raise ModelError(f"{hf_dir}/config.json: head_dim={head_dim} differs from hidden_size/num_attention_heads "
-                         f"({hidden}/{heads}); our kv_channels is hidden_size/heads")
+        raise ModelError(
+            f"{hf_dir}/config.json: head_dim={head_dim} differs from hidden_size/num_attention_heads "
+            f"({hidden}/{heads}); our kv_channels is hidden_size/heads"
+        )
     if values.get("num_query_groups") == values["num_attention_heads"]:
         values["num_query_groups"] = None  # plain multi-head attention
     if values.get("rotary_base") is not None:
@@ -134,12 +164,16 @@ def model_config_from_hf(hf: "str | HFSource", base: Optional[ModelConfig] = Non
     if pkm is not None:
         cfg = dataclasses.replace(cfg, pkm=pkm)
     if cfg.position_embedding == "learned_absolute" and cfg.seq_length > cfg.max_position_embeddings:
-        raise ModelError(f"model.seq_length={cfg.seq_length} exceeds the checkpoint's "
-                         f"max_position_embeddings={cfg.max_position_embeddings} ({hf_dir})")
+        raise ModelError(
+            f"model.seq_length={cfg.seq_length} exceeds the checkpoint's "
+            f"max_position_embeddings={cfg.max_position_embeddings} ({hf_dir})"
+        )
     bad = [i for i in cfg.pkm.layers if not 0 <= i < cfg.num_layers]
     if bad:
-        raise ModelError(f"model.pkm.layers={cfg.pkm.layers}: {bad} outside 0..{cfg.num_layers - 1} "
-                         f"(the checkpoint has {cfg.num_layers} layers)")
+        raise ModelError(
+            f"model.pkm.layers={cfg.pkm.layers}: {bad} outside 0..{cfg.num_layers - 1} "
+            f"(the checkpoint has {cfg.num_layers} layers)"
+        )
     return cfg
 
 
@@ -243,6 +277,7 @@ def _expand(rules: tuple[Rule, ...], num_layers: int) -> dict[str, tuple[Rule, t
     for rule in rules:
         layers = range(num_layers) if "{i}" in rule.megatron else [None]
         for i in layers:
+
             def fmt(s: str, i=i) -> str:
                 return s if i is None else s.replace("{i}", str(i))
 
@@ -251,16 +286,21 @@ def _expand(rules: tuple[Rule, ...], num_layers: int) -> dict[str, tuple[Rule, t
 
 
 def _check_architecture(cfg: ModelConfig, hf_cfg: ModelConfig, hf_dir: str) -> None:
-    diff = [f"{f}={getattr(cfg, f)!r} (checkpoint: {getattr(hf_cfg, f)!r})" for f in ARCH_FIELDS
-            if getattr(cfg, f) != getattr(hf_cfg, f)]
+    diff = [
+        f"{f}={getattr(cfg, f)!r} (checkpoint: {getattr(hf_cfg, f)!r})"
+        for f in ARCH_FIELDS
+        if getattr(cfg, f) != getattr(hf_cfg, f)
+    ]
     if diff:
-        raise ModelError(f"model config does not match {hf_dir}: {'; '.join(diff)} "
-                         "(build the model from model_config_from_hf)")
+        raise ModelError(
+            f"model config does not match {hf_dir}: {'; '.join(diff)} (build the model from model_config_from_hf)"
+        )
 
 
 @torch.no_grad()
-def load_pretrained_into(model: torch.nn.Module, model_cfg: ModelConfig, hf: "str | HFSource",
-                         strict: bool = True) -> InitReport:
+def load_pretrained_into(
+    model: torch.nn.Module, model_cfg: ModelConfig, hf: str | HFSource, strict: bool = True
+) -> InitReport:
     """Copy the weights of the HF checkpoint `hf_dir` into `model` (a megatron GPTModel/BertModel built
     from `model_cfg`, on this rank). PKM layers keep their initialisation. Raises ModelError listing
     missing, unexpected and mis-shaped weights and vocabulary mismatches (nothing is copied then)."""
@@ -277,8 +317,11 @@ def load_pretrained_into(model: torch.nn.Module, model_cfg: ModelConfig, hf: "st
     hf_vocab = int(hf_cfg["vocab_size"])
     report = InitReport(source=hf_dir, family=adapter.name)
 
-    targets = {k: v for k, v in model.state_dict(keep_vars=True).items()
-               if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    targets = {
+        k: v
+        for k, v in model.state_dict(keep_vars=True).items()
+        if torch.is_tensor(v) and not k.endswith("_extra_state")
+    }
     missing, shape_errors, vocab_errors, no_rule = [], [], [], []
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []  # (local parameter, its new value)
     used: set[str] = set()
@@ -294,19 +337,23 @@ def load_pretrained_into(model: torch.nn.Module, model_cfg: ModelConfig, hf: "st
         absent = [s for s in sources if s not in names]
         if absent:
             (report.fresh_heads if rule.head else missing).append(
-                canon if rule.head else f"{canon} <- {', '.join(prefix + s for s in absent)}")
+                canon if rule.head else f"{canon} <- {', '.join(prefix + s for s in absent)}"
+            )
             continue
         used.update(sources)
         full = CONVERT[rule.convert]([weights[names[s]] for s in sources], model_cfg)
         want = full_shape(local, tp_size)
         if rule.vocab:
             if full.shape[0] != hf_vocab:
-                vocab_errors.append(f"{names[sources[0]]} has {full.shape[0]} rows but config.json "
-                                    f"vocab_size={hf_vocab}")
+                vocab_errors.append(
+                    f"{names[sources[0]]} has {full.shape[0]} rows but config.json vocab_size={hf_vocab}"
+                )
                 continue
             if want[0] < hf_vocab:
-                vocab_errors.append(f"{name}: the model's vocabulary ({want[0]}) is smaller than the "
-                                    f"checkpoint's ({hf_vocab}); build it with the checkpoint's tokenizer")
+                vocab_errors.append(
+                    f"{name}: the model's vocabulary ({want[0]}) is smaller than the "
+                    f"checkpoint's ({hf_vocab}); build it with the checkpoint's tokenizer"
+                )
                 continue
             if want[0] > full.shape[0]:
                 report.vocab_padding = want[0] - full.shape[0]
@@ -337,9 +384,13 @@ def load_pretrained_into(model: torch.nn.Module, model_cfg: ModelConfig, hf: "st
             unexpected.append(full_name)
 
     problems = []
-    for title, items in (("missing weights", missing), ("unexpected weights", unexpected),
-                         ("shape mismatches", shape_errors), ("vocabulary mismatch", vocab_errors),
-                         ("model parameters no rule of the adapter fills", no_rule)):
+    for title, items in (
+        ("missing weights", missing),
+        ("unexpected weights", unexpected),
+        ("shape mismatches", shape_errors),
+        ("vocabulary mismatch", vocab_errors),
+        ("model parameters no rule of the adapter fills", no_rule),
+    ):
         if items:
             problems.append(f"{len(items)} {title}: {_short(items)}")
     if problems and (strict or missing or shape_errors or vocab_errors or no_rule):

@@ -6,21 +6,35 @@ header and padding), and the split into shards is transformers' `save_pretrained
 `model-0000X-of-0000N.safetensors` and `model.safetensors.index.json` when the tensors exceed
 `max_shard_size`, else one `model.safetensors`.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
 # safetensors' dtype enum order: save_file lays tensors out by dtype (descending), then by name.
-_DTYPES = [(torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.int8, "I8"), (torch.float8_e5m2, "F8_E5M2"),
-           (torch.float8_e4m3fn, "F8_E4M3"), (torch.int16, "I16"), (torch.uint16, "U16"), (torch.float16, "F16"),
-           (torch.bfloat16, "BF16"), (torch.int32, "I32"), (torch.uint32, "U32"), (torch.float32, "F32"),
-           (torch.float64, "F64"), (torch.int64, "I64"), (torch.uint64, "U64")]
+_DTYPES = [
+    (torch.bool, "BOOL"),
+    (torch.uint8, "U8"),
+    (torch.int8, "I8"),
+    (torch.float8_e5m2, "F8_E5M2"),
+    (torch.float8_e4m3fn, "F8_E4M3"),
+    (torch.int16, "I16"),
+    (torch.uint16, "U16"),
+    (torch.float16, "F16"),
+    (torch.bfloat16, "BF16"),
+    (torch.int32, "I32"),
+    (torch.uint32, "U32"),
+    (torch.float32, "F32"),
+    (torch.float64, "F64"),
+    (torch.int64, "I64"),
+    (torch.uint64, "U64"),
+]
 _NAME = {dt: name for dt, name in _DTYPES}
 _RANK = {dt: i for i, (dt, _) in enumerate(_DTYPES)}
 SINGLE_FILE = "model.safetensors"
@@ -43,18 +57,18 @@ class StreamedTensor:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
     @classmethod
-    def of(cls, t: torch.Tensor) -> "StreamedTensor":
+    def of(cls, t: torch.Tensor) -> StreamedTensor:
         return cls(tuple(t.shape), t.dtype, lambda: [t])
 
 
 def parse_size(size: str | int) -> int:
-    """"2GB" -> 2e9 bytes (transformers' units: GB = 10**9, GiB = 2**30)."""
+    """ "2GB" -> 2e9 bytes (transformers' units: GB = 10**9, GiB = 2**30)."""
     if isinstance(size, int):
         return size
     s = size.strip().upper()
     for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
         if s.endswith(unit):
-            return int(float(s[:-len(unit)]) * mult)
+            return int(float(s[: -len(unit)]) * mult)
     return int(s)
 
 
@@ -109,8 +123,10 @@ def write_safetensors(out_dir: str, tensors: dict[str, StreamedTensor], max_shar
         _write_file(os.path.join(out_dir, fname), {n: tensors[n] for n in names})
         files.append(fname)
         weight_map.update({n: fname for n in names})
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
         f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
     os.chmod(os.path.join(out_dir, INDEX_FILE), 0o644)

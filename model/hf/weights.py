@@ -1,10 +1,11 @@
 """Read a Hugging Face checkpoint directory: config.json and the weights (safetensors, sharded or not,
 or a legacy pytorch_model.bin), lazily, without building the HF model."""
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -46,8 +47,10 @@ class HFWeights:
                     self._where = {k: path for k in self._keys_of(path)}
                     break
             else:
-                raise ModelError(f"{hf_dir}: no weights (expected model.safetensors, {_SAFE_INDEX}, "
-                                 f"pytorch_model.bin or {_BIN_INDEX})")
+                raise ModelError(
+                    f"{hf_dir}: no weights (expected model.safetensors, {_SAFE_INDEX}, "
+                    f"pytorch_model.bin or {_BIN_INDEX})"
+                )
 
     def _keys_of(self, path: str) -> Iterable[str]:
         if path.endswith(".safetensors"):

@@ -5,6 +5,7 @@ not the arithmetic, is the cost (benchmarks/pkm_layer.py). Each kernel here is o
 Every caller keeps a torch path (GPU, bf16, or numba missing) and tests check both give the same
 result. Compiled on first use and cached on disk (numba `cache=True`): ~1 s once per machine.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,9 +23,12 @@ except ImportError:  # pragma: no cover - numba is a dependency; callers fall ba
 def available(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can run on these tensors: numba present, CPU, contiguous, all fp32 or all
     fp64 (a kernel computes in its inputs' one dtype)."""
-    return (numba is not None and len({t.dtype for t in tensors}) == 1
-            and tensors[0].dtype in (torch.float32, torch.float64)
-            and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors))
+    return (
+        numba is not None
+        and len({t.dtype for t in tensors}) == 1
+        and tensors[0].dtype in (torch.float32, torch.float64)
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    )
 
 
 @contextmanager
@@ -43,6 +47,7 @@ def _torch_threads():
 
 
 if numba is not None:
+
     @numba.njit(inline="always")
     def _insert(vals, ids, k, v, i):  # pragma: no cover - compiled
         """Insert (v, i) into the descending list vals[:k] (dropping its last entry)."""
@@ -133,8 +138,9 @@ def product_topk(sub_scores: torch.Tensor, knn: int, ra: torch.Tensor, rb: torch
     return scores, ids
 
 
-def weighted_bag_backward(grad: torch.Tensor, table: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor,
-                          order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def weighted_bag_backward(
+    grad: torch.Tensor, table: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of out[n] = sum_k weights[n, k] * table[indices[n, k]], given the reads sorted by slot
     (`flat`, `order` = indices.reshape(-1).sort()). One pass over the distinct slots: each table row
     is read once (in address order) for the per-read weight gradients, and its gradient row (a
@@ -146,8 +152,17 @@ def weighted_bag_backward(grad: torch.Tensor, table: torch.Tensor, weights: torc
     grad_weights = weights.new_empty(n * k)
     rows = table.new_empty(slots.numel(), table.shape[1])
     with _torch_threads():
-        _weighted_bag_backward(grad.numpy(), table.detach().numpy(), weights.reshape(-1).numpy(), order.numpy(),
-                               starts.numpy(), slots.numpy(), k, grad_weights.numpy(), rows.numpy())
+        _weighted_bag_backward(
+            grad.numpy(),
+            table.detach().numpy(),
+            weights.reshape(-1).numpy(),
+            order.numpy(),
+            starts.numpy(),
+            slots.numpy(),
+            k,
+            grad_weights.numpy(),
+            rows.numpy(),
+        )
     return grad_weights.view(n, k), slots, rows
 
 

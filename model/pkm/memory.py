@@ -5,11 +5,11 @@ BatchNorm/LayerNorm on the query, keys of shape (heads, 2, n_keys, k_dim/2) ~ U(
 top-knn per half then top-knn of the knn**2 sums, softmax in fp32, one shared value table read by all
 heads with EmbeddingBag(mode="sum", per_sample_weights), and input/query/value dropouts.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ class PKMLookup:
 
     indices: torch.Tensor  # [N, heads * knn] slot ids
     weights: torch.Tensor  # [N, heads * knn] softmax weights (each head's knn sum to 1)
-    keep: Optional[torch.Tensor]  # [N] True for real (non-padding) tokens; None = all real
+    keep: torch.Tensor | None  # [N] True for real (non-padding) tokens; None = all real
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -67,15 +67,16 @@ class MaskedBatchNorm(nn.Module):
         self._buffers.update({k: keep_at_least_fp32(fn, t) for k, t in stats.items()})
         return self
 
-    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         # statistics and the normalisation in fp32 at least (bf16 activations come back bf16)
         dtype = compute_dtype(x.dtype, self.running_mean.dtype)
         weight, bias = self.weight.to(dtype), self.bias.to(dtype)
         if keep is None and (not self.training or (self.group is None and x.shape[0] > 1)):
             # Nothing to mask or sum over ranks: the fused kernel does the same (batch statistics,
             # unbiased running variance, momentum) in two passes instead of ~15 elementwise ones.
-            return F.batch_norm(x.to(dtype), self.running_mean, self.running_var, weight, bias,
-                                self.training, self.momentum, self.eps).to(x.dtype)
+            return F.batch_norm(
+                x.to(dtype), self.running_mean, self.running_var, weight, bias, self.training, self.momentum, self.eps
+            ).to(x.dtype)
         if not self.training:
             mean, var = self.running_mean, self.running_var
         else:
@@ -87,7 +88,7 @@ class MaskedBatchNorm(nn.Module):
             f = x.shape[1]
             count = stats[-1].clamp_min(1.0)
             mean = stats[:f] / count
-            var = (stats[f:2 * f] / count - mean * mean).clamp_min(0.0)
+            var = (stats[f : 2 * f] / count - mean * mean).clamp_min(0.0)
             with torch.no_grad():
                 unbiased = var * (count / (count - 1).clamp_min(1.0))
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
@@ -102,14 +103,22 @@ class ProductKeyMemory(nn.Module):
     """A PKM layer mapping [..., dim] -> [..., dim]. `padding_mask` ([...], True = padding) keeps
     padded tokens out of the query BatchNorm statistics and out of the usage metrics."""
 
-    def __init__(self, dim: int, cfg: PKMConfig, parallel: MemoryParallel = MemoryParallel(),
-                 init_seed: int = 0, stats_group=None):
+    def __init__(
+        self,
+        dim: int,
+        cfg: PKMConfig,
+        parallel: MemoryParallel = MemoryParallel(),
+        init_seed: int = 0,
+        stats_group=None,
+    ):
         super().__init__()
         if cfg.k_dim < 2 or cfg.k_dim % 2:
             raise ModelError(f"PKM k_dim must be even and >= 2, got {cfg.k_dim}")
         if not 1 <= cfg.knn <= cfg.n_keys or cfg.heads < 1:
-            raise ModelError(f"PKM needs 1 <= knn <= n_keys and heads >= 1, got knn={cfg.knn}, "
-                             f"n_keys={cfg.n_keys}, heads={cfg.heads}")
+            raise ModelError(
+                f"PKM needs 1 <= knn <= n_keys and heads >= 1, got knn={cfg.knn}, "
+                f"n_keys={cfg.n_keys}, heads={cfg.heads}"
+            )
         self.cfg, self.dim = cfg, dim
         h, k, half = cfg.heads, cfg.k_dim, cfg.k_dim // 2
         self.query_proj = nn.Linear(dim, h * k, bias=True)
@@ -117,12 +126,17 @@ class ProductKeyMemory(nn.Module):
         self.query_layernorm = nn.LayerNorm(k) if cfg.query_layernorm else None
         bound = 1.0 / math.sqrt(half)
         self.keys = nn.Parameter(torch.empty(h, 2, cfg.n_keys, half).uniform_(-bound, bound))
-        self.values = ValueTable(cfg.n_keys ** 2, dim, parallel, init_seed=init_seed,
-                                 dtype=torch.bfloat16 if cfg.value_dtype == "bf16" else TABLE_DTYPE)
+        self.values = ValueTable(
+            cfg.n_keys**2,
+            dim,
+            parallel,
+            init_seed=init_seed,
+            dtype=torch.bfloat16 if cfg.value_dtype == "bf16" else TABLE_DTYPE,
+        )
         self.record_lookups = False
-        self.last_lookup: Optional[PKMLookup] = None
+        self.last_lookup: PKMLookup | None = None
 
-    def lookup(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, dim] -> (slot indices [N, heads*knn], softmax weights [N, heads*knn])."""
         cfg = self.cfg
         x = F.dropout(x, cfg.input_dropout, self.training)
@@ -140,7 +154,7 @@ class ProductKeyMemory(nn.Module):
         n = x.shape[0]
         return indices.reshape(n, -1), weights.reshape(n, -1)
 
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.dim)
         keep = None if padding_mask is None else ~padding_mask.reshape(-1).to(torch.bool)

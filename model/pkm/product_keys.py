@@ -9,9 +9,10 @@ of knn sub-key rows (one EmbeddingBag) and the key gradient a weighted sum of qu
 two sorted half lists with (a + 1) * (b + 1) <= knn (119 instead of 1024 for knn = 32): any other
 pair is beaten by at least knn pairs that are better in both halves.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ def sort_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         torch.set_num_threads(threads)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _candidate_pairs(knn: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks (a, b) in the two sorted half lists that can reach the overall top-knn: (a+1)(b+1) <= knn."""
     a = torch.arange(knn).repeat_interleave(knn)
@@ -110,8 +111,9 @@ class _ProductKeyTopK(torch.autograd.Function):
             counts = torch.bincount(flat_sorted, minlength=h2 * n_keys)
             offsets = counts.cumsum(0) - counts
             q_rows = query.reshape(n * h2, half)
-            grad_keys = F.embedding_bag(order // knn, q_rows, offsets, per_sample_weights=weights.reshape(-1)[order],
-                                        mode="sum").view(keys.shape)
+            grad_keys = F.embedding_bag(
+                order // knn, q_rows, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum"
+            ).view(keys.shape)
         return grad_query, grad_keys, None
 
 

@@ -21,12 +21,12 @@ every memory-parallel size (one process is the size-1 case): the fused backward 
 model/pkm/cpu_kernels.py on CPU, torch ops elsewhere. Why not fbgemm's table-batched kernels
 (fbgemm-gpu-cpu): the README's Design section, and `fbgemm_vs_ours` in benchmarks/pkm_layer.py.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -43,15 +43,15 @@ from model.precision import TABLE_DTYPE, keep_at_least_fp32
 class MemoryParallel:
     """Process groups of the memory-parallel layout (all None / size 1 in a single process)."""
 
-    tp_group: Optional[dist.ProcessGroup] = None
+    tp_group: dist.ProcessGroup | None = None
     tp_size: int = 1
     tp_rank: int = 0
-    dp_group: Optional[dist.ProcessGroup] = None
+    dp_group: dist.ProcessGroup | None = None
     dp_size: int = 1
     dp_rank: int = 0
     # Ranks holding the same shard but reading different tokens (the DP ranks outside the memory
     # group): their sparse gradients are summed before the update.
-    replica_group: Optional[dist.ProcessGroup] = None
+    replica_group: dist.ProcessGroup | None = None
     replica_size: int = 1
     # 1 / data-parallel world size: the DP engine averages dense gradients, values must match.
     grad_scale: float = 1.0
@@ -84,17 +84,26 @@ class _GatherTokens(torch.autograd.Function):
         size = len(counts)
         ctx.counts, ctx.group, ctx.n = counts, group, x.shape[0]
         out = x.new_empty((sum(counts),) + x.shape[1:])
-        dist.all_to_all_single(out, x.repeat((size,) + (1,) * (x.dim() - 1)),
-                               output_split_sizes=_split_sizes(counts),
-                               input_split_sizes=[x.shape[0]] * size, group=group)
+        dist.all_to_all_single(
+            out,
+            x.repeat((size,) + (1,) * (x.dim() - 1)),
+            output_split_sizes=_split_sizes(counts),
+            input_split_sizes=[x.shape[0]] * size,
+            group=group,
+        )
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         size = len(ctx.counts)
         out = grad.new_empty((size * ctx.n,) + grad.shape[1:])
-        dist.all_to_all_single(out, grad.contiguous(), output_split_sizes=[ctx.n] * size,
-                               input_split_sizes=_split_sizes(ctx.counts), group=ctx.group)
+        dist.all_to_all_single(
+            out,
+            grad.contiguous(),
+            output_split_sizes=[ctx.n] * size,
+            input_split_sizes=_split_sizes(ctx.counts),
+            group=ctx.group,
+        )
         return out.view((size, ctx.n) + grad.shape[1:]).sum(0), None, None
 
 
@@ -107,8 +116,9 @@ class _ReturnColumns(torch.autograd.Function):
         n, c = counts[rank], x.shape[1]
         ctx.counts, ctx.group, ctx.n, ctx.c = counts, group, n, c
         out = x.new_empty((size * n, c))
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=[n] * size,
-                               input_split_sizes=_split_sizes(counts), group=group)
+        dist.all_to_all_single(
+            out, x.contiguous(), output_split_sizes=[n] * size, input_split_sizes=_split_sizes(counts), group=group
+        )
         return out.view(size, n, c).transpose(0, 1).reshape(n, size * c)
 
     @staticmethod
@@ -116,8 +126,9 @@ class _ReturnColumns(torch.autograd.Function):
         size = len(ctx.counts)
         send = grad.reshape(ctx.n, size, ctx.c).transpose(0, 1).contiguous().view(size * ctx.n, ctx.c)
         out = grad.new_empty((sum(ctx.counts), ctx.c))
-        dist.all_to_all_single(out, send, output_split_sizes=_split_sizes(ctx.counts),
-                               input_split_sizes=[ctx.n] * size, group=ctx.group)
+        dist.all_to_all_single(
+            out, send, output_split_sizes=_split_sizes(ctx.counts), input_split_sizes=[ctx.n] * size, group=ctx.group
+        )
         return out, None, None, None
 
 
@@ -133,7 +144,7 @@ class _GatherColumns(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad[..., ctx.rank * ctx.c:(ctx.rank + 1) * ctx.c].contiguous(), None, None, None
+        return grad[..., ctx.rank * ctx.c : (ctx.rank + 1) * ctx.c].contiguous(), None, None, None
 
 
 class _ReduceGrad(torch.autograd.Function):
@@ -190,16 +201,18 @@ class _WeightedBag(torch.autograd.Function):
             bags = order // k  # token of each read
             if ctx.needs_input_grad[1]:
                 offsets = torch.arange(0, n * k, k, device=grad.device)  # unused: `bags` is given
-                dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, table, flat, offsets, bags,
-                                                                                 0, -1)
+                dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    grad, table, flat, offsets, bags, 0, -1
+                )
                 grad_weights = torch.empty_like(dots).index_copy_(0, order, dots).view(n, k)
             if ctx.needs_input_grad[2]:
                 slots, counts = torch.unique_consecutive(flat, return_counts=True)
                 offsets = counts.cumsum(0) - counts
                 rows = F.embedding_bag(bags, grad, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
         if ctx.needs_input_grad[2]:
-            grad_table = torch.sparse_coo_tensor(slots.unsqueeze(0), rows, table.shape, is_coalesced=True,
-                                                 check_invariants=False)
+            grad_table = torch.sparse_coo_tensor(
+                slots.unsqueeze(0), rows, table.shape, is_coalesced=True, check_invariants=False
+            )
         return None, grad_weights, grad_table
 
 
@@ -267,12 +280,20 @@ def checkpoint_row_blocks(n_slots: int, dim: int) -> tuple[int, int]:
 class ValueTable(nn.Module):
     """`n_slots` value vectors of width `dim`, stored as this rank's column shard (see module doc)."""
 
-    def __init__(self, n_slots: int, dim: int, parallel: MemoryParallel = MemoryParallel(),
-                 init_seed: int = 0, dtype: torch.dtype = TABLE_DTYPE, device=None):
+    def __init__(
+        self,
+        n_slots: int,
+        dim: int,
+        parallel: MemoryParallel = MemoryParallel(),
+        init_seed: int = 0,
+        dtype: torch.dtype = TABLE_DTYPE,
+        device=None,
+    ):
         super().__init__()
         if dim % parallel.size:
-            raise ModelError(f"PKM value dim {dim} (model.hidden_size) is not divisible by the "
-                             f"memory-parallel size {parallel.size}")
+            raise ModelError(
+                f"PKM value dim {dim} (model.hidden_size) is not divisible by the memory-parallel size {parallel.size}"
+            )
         self.n_slots, self.dim, self.parallel = n_slots, dim, parallel
         self.storage_dtype = dtype  # fp32 (TABLE_DTYPE), or bf16 by choice (model/precision.py)
         self.shard_dim = dim // parallel.size
@@ -297,14 +318,14 @@ class ValueTable(nn.Module):
         if weight.is_meta:
             return
         gen = torch.Generator(device="cpu")
-        std = self.dim ** -0.5
+        std = self.dim**-0.5
         buf = torch.empty(self.shard_dim, min(INIT_BLOCK_ROWS, self.n_slots), dtype=torch.float32)
         for block, start in enumerate(range(0, self.n_slots, INIT_BLOCK_ROWS)):
-            cols = buf[:, :min(INIT_BLOCK_ROWS, self.n_slots - start)]
+            cols = buf[:, : min(INIT_BLOCK_ROWS, self.n_slots - start)]
             for j in range(self.shard_dim):
                 gen.manual_seed(_stream_seed(seed, block, self.column_start + j))
                 cols[j].normal_(0.0, std, generator=gen)
-            weight[start:start + cols.shape[1]].copy_(cols.t())
+            weight[start : start + cols.shape[1]].copy_(cols.t())
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """indices, weights: [N, K] -> [N, dim] = sum_k weights[:, k] * table[indices[:, k]]."""
@@ -333,8 +354,11 @@ class ValueTable(nn.Module):
         # fp32 (model/precision.py); a table stored in bf16 by choice (model.pkm.value_dtype) stays bf16.
         weight = self._buffers.pop("weight")
         super()._apply(fn, recurse)
-        moved = (weight.detach().to(fn(torch.empty(0, device=weight.device)).device) if weight.dtype == torch.bfloat16
-                 else keep_at_least_fp32(fn, weight.detach()))
+        moved = (
+            weight.detach().to(fn(torch.empty(0, device=weight.device)).device)
+            if weight.dtype == torch.bfloat16
+            else keep_at_least_fp32(fn, weight.detach())
+        )
         self._buffers["weight"] = moved.detach().requires_grad_(True)
         self._hook_grad()  # a new leaf: hook it again
         return self
@@ -349,14 +373,21 @@ class ValueTable(nn.Module):
         p = self.parallel
         rows, n = checkpoint_row_blocks(self.n_slots, self.dim)
         w = self.weight.detach()
-        return {key: [ShardedTensor.from_rank_offsets(key, w[b * rows:(b + 1) * rows], (0, b, n),
-                                                      (1, p.shard, p.size), replica_id=p.replica_id)
-                      for b in range(n)]}
+        return {
+            key: [
+                ShardedTensor.from_rank_offsets(
+                    key, w[b * rows : (b + 1) * rows], (0, b, n), (1, p.shard, p.size), replica_id=p.replica_id
+                )
+                for b in range(n)
+            ]
+        }
 
     def extra_repr(self) -> str:
         p = self.parallel
-        return (f"slots={self.n_slots}, dim={self.dim}, shard=columns[{self.column_start}:"
-                f"{self.column_start + self.shard_dim}] ({p.shard + 1}/{p.size})")
+        return (
+            f"slots={self.n_slots}, dim={self.dim}, shard=columns[{self.column_start}:"
+            f"{self.column_start + self.shard_dim}] ({p.shard + 1}/{p.size})"
+        )
 
 
 def _all_counts(n: int, size: int, group, device) -> list[int]:

@@ -18,6 +18,7 @@ or, as `pkm eval online` does (load, compare, write OUT/results.json and plots):
 
     results, summary = run_online_eval(OnlineEvalJob(model="smollm2", runs=[OnlineEvalConfig(), ...]))
 """
+
 from __future__ import annotations
 
 from pretrain.online_eval.config import OnlineEvalConfig, OnlineEvalJob

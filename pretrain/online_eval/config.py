@@ -3,11 +3,11 @@
 A *run* is one (mode, strategy, adapt, optimizer) combination over the whole corpus; `pkm eval online`
 builds one run per combination asked for and compares them side by side.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 from pretrain.errors import PretrainError
 
@@ -35,9 +35,9 @@ class OnlineEvalConfig:
     rms_decay: float = 0.0  # rms: lambda, the pull back towards the initial weights per step
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    lora_targets: Optional[list[str]] = None  # None: peft's default for the architecture, else all linear layers
+    lora_targets: list[str] | None = None  # None: peft's default for the architecture, else all linear layers
     sink: int = 4  # txl: the document's first tokens stay in the memory (attention sinks, Xiao et al. 2023)
-    max_positions: Optional[int] = None  # txl: restart positions before this (default: the model's limit)
+    max_positions: int | None = None  # txl: restart positions before this (default: the model's limit)
     doc_start: str = "auto"  # token prepended to each document: auto (bos, else eos), none, or a token id
     position_bin: int = 1024  # width of the loss-by-position bins, in tokens
     seed: int = 0  # LoRA initialisation
@@ -53,10 +53,10 @@ class OnlineEvalConfig:
             parts.append("continual")
         return "/".join(parts)
 
-    def replace(self, **kw) -> "OnlineEvalConfig":
+    def replace(self, **kw) -> OnlineEvalConfig:
         return dataclasses.replace(self, **kw)
 
-    def validate(self) -> "OnlineEvalConfig":
+    def validate(self) -> OnlineEvalConfig:
         def choice(field: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, field)
             if value not in allowed:
@@ -70,8 +70,10 @@ class OnlineEvalConfig:
         if self.chunk < 1:
             raise PretrainError(f"online eval: chunk={self.chunk} must be >= 1")
         if self.strategy == "overlapping" and self.window < self.chunk:
-            raise PretrainError(f"online eval: window={self.window} must be >= the stride chunk={self.chunk} "
-                                "(each window scores `chunk` new tokens)")
+            raise PretrainError(
+                f"online eval: window={self.window} must be >= the stride chunk={self.chunk} "
+                "(each window scores `chunk` new tokens)"
+            )
         if self.sink < 0:
             raise PretrainError(f"online eval: sink={self.sink} must be >= 0")
         if self.update_every < 1:
@@ -98,8 +100,11 @@ def run_names(configs: list[OnlineEvalConfig]) -> list[str]:
         group = [i for i, n in enumerate(names) if n == base]
         if len(group) < 2:
             continue
-        fields = [f.name for f in dataclasses.fields(OnlineEvalConfig)
-                  if len({repr(getattr(configs[i], f.name)) for i in group}) > 1]
+        fields = [
+            f.name
+            for f in dataclasses.fields(OnlineEvalConfig)
+            if len({repr(getattr(configs[i], f.name)) for i in group}) > 1
+        ]
         for i in group:
             out[i] = "/".join([base] + [f"{f}={getattr(configs[i], f)}" for f in fields])
     repeated = {n for n in out if out.count(n) > 1}  # identical configurations: numbered
@@ -115,17 +120,18 @@ def run_names(configs: list[OnlineEvalConfig]) -> list[str]:
 class OnlineEvalJob:
     """What `pkm eval online` does, as data: the model, the documents, the runs compared side by side, and
     where the results go. `run_online_eval(job)` (pretrain.online_eval.evaluate) carries it out."""
+
     model: str  # HF directory, .gguf file, `smollm2`, or a native checkpoint directory
     runs: list[OnlineEvalConfig]
     corpus: str = "books"
-    tokenizer: Optional[str] = None  # default: the model's
+    tokenizer: str | None = None  # default: the model's
     json_key: str = "text"
-    max_docs: Optional[int] = None
-    max_tokens: Optional[int] = None  # per document
-    rms_calibration: Optional[str] = None  # a corpus for Krause's mean squared gradients
+    max_docs: int | None = None
+    max_tokens: int | None = None  # per document
+    rms_calibration: str | None = None  # a corpus for Krause's mean squared gradients
     interleave: bool = False  # all runs chunk by chunk side by side (fair timings on a shared machine)
-    device: Optional[str] = None  # default: cuda if available
+    device: str | None = None  # default: cuda if available
     dtype: str = "float32"
-    threads: Optional[int] = None
+    threads: int | None = None
     out: str = "runs/online_eval"
     progress: bool = True

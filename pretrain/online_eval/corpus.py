@@ -4,13 +4,14 @@ A `Document` is either text (tokenized with the model's tokenizer) or token ids 
 made by `pkm data preprocess` with the model's tokenizer). Bits per byte need the UTF-8 size of what
 was scored, so ids are decoded once to count it.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 from pretrain.errors import PretrainError
 
@@ -23,8 +24,8 @@ SHIFT_NAMES = ("kjv_genesis", "kjv_luke")
 @dataclass
 class Document:
     name: str
-    text: Optional[str] = None
-    ids: Optional[list[int]] = None  # pre-tokenized (indexed dataset)
+    text: str | None = None
+    ids: list[int] | None = None  # pre-tokenized (indexed dataset)
 
 
 @dataclass
@@ -36,7 +37,7 @@ class TokenizedDocument:
     meta: dict = field(default_factory=dict)
 
 
-def bundled_books(names: Optional[Sequence[str]] = None) -> list[Document]:
+def bundled_books(names: Sequence[str] | None = None) -> list[Document]:
     """The public-domain evaluation books shipped with the package (never part of training data);
     by default BOOK_NAMES, the KJV excerpts (SHIFT_NAMES) only when named."""
     names = list(names or BOOK_NAMES)
@@ -50,7 +51,7 @@ def bundled_books(names: Optional[Sequence[str]] = None) -> list[Document]:
     return docs
 
 
-def load_corpus(spec: str, json_key: str = "text", max_docs: Optional[int] = None) -> list[Document]:
+def load_corpus(spec: str, json_key: str = "text", max_docs: int | None = None) -> list[Document]:
     """`books` / `books:NAME[,NAME]` (bundled), a .txt file (one document), a .jsonl/.json file (one
     document per record, field `json_key`), a directory (its .txt files, one document each, sorted),
     or an indexed-dataset prefix (PREFIX.bin + PREFIX.idx, one document per indexed document)."""
@@ -71,8 +72,9 @@ def load_corpus(spec: str, json_key: str = "text", max_docs: Optional[int] = Non
         else:
             docs = [Document(name=Path(spec).stem, text=_read_text(Path(spec)))]
     else:
-        raise PretrainError(f"{spec}: no such corpus (give `books`, a .txt/.jsonl file, a directory, "
-                            "or an indexed-dataset prefix)")
+        raise PretrainError(
+            f"{spec}: no such corpus (give `books`, a .txt/.jsonl file, a directory, or an indexed-dataset prefix)"
+        )
     docs = [d for d in docs if (d.text if d.text is not None else d.ids)]
     if not docs:
         raise PretrainError(f"{spec}: every document is empty")
@@ -124,7 +126,7 @@ def _indexed_documents(prefix: str) -> list[Document]:
     return docs
 
 
-def doc_start_id(tokenizer, doc_start: str) -> Optional[int]:
+def doc_start_id(tokenizer, doc_start: str) -> int | None:
     """The token each document is read after: bos (else eos) for `auto`, nothing for `none`."""
     if doc_start == "none":
         return None
@@ -136,8 +138,13 @@ def doc_start_id(tokenizer, doc_start: str) -> Optional[int]:
     return None
 
 
-def tokenize(docs: Sequence[Document], tokenizer, doc_start: str = "auto",
-             max_tokens: Optional[int] = None, vocab_size: Optional[int] = None) -> list[TokenizedDocument]:
+def tokenize(
+    docs: Sequence[Document],
+    tokenizer,
+    doc_start: str = "auto",
+    max_tokens: int | None = None,
+    vocab_size: int | None = None,
+) -> list[TokenizedDocument]:
     """Token ids per document (truncated to `max_tokens` document tokens) and the bytes they cover."""
     start = doc_start_id(tokenizer, doc_start)
     out = []
@@ -149,8 +156,10 @@ def tokenize(docs: Sequence[Document], tokenizer, doc_start: str = "auto",
         if max_tokens is not None:
             ids = ids[:max_tokens]
         if vocab_size is not None and ids and max(ids) >= vocab_size:
-            raise PretrainError(f"document {doc.name}: token id {max(ids)} >= the model's vocabulary size "
-                                f"{vocab_size} (was it tokenized with another tokenizer?)")
+            raise PretrainError(
+                f"document {doc.name}: token id {max(ids)} >= the model's vocabulary size "
+                f"{vocab_size} (was it tokenized with another tokenizer?)"
+            )
         scored = ids if start is not None else ids[1:]
         if doc.ids is None and max_tokens is None and start is not None:
             n_bytes = len(doc.text.encode("utf-8"))

@@ -7,6 +7,7 @@ activation gradients, but only through the head and the layers at or above the l
 a trainable weight, plus 2 * (trainable matmul weights) * q for the weight gradients; an update adds
 ~10 FLOPs per trainable element. `test_online_eval` checks the estimate against torch's FlopCounterMode.
 """
+
 from __future__ import annotations
 
 import threading
@@ -38,7 +39,7 @@ class FlopModel:
     pkm_per_token: int  # product-key search + value reads, per token, over all PKM layers
 
     @classmethod
-    def of(cls, model: nn.Module) -> "FlopModel":
+    def of(cls, model: nn.Module) -> FlopModel:
         config = getattr(model, "config", None)
         head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         hidden = _config_get(config, "hidden_size", "n_embd", "d_model", default=0)
@@ -67,16 +68,24 @@ class FlopModel:
 
     def forward(self, queries: int, keys_attended: int, logits_kept: int) -> float:
         """`keys_attended`: the sum over queries of the keys each one attends to (causal)."""
-        return (2.0 * self.body * queries + 2.0 * self.head * logits_kept
-                + 4.0 * self.layers * self.attn_width * keys_attended + self.pkm_per_token * queries)
+        return (
+            2.0 * self.body * queries
+            + 2.0 * self.head * logits_kept
+            + 4.0 * self.layers * self.attn_width * keys_attended
+            + self.pkm_per_token * queries
+        )
 
-    def backward(self, queries: int, keys_attended: int, logits_kept: int, trainable_matmul: int,
-                 depth: float = 1.0) -> float:
+    def backward(
+        self, queries: int, keys_attended: int, logits_kept: int, trainable_matmul: int, depth: float = 1.0
+    ) -> float:
         """`depth`: the fraction of the layers the activation gradients must go through (those at and
         above the lowest layer holding a trainable weight); the output head is always crossed."""
         body = 2.0 * self.body * queries + 4.0 * self.layers * self.attn_width * keys_attended
-        return (depth * (body + self.pkm_per_token * queries) + 2.0 * self.head * logits_kept
-                + 2.0 * trainable_matmul * queries)
+        return (
+            depth * (body + self.pkm_per_token * queries)
+            + 2.0 * self.head * logits_kept
+            + 2.0 * trainable_matmul * queries
+        )
 
 
 def causal_keys(queries: int, memory: int) -> int:

@@ -19,13 +19,14 @@ precedes the update computed from them, so no token is ever scored by weights th
 With `update_every` k > 1 only every k-th chunk runs a backward (the others are only scored), which
 trades adaptation for compute.
 """
+
 from __future__ import annotations
 
 import inspect
 import logging
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,11 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.errors import PretrainError
-from pretrain.online_eval.trainable import Adaptation
 from pretrain.online_eval.config import OnlineEvalConfig, run_names
 from pretrain.online_eval.corpus import TokenizedDocument
 from pretrain.online_eval.costs import FlopModel, PeakMemory, causal_keys, now
 from pretrain.online_eval.online_optimizers import OnlineOptimizer
+from pretrain.online_eval.trainable import Adaptation
 
 log = logging.getLogger("pkm.online_eval")
 
@@ -76,15 +77,19 @@ class RunResult:
     def bits_per_byte(self) -> float:
         return self.nll / (math.log(2) * max(self.bytes, 1))
 
-    def loss_by_position(self) -> list[Optional[float]]:
+    def loss_by_position(self) -> list[float | None]:
         return [s / c if c else None for s, c in zip(self.bin_nll, self.bin_tokens)]
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("curve")
-        d.update(nats_per_token=self.nats_per_token, perplexity=self.perplexity, bits_per_byte=self.bits_per_byte,
-                 loss_by_position=self.loss_by_position(),
-                 tokens_per_s=self.tokens / self.wall_s if self.wall_s else None)
+        d.update(
+            nats_per_token=self.nats_per_token,
+            perplexity=self.perplexity,
+            bits_per_byte=self.bits_per_byte,
+            loss_by_position=self.loss_by_position(),
+            tokens_per_s=self.tokens / self.wall_s if self.wall_s else None,
+        )
         return d
 
 
@@ -109,11 +114,13 @@ def keep_last(cache, n: int, head: int = 0):
         return cache
     if isinstance(cache, (tuple, list)):
         return tuple(tuple(_keep(t, head, n) for t in layer) for layer in cache)
-    raise PretrainError(f"strategy txl: the model returned past_key_values of type {type(cache).__name__}, "
-                        "which cannot be trimmed (use --strategy overlapping)")
+    raise PretrainError(
+        f"strategy txl: the model returned past_key_values of type {type(cache).__name__}, "
+        "which cannot be trimmed (use --strategy overlapping)"
+    )
 
 
-def _max_positions(model: nn.Module) -> Optional[int]:
+def _max_positions(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
         v = getattr(config, name, None)
@@ -126,14 +133,20 @@ class OnlineRun:
     """One configuration over a list of documents. `steps()` yields after every chunk (so several runs
     can be interleaved and timed fairly on a shared machine); `run()` goes through all of them."""
 
-    def __init__(self, model: nn.Module, docs: Sequence[TokenizedDocument], cfg: OnlineEvalConfig,
-                 calibration: Optional[Sequence[TokenizedDocument]] = None, trace: bool = False,
-                 on_chunk: Optional[Callable[[int], None]] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        docs: Sequence[TokenizedDocument],
+        cfg: OnlineEvalConfig,
+        calibration: Sequence[TokenizedDocument] | None = None,
+        trace: bool = False,
+        on_chunk: Callable[[int], None] | None = None,
+    ):
         self.cfg = cfg.validate()
         self.docs = list(docs)
         self.calibration = calibration
         self.on_chunk = on_chunk
-        self.trace: Optional[list[tuple]] = [] if trace else None
+        self.trace: list[tuple] | None = [] if trace else None
         self.base = model
         self.device = next(model.parameters()).device
         self.flop_model = FlopModel.of(model)
@@ -142,16 +155,21 @@ class OnlineRun:
         self.max_positions = cfg.max_positions or _max_positions(model)
         if cfg.strategy == "txl":
             if not self._takes["past_key_values"]:
-                raise PretrainError(f"strategy txl: {type(model).__name__}.forward takes no past_key_values "
-                                    "(use --strategy overlapping)")
+                raise PretrainError(
+                    f"strategy txl: {type(model).__name__}.forward takes no past_key_values "
+                    "(use --strategy overlapping)"
+                )
             # a position restart re-encodes [sink; previous chunk] from 0, then reads the chunk after them
             if self.max_positions is not None and 2 * cfg.chunk + cfg.sink > self.max_positions:
-                raise PretrainError(f"strategy txl: chunk={cfg.chunk} plus its memory (the previous chunk and "
-                                    f"sink={cfg.sink} tokens) exceeds the model's {self.max_positions} positions "
-                                    f"(use chunk <= {(self.max_positions - cfg.sink) // 2}, or fewer sink tokens)")
+                raise PretrainError(
+                    f"strategy txl: chunk={cfg.chunk} plus its memory (the previous chunk and "
+                    f"sink={cfg.sink} tokens) exceeds the model's {self.max_positions} positions "
+                    f"(use chunk <= {(self.max_positions - cfg.sink) // 2}, or fewer sink tokens)"
+                )
         elif self.max_positions is not None and cfg.window > self.max_positions:
-            raise PretrainError(f"strategy overlapping: window={cfg.window} exceeds the model's "
-                                f"{self.max_positions} positions")
+            raise PretrainError(
+                f"strategy overlapping: window={cfg.window} exceeds the model's {self.max_positions} positions"
+            )
         self.result = RunResult(name=cfg.name, config=asdict(cfg), position_bin=cfg.position_bin)
         self._chunk_counter = 0
         self._tokens_seen = 0
@@ -180,7 +198,8 @@ class OnlineRun:
                     res.calibration_s = now() - t0
                 self.opt = OnlineOptimizer(adaptation.trainables, adaptation.initial, cfg, mean_square)
                 res.state_bytes = adaptation.state_bytes() + sum(
-                    t.numel() * t.element_size() for t in self._optimizer_tensors())
+                    t.numel() * t.element_size() for t in self._optimizer_tensors()
+                )
             for i, doc in enumerate(self.docs):
                 if self.opt is not None and (cfg.reset == "per-document" or i == 0):
                     t0 = now()
@@ -192,11 +211,13 @@ class OnlineRun:
                 for _ in chunks:
                     yield
                 res.bytes += doc.n_bytes
-                res.docs.append(dict(name=doc.name, tokens=res.tokens - totals[1], bytes=doc.n_bytes,
-                                     nll=res.nll - totals[0]))
+                res.docs.append(
+                    dict(name=doc.name, tokens=res.tokens - totals[1], bytes=doc.n_bytes, nll=res.nll - totals[0])
+                )
             if self.opt is not None:
                 res.state_bytes = adaptation.state_bytes() + sum(
-                    t.numel() * t.element_size() for t in self._optimizer_tensors())
+                    t.numel() * t.element_size() for t in self._optimizer_tensors()
+                )
                 res.rows_updated = self.opt.rows_updated
         finally:
             adaptation.close()
@@ -216,7 +237,7 @@ class OnlineRun:
         self._chunk_counter += 1
         return self.cfg.mode == "dynamic" and self._chunk_counter % self.cfg.update_every == 0
 
-    def _forward(self, inp: torch.Tensor, positions: Optional[torch.Tensor], cache, keep: int):
+    def _forward(self, inp: torch.Tensor, positions: torch.Tensor | None, cache, keep: int):
         kw = {}
         if positions is not None and self._takes["position_ids"]:
             kw["position_ids"] = positions[None]
@@ -284,12 +305,12 @@ class OnlineRun:
             if cache is not None and self.max_positions is not None and pos + q > self.max_positions:
                 # restart positions: re-encode [sink; previous chunk] at 0.. (no grad) as the memory
                 sunk = min(cfg.sink, prev[0])
-                again = torch.cat([ids[:sunk], ids[prev[0]:prev[1]]])
+                again = torch.cat([ids[:sunk], ids[prev[0] : prev[1]]])
                 with torch.no_grad():
                     _, cache = self._forward(again, torch.arange(len(again), device=self.device), None, 1)
                 res.flops += fm.forward(len(again), causal_keys(len(again), 0), 1)
                 cache, pos, memory = keep_last(cache, len(again)), len(again), len(again)
-            inp, tgt = ids[c0:c1], ids[c0 + 1:c1 + 1]
+            inp, tgt = ids[c0:c1], ids[c0 + 1 : c1 + 1]
             update = self._is_update()
             with torch.set_grad_enabled(update):
                 logits, new_cache = self._forward(inp, torch.arange(pos, pos + q, device=self.device), cache, q)
@@ -320,7 +341,7 @@ class OnlineRun:
             stop = min(cfg.window if done == 0 else done + cfg.chunk, total)
             start = max(0, stop - cfg.window)
             new = stop - done
-            inp, tgt = ids[start:stop], ids[done + 1:stop + 1]
+            inp, tgt = ids[start:stop], ids[done + 1 : stop + 1]
             update = self._is_update()
             with torch.set_grad_enabled(update):
                 logits, _ = self._forward(inp, None, None, new)
@@ -349,7 +370,7 @@ class OnlineRun:
             for c0 in range(0, doc.n_scored, self.cfg.chunk):
                 c1 = min(c0 + self.cfg.chunk, doc.n_scored)
                 logits = self.model(input_ids=ids[c0:c1][None]).logits[0]
-                F.cross_entropy(logits.float(), ids[c0 + 1:c1 + 1]).backward()
+                F.cross_entropy(logits.float(), ids[c0 + 1 : c1 + 1]).backward()
                 with torch.no_grad():
                     for t, s in zip(adaptation.trainables, sums):
                         g = t.tensor.grad
@@ -375,9 +396,15 @@ class OnlineRun:
         return out
 
 
-def compare(model: nn.Module, docs: Sequence[TokenizedDocument], configs: Sequence[OnlineEvalConfig],
-            interleave: bool = False, calibration: Optional[Sequence[TokenizedDocument]] = None,
-            progress: bool = True, models: Optional[Sequence[Optional[nn.Module]]] = None) -> list[RunResult]:
+def compare(
+    model: nn.Module,
+    docs: Sequence[TokenizedDocument],
+    configs: Sequence[OnlineEvalConfig],
+    interleave: bool = False,
+    calibration: Sequence[TokenizedDocument] | None = None,
+    progress: bool = True,
+    models: Sequence[nn.Module | None] | None = None,
+) -> list[RunResult]:
     """Run every configuration over the same documents. Sequentially (one model, restored between
     runs), or interleaved chunk by chunk (static runs share `model`, each dynamic run gets a copy):
     then a burst of load from other processes hits every run alike, which keeps the time ratios
@@ -401,8 +428,13 @@ def compare(model: nn.Module, docs: Sequence[TokenizedDocument], configs: Sequen
             for r in runs:
                 bar.set_postfix_str(r.result.name)
                 r.run()
-                log.info("%s: %.4f nats/token, ppl %.3f, %.1f s", r.result.name, r.result.nats_per_token,
-                         r.result.perplexity, r.result.wall_s)
+                log.info(
+                    "%s: %.4f nats/token, ppl %.3f, %.1f s",
+                    r.result.name,
+                    r.result.nats_per_token,
+                    r.result.perplexity,
+                    r.result.wall_s,
+                )
         else:
             live = [r.steps() for r in runs]
             while live:

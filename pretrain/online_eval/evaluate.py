@@ -1,5 +1,6 @@
 """`run_online_eval(job)`: load the documents and the model, compare the runs, write the reports.
 The function behind `pkm eval online` (whose CLI only parses arguments into an `OnlineEvalJob`)."""
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,13 @@ def run_online_eval(job: OnlineEvalJob) -> tuple[list[RunResult], dict]:
     calibration = load_corpus(job.rms_calibration, job.json_key) if job.rms_calibration else None
     t0 = time.time()
     model, tok = load_causal_lm(job.model, tokenizer=job.tokenizer, device=device, dtype=job.dtype)
-    log.info("loaded %s (%s, %.1fM parameters) in %.1f s", job.model, type(model).__name__,
-             sum(p.numel() for p in model.parameters()) / 1e6, time.time() - t0)
+    log.info(
+        "loaded %s (%s, %.1fM parameters) in %.1f s",
+        job.model,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        time.time() - t0,
+    )
     vocab = model.get_input_embeddings().num_embeddings
     docs = tokenize(corpus, tok, runs[0].doc_start, job.max_tokens, vocab)
     if calibration is not None:
@@ -46,8 +52,14 @@ def run_online_eval(job: OnlineEvalJob) -> tuple[list[RunResult], dict]:
     log.info("%d documents, %d tokens; %d runs", len(docs), sum(d.n_scored for d in docs), len(runs))
     results = compare(model, docs, runs, interleave=job.interleave, calibration=calibration, progress=job.progress)
     out = Path(job.out)
-    meta = dict(model=job.model, corpus=job.corpus, device=device, threads=torch.get_num_threads(),
-                date=time.strftime("%Y-%m-%d %H:%M:%S"), interleave=job.interleave)
+    meta = dict(
+        model=job.model,
+        corpus=job.corpus,
+        device=device,
+        threads=torch.get_num_threads(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        interleave=job.interleave,
+    )
     summary = report.write_json(out / "results.json", results, meta)
     report.plot(out / "loss_by_position.png", results, title=f"{job.model} on {job.corpus}")
     report.tensorboard(out / "tensorboard", results)

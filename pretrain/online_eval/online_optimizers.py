@@ -15,14 +15,15 @@
          table's calibration mean (or, online, by the mean over the rows read in the step).
 Dense sgd/adamw use torch.optim's foreach implementations.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from pretrain.online_eval.trainable import Trainable
 from pretrain.online_eval.config import OnlineEvalConfig
+from pretrain.online_eval.trainable import Trainable
 
 
 def _rows_of(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +36,13 @@ def _rows_of(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class OnlineOptimizer:
-    def __init__(self, trainables: Sequence[Trainable], initial: Sequence[torch.Tensor], cfg: OnlineEvalConfig,
-                 mean_square: Optional[Sequence[torch.Tensor]] = None):
+    def __init__(
+        self,
+        trainables: Sequence[Trainable],
+        initial: Sequence[torch.Tensor],
+        cfg: OnlineEvalConfig,
+        mean_square: Sequence[torch.Tensor] | None = None,
+    ):
         self.cfg = cfg
         self.dense = [(t.tensor, p0) for t, p0 in zip(trainables, initial) if not t.rows]
         self.sparse = [(t.tensor, p0) for t, p0 in zip(trainables, initial) if t.rows]
@@ -55,8 +61,9 @@ class OnlineOptimizer:
         if params and cfg.optimizer == "sgd":
             self._torch = torch.optim.SGD(params, lr=cfg.lr, foreach=True)
         elif params and cfg.optimizer == "adamw":
-            self._torch = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                            weight_decay=cfg.weight_decay, foreach=True)
+            self._torch = torch.optim.AdamW(
+                params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=True
+            )
         self._ms = [torch.zeros_like(p) for p, _ in self.dense] if cfg.optimizer == "rms" else []
         self._steps = 0
         for st in getattr(self, "_row_state", {}).values():
@@ -88,7 +95,7 @@ class OnlineOptimizer:
             return self.fixed_ms[id(p)]
         beta = self.cfg.betas[1]
         running.mul_(beta).addcmul_(p.grad, p.grad, value=1 - beta)
-        return running / (1 - beta ** self._steps)
+        return running / (1 - beta**self._steps)
 
     def _rms_dense(self) -> None:
         cfg = self.cfg
@@ -119,8 +126,11 @@ class OnlineOptimizer:
         if cfg.optimizer == "adamw":
             b1, b2 = cfg.betas
             if not st:
-                st.update(m=torch.zeros_like(p), v=torch.zeros_like(p), n=torch.zeros(p.shape[0], dtype=torch.long,
-                                                                                      device=p.device))
+                st.update(
+                    m=torch.zeros_like(p),
+                    v=torch.zeros_like(p),
+                    n=torch.zeros(p.shape[0], dtype=torch.long, device=p.device),
+                )
             # rows are unique (coalesced): gather, update in place, scatter back; few passes over the rows
             n = st["n"].index_select(0, rows).add_(1)
             st["n"].index_copy_(0, rows, n)
@@ -129,13 +139,16 @@ class OnlineOptimizer:
             v = st["v"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
             st["m"].index_copy_(0, rows, m)
             st["v"].index_copy_(0, rows, v)
-            denom = v.div_(1 - b2 ** n).sqrt_().add_(cfg.eps)  # v is no longer needed: reuse its memory
-            p.index_add_(0, rows, m.div_(1 - b1 ** n).div_(denom), alpha=-cfg.lr)
+            denom = v.div_(1 - b2**n).sqrt_().add_(cfg.eps)  # v is no longer needed: reuse its memory
+            p.index_add_(0, rows, m.div_(1 - b1**n).div_(denom), alpha=-cfg.lr)
             return
         # rms
         if not st:
-            st.update(ms=torch.zeros_like(p), n=torch.zeros(p.shape[0], dtype=torch.long, device=p.device),
-                      last=torch.zeros(p.shape[0], dtype=torch.long, device=p.device))
+            st.update(
+                ms=torch.zeros_like(p),
+                n=torch.zeros(p.shape[0], dtype=torch.long, device=p.device),
+                last=torch.zeros(p.shape[0], dtype=torch.long, device=p.device),
+            )
         if self.fixed_ms is not None:
             ms_hat = self.fixed_ms[id(p)].index_select(0, rows)
         else:
@@ -144,7 +157,7 @@ class OnlineOptimizer:
             n = st["n"][rows].unsqueeze(1).to(p.dtype)
             ms = st["ms"][rows].mul_(b2).addcmul_(g, g, value=1 - b2)
             st["ms"][rows] = ms
-            ms_hat = ms / (1 - b2 ** n)
+            ms_hat = ms / (1 - b2**n)
         rms = ms_hat.sqrt()
         cur = p.index_select(0, rows)
         if cfg.rms_decay > 0:
@@ -160,7 +173,7 @@ class OnlineOptimizer:
             base = p0.index_select(0, rows)
             # the pull-backs this row missed while it was not read (a no-op for rows still at p0)
             missed = (self._steps - 1 - st["last"][rows]).clamp_(min=0).unsqueeze(1).to(p.dtype)
-            cur = base + (cur - base) * keep ** missed
+            cur = base + (cur - base) * keep**missed
             cur = cur - cfg.lr * g / (rms + cfg.eps)
             cur = base + (cur - base) * keep
             st["last"][rows] = self._steps

@@ -9,12 +9,12 @@ PKM value tables are found by contract, not by import: every module whose class 
 switched to sparse gradients here, or a module with a row-indexed 2-D `weight` that already gets
 sparse gradients, like our native `ValueTable`), and so does any `nn.EmbeddingBag` named `*values`.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ class Trainable:
 class ValueTable:
     name: str
     weight: torch.Tensor
-    bag: Optional[nn.EmbeddingBag]  # the EmbeddingBag to switch to sparse gradients, if it is one
+    bag: nn.EmbeddingBag | None  # the EmbeddingBag to switch to sparse gradients, if it is one
 
 
 def find_value_tables(model: nn.Module) -> list[ValueTable]:
@@ -109,22 +109,31 @@ class Adaptation:
         mm = _matmul_weight_ids(model)
         table_ids = {id(t.weight) for t in self._tables}
         if cfg.adapt == "all":
-            out = [Trainable(n, p, rows=id(p) in table_ids, matmul=id(p) in mm and id(p) not in table_ids)
-                   for n, p in model.named_parameters()]
+            out = [
+                Trainable(n, p, rows=id(p) in table_ids, matmul=id(p) in mm and id(p) not in table_ids)
+                for n, p in model.named_parameters()
+            ]
             seen = {id(t.tensor) for t in out}
             out += [self._table_trainable(t) for t in self._tables if id(t.weight) not in seen]
             return out
         if cfg.adapt == "mlp":
-            out = [Trainable(n, p, rows=id(p) in table_ids, matmul=id(p) in mm and id(p) not in table_ids)
-                   for n, p in model.named_parameters() if _is_mlp(n)]
+            out = [
+                Trainable(n, p, rows=id(p) in table_ids, matmul=id(p) in mm and id(p) not in table_ids)
+                for n, p in model.named_parameters()
+                if _is_mlp(n)
+            ]
             if not out:
-                raise PretrainError(f"adapt=mlp: no parameter of {type(model).__name__} lives under a module "
-                                    f"named {'/'.join(MLP_NAMES)}")
+                raise PretrainError(
+                    f"adapt=mlp: no parameter of {type(model).__name__} lives under a module "
+                    f"named {'/'.join(MLP_NAMES)}"
+                )
             return out
         if cfg.adapt == "pkm-values":
             if not self._tables:
-                raise PretrainError(f"adapt=pkm-values: {type(model).__name__} has no PKM value table (no "
-                                    "ProductKeyMemory module, no EmbeddingBag named *values)")
+                raise PretrainError(
+                    f"adapt=pkm-values: {type(model).__name__} has no PKM value table (no "
+                    "ProductKeyMemory module, no EmbeddingBag named *values)"
+                )
             return [self._table_trainable(t) for t in self._tables]
         return self._lora(model, cfg)
 
@@ -135,8 +144,9 @@ class Adaptation:
         from peft import LoraConfig, get_peft_model
 
         def wrap(targets):
-            lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                              target_modules=targets, bias="none")
+            lcfg = LoraConfig(
+                r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets, bias="none"
+            )
             return get_peft_model(model, lcfg)
 
         torch.manual_seed(cfg.seed)  # LoRA A matrices are random: the same for every run of this config

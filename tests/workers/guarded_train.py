@@ -4,6 +4,7 @@ placed on the backend's device as if the gloo run underneath were NCCL; on a GPU
 
 usage: torchrun --nproc_per_node N tests/workers/guarded_train.py CONFIG [overrides...]
 """
+
 from __future__ import annotations
 
 import sys

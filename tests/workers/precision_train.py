@@ -4,6 +4,7 @@ and again after training.
 
 usage: python tests/workers/precision_train.py CONFIG [overrides...]
 """
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,25 @@ def dtypes(tr) -> dict:
     """dtype name -> what has it, for the tensors the policy names."""
     from model.pkm.memory import MaskedBatchNorm
 
-    out = {"value tables": {str(m.values.weight.dtype) for _, m in tr.pkm_layers},
-           "batchnorm stats": {str(b.dtype) for mod in tr.model.modules() if isinstance(mod, MaskedBatchNorm)
-                               for b in (mod.running_mean, mod.running_var)},
-           "dense params": {str(p.dtype) for p in tr.model.parameters()}}
+    out = {
+        "value tables": {str(m.values.weight.dtype) for _, m in tr.pkm_layers},
+        "batchnorm stats": {
+            str(b.dtype)
+            for mod in tr.model.modules()
+            if isinstance(mod, MaskedBatchNorm)
+            for b in (mod.running_mean, mod.running_var)
+        },
+        "dense params": {str(p.dtype) for p in tr.model.parameters()},
+    }
     opt = tr.optimizer  # DeepSpeed's wrapper keeps fp32 masters of bf16 weights (fp32_groups), or is the base
-    masters = [p for g in getattr(opt, "fp32_groups", []) for p in g] or \
-        [p for g in getattr(opt, "optimizer", opt).param_groups for p in g["params"]]
+    masters = [p for g in getattr(opt, "fp32_groups", []) for p in g] or [
+        p for g in getattr(opt, "optimizer", opt).param_groups for p in g["params"]
+    ]
     out["dense master params"] = {str(p.dtype) for p in masters}
     base = getattr(opt, "optimizer", opt)
-    out["dense moments"] = {str(st[k].dtype) for st in base.state.values() for k in ("exp_avg", "exp_avg_sq") if k in st}
+    out["dense moments"] = {
+        str(st[k].dtype) for st in base.state.values() for k in ("exp_avg", "exp_avg_sq") if k in st
+    }
     vstate = tr.value_optimizer.optimizer.state
     out["value moments"] = {str(st[k].dtype) for st in vstate.values() for k in ("exp_avg", "exp_avg_sq")}
     return {k: sorted(v) for k, v in out.items()}

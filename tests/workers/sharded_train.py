@@ -4,6 +4,7 @@ gradient.
 
 usage: torchrun --nproc_per_node N tests/workers/sharded_train.py CONFIG [overrides...]
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,10 @@ class NoFullTable(TorchDispatchMode):
             numel = t.numel()
             self.largest = max(self.largest, numel)
             if numel > self.shard_numel:
-                raise AssertionError(f"{func} produced a dense {tuple(t.shape)} tensor ({numel} elements) "
-                                     f"> one value shard ({self.shard_numel})")
+                raise AssertionError(
+                    f"{func} produced a dense {tuple(t.shape)} tensor ({numel} elements) "
+                    f"> one value shard ({self.shard_numel})"
+                )
         return out
 
 
@@ -40,7 +43,7 @@ def shard_shape(cfg) -> tuple[int, int]:
     """The value shard this rank should hold under cfg's layout (world from torchrun)."""
     world, tp = int(os.environ["WORLD_SIZE"]), cfg.parallel.tensor_parallel
     size = {"none": 1, "tp": tp, "dp": world // tp, "all": world}[cfg.parallel.memory_parallel]
-    return cfg.model.pkm.n_keys ** 2, cfg.model.hidden_size // size
+    return cfg.model.pkm.n_keys**2, cfg.model.hidden_size // size
 
 
 def main() -> int:
@@ -61,8 +64,11 @@ def main() -> int:
     assert table.weight.shape == (n_slots, shard_dim), table.weight.shape
     with guard:
         code = tr.train().exit_code
-    print(f"rank {tr.env.rank}: value shard {tuple(table.weight.shape)}, largest dense table-shaped tensor "
-          f"{guard.largest} elements", flush=True)
+    print(
+        f"rank {tr.env.rank}: value shard {tuple(table.weight.shape)}, largest dense table-shaped tensor "
+        f"{guard.largest} elements",
+        flush=True,
+    )
     from pretrain.distributed import shutdown
 
     shutdown()

@@ -10,14 +10,18 @@
 # softmax over the knn best keys of each head). After each forward, `self.last_indices` holds the slots read:
 # LongTensor [tokens, heads * knn], tokens in (batch, position) order.
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput,
-                                           QuestionAnsweringModelOutput, SequenceClassifierOutput)
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+)
 
 from .configuration_pkm import PKMBertConfig, PKMGPTConfig
 
@@ -87,14 +91,17 @@ class ProductKeyMemory(nn.Module):
         self.input_dropout, self.query_dropout = pkm["input_dropout"], pkm["query_dropout"]
         self.value_dropout = pkm["value_dropout"]
         self.query_proj = nn.Linear(dim, self.heads * self.k_dim, bias=True)
-        self.query_batchnorm = (MaskedBatchNorm(self.heads * self.k_dim, pkm["batchnorm_eps"],
-                                                pkm["batchnorm_momentum"]) if pkm["query_batchnorm"] else None)
+        self.query_batchnorm = (
+            MaskedBatchNorm(self.heads * self.k_dim, pkm["batchnorm_eps"], pkm["batchnorm_momentum"])
+            if pkm["query_batchnorm"]
+            else None
+        )
         self.query_layernorm = nn.LayerNorm(self.k_dim) if pkm["query_layernorm"] else None
         bound = 1.0 / math.sqrt(self.k_dim // 2)
         self.keys = nn.Parameter(torch.empty(self.heads, 2, self.n_keys, self.k_dim // 2).uniform_(-bound, bound))
-        self.values = nn.EmbeddingBag(self.n_keys ** 2, dim, mode="sum")
-        nn.init.normal_(self.values.weight, 0.0, dim ** -0.5)
-        self.last_indices: Optional[torch.Tensor] = None
+        self.values = nn.EmbeddingBag(self.n_keys**2, dim, mode="sum")
+        nn.init.normal_(self.values.weight, 0.0, dim**-0.5)
+        self.last_indices: torch.Tensor | None = None
 
     def forward(self, x, keep=None):
         """keep: bool [...] (True = real token) keeps padding out of the BatchNorm statistics."""
@@ -174,8 +181,9 @@ class SelfAttention(nn.Module):
         if per_group > 1:
             k = k.repeat_interleave(per_group, dim=1)
             v = v.repeat_interleave(per_group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_bias, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
@@ -326,8 +334,17 @@ class _Backbone(PKMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                past_key_values=None, use_cache=None, inputs_embeds=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=None,
+        inputs_embeds=None,
+        **kwargs,
+    ):
         config = self.config
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s = x.shape[:2]
@@ -347,8 +364,9 @@ class _Backbone(PKMPreTrainedModel):
         x = F.dropout(x, config.hidden_dropout, self.training)
         rotary = None
         if config.position_embedding == "rope":
-            rotary = rotary_cos_sin(position_ids, config.hidden_size // config.num_attention_heads,
-                                    config.rope_theta, x.dtype)
+            rotary = rotary_cos_sin(
+                position_ids, config.hidden_size // config.num_attention_heads, config.rope_theta, x.dtype
+            )
         bias = attention_bias(attention_mask, s, past + s, self.causal, x.dtype, x.device)
         keep = None if attention_mask is None else attention_mask[:, -s:].to(torch.bool)
         cache = past_key_values if (use_cache or past_key_values is not None) and self.causal else None
@@ -382,14 +400,30 @@ class PKMGPTForCausalLM(PKMPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         if use_cache and past_key_values is None:
             from transformers.cache_utils import DynamicCache
 
             past_key_values = DynamicCache()
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            inputs_embeds=inputs_embeds,
+        )
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -397,8 +431,9 @@ class PKMGPTForCausalLM(PKMPreTrainedModel, GenerationMixin):
         logits = F.linear(h, weight)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
 
@@ -483,14 +518,23 @@ class PKMBertForQuestionAnswering(PKMPreTrainedModel):
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, start_positions=None,
-                end_positions=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        start_positions=None,
+        end_positions=None,
+        **kwargs,
+    ):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
         start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
             n = start.shape[1]
-            loss = (F.cross_entropy(start, start_positions.clamp(0, n), ignore_index=n)
-                    + F.cross_entropy(end, end_positions.clamp(0, n), ignore_index=n)) / 2
+            loss = (
+                F.cross_entropy(start, start_positions.clamp(0, n), ignore_index=n)
+                + F.cross_entropy(end, end_positions.clamp(0, n), ignore_index=n)
+            ) / 2
         return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end)

@@ -8,6 +8,7 @@ gutenberg_id, text, title; one row per line; read by data_pipeline/r_books.py). 
 are not by Jane Austen -- the demo training corpus is Austen's novels, so Pride and Prejudice (id 1342)
 is left out. Needs `pip install rdata`.
 """
+
 from __future__ import annotations
 
 import argparse

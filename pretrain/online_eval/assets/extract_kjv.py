@@ -8,6 +8,7 @@ Debian/Ubuntu package bible-kjv.
 each chapter gets a heading, so the document reads like the other books (one line per verse).
 The King James Version is public domain; it is used for evaluation only (see books/LICENSE.md).
 """
+
 from __future__ import annotations
 
 import argparse
