@@ -24,11 +24,7 @@ from launch.torchrun import TORCHRUN_ENV, TorchrunOptions, torchrun_options
 from launch.training import PREEMPTED_EXIT_CODE, Entry
 
 # Shell variables the script defines or SLURM sets, marked in an argument as "\0NAME\0".
-_SHELL_VARS = {
-    "NNODES": "${SLURM_JOB_NUM_NODES}",
-    "ENDPOINT": "${rdzv_addr}:${rdzv_port}",
-    "JOB_ID": "${SLURM_JOB_ID}",
-}
+_SHELL_VARS = {"NNODES": "${SLURM_JOB_NUM_NODES}", "ENDPOINT": "${rdzv_addr}:${rdzv_port}", "JOB_ID": "${SLURM_JOB_ID}"}
 
 
 def _var(name: str) -> str:

@@ -24,11 +24,7 @@ def export_hf(
     Raises PretrainError / ModelError with a one-line reason; nothing is left half-written."""
     from data_pipeline.outputs import check_writable
     from model.hf.export import export_hf as export_state_dict
-    from pretrain.checkpoint import (
-        CheckpointReader,
-        checkpoint_tokenizer,
-        resolve_checkpoint,
-    )
+    from pretrain.checkpoint import CheckpointReader, checkpoint_tokenizer, resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     check_writable(str(out_dir))  # before the checkpoint is read

@@ -122,8 +122,7 @@ def brute_force_topk(query: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple
     n, heads, k_dim = query.shape
     n_keys = keys.shape[2]
     full = torch.cat(
-        [keys[:, 0].unsqueeze(2).expand(-1, -1, n_keys, -1), keys[:, 1].unsqueeze(1).expand(-1, n_keys, -1, -1)],
-        dim=-1,
+        [keys[:, 0].unsqueeze(2).expand(-1, -1, n_keys, -1), keys[:, 1].unsqueeze(1).expand(-1, n_keys, -1, -1)], dim=-1
     ).reshape(heads, n_keys * n_keys, k_dim)
     scores = torch.einsum("nhd,hsd->nhs", query, full)
     return scores.topk(knn, dim=-1)

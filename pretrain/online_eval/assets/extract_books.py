@@ -18,11 +18,7 @@ from data_pipeline.r_books import read_rda_frame, write_books
 
 BOOKS_RDA = "/usr/lib/R/site-library/tidytext/extdata/books.rda"
 # Gutenberg id -> file name. 1342 (Pride and Prejudice) is deliberately absent: it is Austen.
-BOOKS = {
-    1400: "great_expectations",
-    36: "the_war_of_the_worlds",
-    164: "twenty_thousand_leagues_under_the_sea",
-}
+BOOKS = {1400: "great_expectations", 36: "the_war_of_the_worlds", 164: "twenty_thousand_leagues_under_the_sea"}
 
 
 def main() -> None:
