@@ -480,14 +480,14 @@ def check_tokenizer_matches(prefix: str, tokenizer: Tokenizer, user: str = "the 
     m = read_manifest(prefix)
     made, have = m["tokenizer"], tokenizer.identity
     if made["sha256"] != have["sha256"] or m["vocab_size"] != tokenizer.vocab_size:
-        fix = (
-            f"re-run `pkm data preprocess --tokenizer {have['path']}` or train with data.tokenizer={made['path']}"
-            if user == "the model"
-            else f"leave out {user} to use the dataset's own ({made['path']})"
-        )
+        if user == "the model":
+            holder = "the model uses"
+            fix = f"re-run `pkm data preprocess --tokenizer {have['path']}` or train with data.tokenizer={made['path']}"
+        else:
+            holder, fix = f"{user} is", f"leave out {user} to use the dataset's own ({made['path']})"
         raise DataError(
             f"{prefix}: tokenized with {made['kind']} tokenizer {made['name']} (vocab {m['vocab_size']}, "
-            f"sha256 {made['sha256'][:12]}) but {user} is {have['kind']} tokenizer {have['name']} "
+            f"sha256 {made['sha256'][:12]}) but {holder} {have['kind']} tokenizer {have['name']} "
             f"(vocab {tokenizer.vocab_size}, sha256 {have['sha256'][:12]}): {fix}"
         )
     return m
