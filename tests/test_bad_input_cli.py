@@ -18,6 +18,8 @@ from tests.conftest import ROOT, TINY_GPT, assert_user_error, small_tmpfs
 from tests.conftest import run_pkm as _run_pkm
 
 AUSTEN = ROOT / "data_pipeline" / "assets" / "austen"
+PERSUASION = AUSTEN / "persuasion.txt"
+TOKENIZER_TRAIN = ["data", "tokenizer", "train"]
 
 
 def run_pkm(*args, **kw):
@@ -52,7 +54,7 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("kind", ["empty", "binary", "undecodable"])
 def test_bad_input_tokenizer_train_without_text_names_the_input(tmp_path, bad_files, kind):
     out = tmp_path / "tok"
-    r = run_pkm("data", "tokenizer", "train", "--input", bad_files[kind], "--output", out / "my", "--vocab-size", "500")
+    r = run_pkm(*TOKENIZER_TRAIN, "--input", bad_files[kind], "--output", out / "my", "--vocab-size", "500")
     line = assert_user_error(r, bad_files[kind])
     assert "no text to train a tokenizer on" in line and "sentencepiece" not in line and str(out) not in line
     assert _leftovers(out) == []  # no .model/.vocab, no temporary directory
@@ -64,7 +66,7 @@ def test_bad_input_tokenizer_train_broken_later_input(tmp_path):
     good.write_text('{"text": "plenty of words to read here"}\n')
     broken.write_bytes(b"PAR1 not really parquet")
     out = tmp_path / "tok"
-    r = run_pkm("data", "tokenizer", "train", "--input", good, broken, "--output", out / "my", "--vocab-size", "400")
+    r = run_pkm(*TOKENIZER_TRAIN, "--input", good, broken, "--output", out / "my", "--vocab-size", "400")
     line = assert_user_error(r, broken, "cannot read parquet")
     assert "INTERNAL" not in line and "sentencepiece" not in line
     assert _leftovers(out) == []
@@ -72,29 +74,17 @@ def test_bad_input_tokenizer_train_broken_later_input(tmp_path):
 
 def test_bad_input_tokenizer_train_vocab_size(tmp_path):
     out = tmp_path / "tok"
-    r = run_pkm(
-        "data",
-        "tokenizer",
-        "train",
-        "--input",
-        AUSTEN / "persuasion.txt",
-        "--output",
-        out / "my",
-        "--vocab-size",
-        "100",
-    )
+    r = run_pkm(*TOKENIZER_TRAIN, "--input", PERSUASION, "--output", out / "my", "--vocab-size", "100")
     line = assert_user_error(r, "--vocab-size 100")
     assert "use at least" in line and "INTERNAL" not in line
     assert _leftovers(out) == []
-    r = run_pkm(
-        "data", "tokenizer", "train", "--input", AUSTEN / "persuasion.txt", "--output", out / "my", "--vocab-size", "0"
-    )
+    r = run_pkm(*TOKENIZER_TRAIN, "--input", PERSUASION, "--output", out / "my", "--vocab-size", "0")
     assert_user_error(r, "--vocab-size")
 
 
 def test_bad_input_tokenizer_train_output_under_a_file(bad_files):
     out = bad_files["a_file"] / "tok" / "my"
-    r = run_pkm("data", "tokenizer", "train", "--input", AUSTEN / "persuasion.txt", "--output", out)
+    r = run_pkm(*TOKENIZER_TRAIN, "--input", PERSUASION, "--output", out)
     assert_user_error(r, bad_files["a_file"])
     assert bad_files["a_file"].read_text() == "not a directory\n"
 
@@ -102,26 +92,9 @@ def test_bad_input_tokenizer_train_output_under_a_file(bad_files):
 def test_bad_input_tokenizer_train_sigterm_leaves_nothing(tmp_path):
     out = tmp_path / "tok"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, "-m", "pkm", *TOKENIZER_TRAIN, "--input", str(AUSTEN / "*.txt"), "--output", str(out / "my")]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pkm",
-            "data",
-            "tokenizer",
-            "train",
-            "--input",
-            str(AUSTEN / "*.txt"),
-            "--output",
-            str(out / "my"),
-            "--vocab-size",
-            "4000",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [*cmd, "--vocab-size", "4000"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 60
     while not _leftovers(out) and time.monotonic() < deadline:  # its temporary directory: it is writing
@@ -135,17 +108,7 @@ def test_bad_input_tokenizer_train_sigterm_leaves_nothing(tmp_path):
 
 def test_bad_input_tokenizer_train_full_disk(tmp_path):
     with small_tmpfs(tmp_path / "full", "64k") as full:
-        r = run_pkm(
-            "data",
-            "tokenizer",
-            "train",
-            "--input",
-            AUSTEN / "persuasion.txt",
-            "--output",
-            full / "my",
-            "--vocab-size",
-            "6000",
-        )
+        r = run_pkm(*TOKENIZER_TRAIN, "--input", PERSUASION, "--output", full / "my", "--vocab-size", "6000")
         assert_user_error(r, full / "my.model")
         assert _leftovers(full) == []
 
@@ -284,7 +247,7 @@ def test_bad_input_unwritable_outputs(bad_files):
         ["pretrain", "--config", TINY_GPT, f"run_dir={under}"],
         ["eval", "online", "--model", "smollm2", "--out", under],
         ["eval", "lm-eval-data", "--out", under / "books.jsonl"],
-        ["data", "preprocess", "--input", AUSTEN / "persuasion.txt", "--output", under / "ds"],
+        ["data", "preprocess", "--input", PERSUASION, "--output", under / "ds"],
         ["launch", "deepspeed", "--hosts", "a", "--slots", "1", "--config", TINY_GPT, f"run_dir={under}"],
         ["launch", "slurm", "--nodes", "1", "--config", TINY_GPT, f"run_dir={under}"],
     ):
@@ -398,17 +361,7 @@ def test_bad_input_export_run_dir_without_latest(tiny_run, tmp_path):
 
 def test_bad_input_inspect_given_a_dataset_file(tmp_path):
     prefix = tmp_path / "ds"
-    r = run_pkm(
-        "data",
-        "preprocess",
-        "--input",
-        AUSTEN / "persuasion.txt",
-        "--output",
-        prefix,
-        "--workers",
-        "1",
-        "--no-progress",
-    )
+    r = run_pkm("data", "preprocess", "--input", PERSUASION, "--output", prefix, "--workers", "1", "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     for given in (f"{prefix}.bin", f"{prefix}.idx", f"{prefix}.manifest.json"):
         r = run_pkm("data", "inspect", given)

@@ -111,20 +111,8 @@ def test_every_number_in_the_config_declares_its_range():
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory) -> Path:
     prefix = tmp_path_factory.mktemp("data") / "persuasion"
-    r = run_pkm(
-        "data",
-        "preprocess",
-        "--input",
-        AUSTEN / "persuasion.txt",
-        "--output",
-        prefix,
-        "--text-mode",
-        "blank-line",
-        "--workers",
-        "0",
-        "--no-progress",
-        timeout=300,
-    )
+    options = ["--text-mode", "blank-line", "--workers", "0", "--no-progress"]
+    r = run_pkm("data", "preprocess", "--input", AUSTEN / "persuasion.txt", "--output", prefix, *options, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return prefix
 
@@ -206,18 +194,8 @@ def test_kill_during_checkpoint_save_leaves_no_process(tmp_path: Path):
     """megatron's checkpoint writer starts processes (forked bucket writers; before, also a spawned
     Manager server and a resource tracker that outlived a kill -9 holding memory and the run's files)."""
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pkm",
-        "pretrain",
-        "--config",
-        str(TINY_GPT),
-        f"run_dir={run}",
-        "train.train_steps=400",
-        "checkpoint.save_interval=2",
-        f"data.cache_dir={tmp_path}",
-    ]
+    overrides = ["train.train_steps=400", "checkpoint.save_interval=2", f"data.cache_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(TINY_GPT), f"run_dir={run}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen: set[int] = set()

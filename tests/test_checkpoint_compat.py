@@ -41,14 +41,8 @@ def test_checkpoint_of_previous_code_resumes_exactly(old_code, tmp_path):
     common = ["--config", str(TINY_GPT), "train.train_steps=4", "checkpoint.save_interval=0"]
     resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(old_code)}
-    old = subprocess.run(
-        [sys.executable, "-m", "pretrain.cli", "pretrain", *common, "train.train_steps=2", f"run_dir={resumed}"],
-        cwd=old_code,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    cmd = [sys.executable, "-m", "pretrain.cli", "pretrain", *common, "train.train_steps=2", f"run_dir={resumed}"]
+    old = subprocess.run(cmd, cwd=old_code, env=env, capture_output=True, text=True, timeout=900)
     assert old.returncode == 0, old.stderr[-3000:]
     assert (resumed / "checkpoints" / "step_0000002").is_dir()
 

@@ -291,35 +291,15 @@ def test_cli_preprocess_inspect_and_one_line_errors(tmp_path, docs, capsys):
     from pkm.cli import main
 
     path, _ = _bad_corpus(tmp_path, docs)
-    assert (
-        main(
-            ["data", "preprocess", "--input", path, "--output", str(tmp_path / "o"), "--workers", "1", "--no-progress"]
-        )
-        == 2
-    )
+    preprocess = ["data", "preprocess", "--input", path]
+    preprocess_to_o = [*preprocess, "--output", str(tmp_path / "o"), "--workers", "1"]
+    assert main([*preprocess_to_o, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"pkm: error: {path}:5: malformed JSON (Unterminated string starting at: line 1 column 10 (char 9)) "
         "(use --on-error skip to skip and report bad records)"
     ]
-    assert (
-        main(
-            [
-                "data",
-                "preprocess",
-                "--input",
-                path,
-                "--output",
-                str(tmp_path / "o"),
-                "--workers",
-                "1",
-                "--on-error",
-                "skip",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main([*preprocess_to_o, "--on-error", "skip", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "40 documents" in out and f"skipped {path}:17: non-UTF-8" in out
     assert main(["data", "inspect", str(tmp_path / "o"), "--show", "1"]) == 0
@@ -329,21 +309,7 @@ def test_cli_preprocess_inspect_and_one_line_errors(tmp_path, docs, capsys):
     assert main(["data", "inspect", str(tmp_path / "o"), "--show", "1", "--tokenizer", "bert"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tokenizer bert" in err[0] and "tokenized with" in err[0], err
-    assert (
-        main(
-            [
-                "data",
-                "preprocess",
-                "--input",
-                path,
-                "--output",
-                str(tmp_path / "o2"),
-                "--tokenizer",
-                str(tmp_path / "missing.model"),
-            ]
-        )
-        == 2
-    )
+    assert main([*preprocess, "--output", str(tmp_path / "o2"), "--tokenizer", str(tmp_path / "missing.model")]) == 2
     assert "missing.model" in capsys.readouterr().err
 
 

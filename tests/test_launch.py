@@ -19,6 +19,9 @@ from launch.torchrun import TorchrunOptions, torchrun_argv
 from launch.training import PREEMPTED_EXIT_CODE, Entry, plan_training
 from tests.conftest import PY, ROOT, TINY_GPT, assert_user_error, run_pkm
 
+# `pkm launch torchrun` as node 0 of two; the tests add the endpoint and the config.
+TORCHRUN_TWO_NODES = ["launch", "torchrun", "--nnodes", "2", "--node-rank", "0"]
+
 
 def pkm(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "pkm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
@@ -190,19 +193,7 @@ def test_cli_errors_are_one_line_before_submitting(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "3 ranks, which parallel.tensor_parallel=2 does not divide" in proc.stderr
 
-    proc = pkm(
-        "launch",
-        "torchrun",
-        "--nnodes",
-        "2",
-        "--node-rank",
-        "0",
-        "--rdzv-endpoint",
-        "host-without-port",
-        "--config",
-        str(TINY_GPT),
-        "--dry-run",
-    )
+    proc = pkm(*TORCHRUN_TWO_NODES, "--rdzv-endpoint", "host-without-port", "--config", str(TINY_GPT), "--dry-run")
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
 
     bad = tmp_path / "bad.yaml"
@@ -213,22 +204,8 @@ def test_cli_errors_are_one_line_before_submitting(tmp_path):
 
 
 def test_cli_torchrun_dry_run_prints_the_exact_command(tmp_path):
-    proc = pkm(
-        "launch",
-        "torchrun",
-        "--nnodes",
-        "2",
-        "--node-rank",
-        "0",
-        "--rdzv-endpoint",
-        "127.0.0.1:29400",
-        "--nproc-per-node",
-        "1",
-        "--config",
-        str(TINY_GPT),
-        f"run_dir={tmp_path / 'r'}",
-        "--dry-run",
-    )
+    endpoint = ["--rdzv-endpoint", "127.0.0.1:29400", "--nproc-per-node", "1"]
+    proc = pkm(*TORCHRUN_TWO_NODES, *endpoint, "--config", str(TINY_GPT), f"run_dir={tmp_path / 'r'}", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert line.startswith(

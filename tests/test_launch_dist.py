@@ -155,8 +155,6 @@ def test_killed_worker_restarts_group_and_resumes(uninterrupted, tmp_path):
     ref, got = losses(uninterrupted[0]), losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     # Restored data order, RNG and optimizer state: equal to float32 round-off.
-    print(
-        f"final loss: uninterrupted {ref[STEPS]!r}, killed+restarted {got[STEPS]!r}, "
-        f"|diff| {abs(got[STEPS] - ref[STEPS]):.3g}"
-    )
+    diff = abs(got[STEPS] - ref[STEPS])
+    print(f"final loss: uninterrupted {ref[STEPS]!r}, killed+restarted {got[STEPS]!r}, |diff| {diff:.3g}")
     assert got[STEPS] == pytest.approx(ref[STEPS], rel=1e-5, abs=1e-6)

@@ -126,10 +126,8 @@ def test_preempted_job_saves_requeues_and_matches(slurm_cluster, uninterrupted, 
     ref, got = losses(uninterrupted[0]), losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     # Same data order, RNG and optimizer state restored: equal to float32 round-off.
-    print(
-        f"final loss: uninterrupted {ref[STEPS]!r}, preempted+requeued {got[STEPS]!r}, "
-        f"|diff| {abs(got[STEPS] - ref[STEPS]):.3g}"
-    )
+    diff = abs(got[STEPS] - ref[STEPS])
+    print(f"final loss: uninterrupted {ref[STEPS]!r}, preempted+requeued {got[STEPS]!r}, |diff| {diff:.3g}")
     assert got[STEPS] == pytest.approx(ref[STEPS], rel=1e-5, abs=1e-6)
     assert [got[s] for s in range(1, STEPS + 1)] == pytest.approx(
         [ref[s] for s in range(1, STEPS + 1)], rel=1e-5, abs=1e-6

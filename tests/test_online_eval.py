@@ -57,23 +57,18 @@ def tok():
     )
 
 
+def tiny_decoder(tok, layers: int, positions: int) -> dict:
+    """The sizes the tiny Llama and the tiny PKM-GPT share (their configs take the same names)."""
+    width = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    tokens = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return dict(**width, **tokens, num_hidden_layers=layers, max_position_embeddings=positions, initializer_range=0.1)
+
+
 def tiny_llama(tok, layers=2, seed=0, max_positions=1024):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        initializer_range=0.1,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    cfg = LlamaConfig(**tiny_decoder(tok, layers, max_positions), tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -91,23 +86,9 @@ def tiny_pkm_gpt(tok, layers=2, seed=0, position_embedding="rope"):
     from model.hf.modeling.modeling_pkm import PKMGPTForCausalLM
 
     torch.manual_seed(seed)
-    cfg = PKMGPTConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=1024,
-        normalization="RMSNorm",
-        activation="swiglu",
-        position_embedding=position_embedding,
-        add_bias_linear=False,
-        initializer_range=0.1,
-        pkm={"layers": [layers - 1], "n_keys": 16, "heads": 2, "knn": 4, "k_dim": 16, "query_batchnorm": False},
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    pkm = {"layers": [layers - 1], "n_keys": 16, "heads": 2, "knn": 4, "k_dim": 16, "query_batchnorm": False}
+    llama = dict(normalization="RMSNorm", activation="swiglu", add_bias_linear=False)
+    cfg = PKMGPTConfig(**tiny_decoder(tok, layers, 1024), **llama, position_embedding=position_embedding, pkm=pkm)
     return PKMGPTForCausalLM(cfg).eval()
 
 
@@ -742,24 +723,9 @@ def test_native_checkpoint_is_exported_then_evaluated(tmp_path, capsys):
     repo = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pkm",
-            "pretrain",
-            "--config",
-            str(repo / "configs" / "tiny_gpt.yaml"),
-            f"run_dir={run}",
-            "train.train_steps=4",
-            f"data.cache_dir={tmp_path / 'cache'}",
-        ],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    overrides = [f"run_dir={run}", "train.train_steps=4", f"data.cache_dir={tmp_path / 'cache'}"]
+    cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(repo / "configs" / "tiny_gpt.yaml"), *overrides]
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rc = main(
         [

@@ -25,6 +25,8 @@ from tests.conftest import ROOT, TINY_GPT, free_port
 
 # Reaching model building would mean the check did not fire; keep the run tiny in case it does.
 COMMON = ["train.train_steps=1", "logging.tensorboard=false"]
+# `-m pkm pretrain` on the tiny GPT, after `python` alone or after torchrun's own arguments.
+PKM_PRETRAIN = ["-m", "pkm", "pretrain", "--config", str(TINY_GPT)]
 
 
 def _env() -> dict:
@@ -65,28 +67,10 @@ TORCHRUN_CASES = [
 @pytest.mark.parametrize("overrides,expected", [c[1:] for c in TORCHRUN_CASES], ids=[c[0] for c in TORCHRUN_CASES])
 def test_layout_error_under_torchrun(tmp_path, overrides, expected):
     logs = tmp_path / "logs"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--log-dir",
-        str(logs),
-        "--redirects",
-        "3",
-        "-m",
-        "pkm",
-        "pretrain",
-        "--config",
-        str(TINY_GPT),
-        f"run_dir={tmp_path / 'run'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        *COMMON,
-        *overrides,
-    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_port", str(free_port()), "--log-dir", str(logs), "--redirects", "3"]
+    run = [f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    cmd = [*torchrun, *PKM_PRETRAIN, *run, *COMMON, *overrides]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     out = r.stdout + r.stderr
     assert r.returncode != 0, out[-3000:]
@@ -113,20 +97,9 @@ def test_memory_parallel_error_before_distributed_setup(tmp_path):
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "pkm",
-        "pretrain",
-        "--config",
-        str(TINY_GPT),
-        f"run_dir={tmp_path / 'run'}",
-        *COMMON,
-        "model.hidden_size=66",
-        "model.num_attention_heads=6",
-        "parallel.tensor_parallel=2",
-        "parallel.memory_parallel=all",
-    ]
+    model = ["model.hidden_size=66", "model.num_attention_heads=6"]
+    parallel = ["parallel.tensor_parallel=2", "parallel.memory_parallel=all"]
+    cmd = [sys.executable, *PKM_PRETRAIN, f"run_dir={tmp_path / 'run'}", *COMMON, *model, *parallel]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
     assert_one_line_error(

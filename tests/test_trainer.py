@@ -15,19 +15,17 @@ from tests.conftest import TINY_BERT, TINY_GPT, losses, run_pkm
 GOLDEN_FIRST_LOSS_GPT = 9.0306363  # value tables drawn per (4096-row block, column) stream since issue #17
 
 
+def pretrain_gpt(run: Path, *args: str, cache: Path | None = None):
+    """`pkm pretrain` of configs/tiny_gpt.yaml into `run`; `cache`: a tokenized-data cache to reuse."""
+    cache_dir = [f"data.cache_dir={cache}"] if cache is not None else []
+    return run_pkm("pretrain", "--config", str(TINY_GPT), f"run_dir={run}", *args, *cache_dir)
+
+
 @pytest.fixture(scope="module")
 def gpt_run(tmp_path_factory) -> Path:
     """20 steps of the tiny PKM-GPT, checkpoints at 10 and 20 (shared by several tests)."""
     run = tmp_path_factory.mktemp("gpt") / "run"
-    r = run_pkm(
-        "pretrain",
-        "--config",
-        str(TINY_GPT),
-        f"run_dir={run}",
-        "checkpoint.save_interval=10",
-        "checkpoint.keep_last=3",
-        f"data.cache_dir={run.parent / 'cache'}",
-    )
+    r = pretrain_gpt(run, "checkpoint.save_interval=10", "checkpoint.keep_last=3", cache=run.parent / "cache")
     assert r.returncode == 0, r.stderr[-3000:]
     run.joinpath("stdout.txt").write_text(r.stdout)
     return run
@@ -85,14 +83,7 @@ def test_exact_resume(gpt_run: Path, tmp_path: Path):
 
     run = tmp_path / "resumed"
     shutil.copytree(gpt_run / "checkpoints" / "step_0000010", run / "checkpoints" / "step_0000010")
-    r = run_pkm(
-        "pretrain",
-        "--config",
-        str(TINY_GPT),
-        f"run_dir={run}",
-        "checkpoint.resume=auto",
-        f"data.cache_dir={gpt_run.parent / 'cache'}",
-    )
+    r = pretrain_gpt(run, "checkpoint.resume=auto", cache=gpt_run.parent / "cache")
     assert r.returncode == 0, r.stderr[-3000:]
     straight, resumed = losses(gpt_run), losses(run)
     assert sorted(resumed) == list(range(11, 21))
@@ -108,26 +99,11 @@ def test_corrupt_checkpoint_falls_back(gpt_run: Path, tmp_path: Path):
     victim = max((run / "checkpoints" / "step_0000020").rglob("*.distcp"), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     # An explicit path to the bad checkpoint: a one-line error naming the file.
-    r = run_pkm(
-        "pretrain",
-        "--config",
-        str(TINY_GPT),
-        f"run_dir={run}",
-        f"checkpoint.resume={run / 'checkpoints' / 'step_0000020'}",
-        "train.train_steps=21",
-    )
+    r = pretrain_gpt(run, f"checkpoint.resume={run / 'checkpoints' / 'step_0000020'}", "train.train_steps=21")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert victim.name in r.stderr and "truncated" in r.stderr
     # resume=auto: warns and continues from the previous good checkpoint (step 10).
-    r = run_pkm(
-        "pretrain",
-        "--config",
-        str(TINY_GPT),
-        f"run_dir={run}",
-        "checkpoint.resume=auto",
-        "train.train_steps=12",
-        f"data.cache_dir={gpt_run.parent / 'cache'}",
-    )
+    r = pretrain_gpt(run, "checkpoint.resume=auto", "train.train_steps=12", cache=gpt_run.parent / "cache")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "falling back to the previous one" in r.stderr
     assert losses(run)[11] == losses(gpt_run)[11]
@@ -195,41 +171,18 @@ def test_init_from_memory_free_run_and_consolidate(gpt_run: Path, tmp_path: Path
     """Kim & Jung's recipe with our own weights: a memory-free run's checkpoint initialises a model
     with fresh PKM (`--init-from`); `load_consolidated` gathers any checkpoint into full tensors."""
     base = tmp_path / "dense"
-    r = run_pkm(
-        "pretrain",
-        "--config",
-        str(TINY_GPT),
-        f"run_dir={base}",
-        "model.pkm.layers=[]",
-        "train.train_steps=3",
-        f"data.cache_dir={gpt_run.parent / 'cache'}",
-    )
+    r = pretrain_gpt(base, "model.pkm.layers=[]", "train.train_steps=3", cache=gpt_run.parent / "cache")
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = base / "checkpoints" / "step_0000003"
-    r = run_pkm(
-        "pretrain",
-        "--config",
-        str(TINY_GPT),
-        f"run_dir={tmp_path / 'with_pkm'}",
-        "train.train_steps=2",
-        "--init-from",
-        str(ckpt),
-        f"data.cache_dir={gpt_run.parent / 'cache'}",
+    r = pretrain_gpt(
+        tmp_path / "with_pkm", "train.train_steps=2", "--init-from", str(ckpt), cache=gpt_run.parent / "cache"
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "initialised from our checkpoint" in r.stdout
     # the memory-free run continued from its step-3 loss level, not from scratch
     assert losses(tmp_path / "with_pkm")[1] < losses(base)[1] - 0.05
     # a missing weight is a clear error: a 3-layer model cannot come from a 2-layer checkpoint
-    r = run_pkm(
-        "pretrain",
-        "--config",
-        str(TINY_GPT),
-        f"run_dir={tmp_path / 'bad'}",
-        "model.num_layers=3",
-        "--init-from",
-        str(ckpt),
-    )
+    r = pretrain_gpt(tmp_path / "bad", "model.num_layers=3", "--init-from", str(ckpt))
     assert r.returncode == 2 and "lacks" in r.stderr and "Traceback" not in r.stderr
 
 
