@@ -354,6 +354,11 @@ def context_keys(ctx: dict) -> dict:
     return out
 
 
+def _subset(*choices: str) -> dict:
+    """add_argument options for one or more of `choices`, all of them by default."""
+    return dict(nargs="+", choices=choices, default=list(choices))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -374,9 +379,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="also write results.json / loss_by_position.png here")
     ap.add_argument(
         "--experiments",
-        nargs="+",
-        choices=("modes", "context"),
-        default=["modes", "context"],
+        **_subset("modes", "context"),
         help="modes: static vs dynamic variants (issue #8); context: static at L vs dynamic at L/2, "
         "L/4, L/8, in-domain and under a shift (issue #12)",
     )
@@ -389,16 +392,12 @@ def main() -> int:
     )
     ap.add_argument(
         "--context-domains",
-        nargs="+",
-        choices=("books", "shift"),
-        default=["books", "shift"],
+        **_subset("books", "shift"),
         help="the context experiment's documents: the held-out books, the KJV excerpts (shift)",
     )
     ap.add_argument(
         "--models",
-        nargs="+",
-        choices=("smollm2", "pkm-gpt"),
-        default=["smollm2", "pkm-gpt"],
+        **_subset("smollm2", "pkm-gpt"),
         help="full mode: the models evaluated (the modes experiment needs smollm2)",
     )
     ap.add_argument("--no-progress", action="store_true")
@@ -434,18 +433,8 @@ def main() -> int:
             pkm={"layers": [1], "n_keys": 32, "heads": 2, "knn": 8, "k_dim": 32, "query_batchnorm": False},
         )
         model = PKMGPTForCausalLM(cfg).eval()
-        p = dict(
-            chunk=64,
-            window=128,
-            full_opt="adamw",
-            full_lr=3e-3,
-            lora_lr=1e-2,
-            pkm_opt="adamw",
-            pkm_lr=3e-2,
-            txl_every=4,
-            pkm_every=2,
-            bin=256,
-        )
+        # SmolLM2's optimizers and update schedule; a tiny model's chunk, window and learning rates
+        p = dict(SMOLLM2, chunk=64, window=128, full_lr=3e-3, lora_lr=1e-2, pkm_lr=3e-2, bin=256)
         label, context_L, context_tokens = "tiny random PKM-GPT (quick)", 128, args.context_tokens or 128
     else:
         from pretrain.online_eval.models import load_causal_lm
