@@ -54,20 +54,9 @@ from pretrain.online_eval.engine import compare  # noqa: E402
 EVAL_BOOKS = ["the_war_of_the_worlds", "great_expectations"]
 DEV_BOOK = "twenty_thousand_leagues_under_the_sea"
 
-# Picked on the dev book (first 2,048 tokens), never on the evaluation books.
-SMOLLM2 = dict(
-    chunk=256,
-    window=512,
-    full_opt="adamw",
-    full_lr=1e-4,
-    lora_lr=3e-3,
-    pkm_opt="adamw",
-    pkm_lr=1.0,
-    txl_every=4,
-    pkm_every=2,
-    pkm_layer=26,
-    pkm_keys=256,
-)
+# Picked on the dev book (first 2,048 tokens), never on the evaluation books; the quick run keeps the schedule.
+SCHEDULE = dict(full_opt="adamw", pkm_opt="adamw", txl_every=4, pkm_every=2)
+SMOLLM2 = dict(SCHEDULE, chunk=256, window=512, full_lr=1e-4, lora_lr=3e-3, pkm_lr=1.0, pkm_layer=26, pkm_keys=256)
 
 
 class MLPWithMemory(nn.Module):
@@ -354,6 +343,11 @@ def context_keys(ctx: dict) -> dict:
     return out
 
 
+def _subset(*choices: str) -> dict:
+    """add_argument options for one or more of `choices`, all of them by default."""
+    return dict(nargs="+", choices=choices, default=list(choices))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -374,9 +368,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="also write results.json / loss_by_position.png here")
     ap.add_argument(
         "--experiments",
-        nargs="+",
-        choices=("modes", "context"),
-        default=["modes", "context"],
+        **_subset("modes", "context"),
         help="modes: static vs dynamic variants (issue #8); context: static at L vs dynamic at L/2, "
         "L/4, L/8, in-domain and under a shift (issue #12)",
     )
@@ -389,16 +381,12 @@ def main() -> int:
     )
     ap.add_argument(
         "--context-domains",
-        nargs="+",
-        choices=("books", "shift"),
-        default=["books", "shift"],
+        **_subset("books", "shift"),
         help="the context experiment's documents: the held-out books, the KJV excerpts (shift)",
     )
     ap.add_argument(
         "--models",
-        nargs="+",
-        choices=("smollm2", "pkm-gpt"),
-        default=["smollm2", "pkm-gpt"],
+        **_subset("smollm2", "pkm-gpt"),
         help="full mode: the models evaluated (the modes experiment needs smollm2)",
     )
     ap.add_argument("--no-progress", action="store_true")
@@ -434,18 +422,7 @@ def main() -> int:
             pkm={"layers": [1], "n_keys": 32, "heads": 2, "knn": 8, "k_dim": 32, "query_batchnorm": False},
         )
         model = PKMGPTForCausalLM(cfg).eval()
-        p = dict(
-            chunk=64,
-            window=128,
-            full_opt="adamw",
-            full_lr=3e-3,
-            lora_lr=1e-2,
-            pkm_opt="adamw",
-            pkm_lr=3e-2,
-            txl_every=4,
-            pkm_every=2,
-            bin=256,
-        )
+        p = dict(SCHEDULE, chunk=64, window=128, full_lr=3e-3, lora_lr=1e-2, pkm_lr=3e-2, bin=256)
         label, context_L, context_tokens = "tiny random PKM-GPT (quick)", 128, args.context_tokens or 128
     else:
         from pretrain.online_eval.models import load_causal_lm

@@ -286,12 +286,9 @@ def fbgemm_vs_ours(reps: int) -> dict:
     n, k = indices.shape
     table = layer.values.weight  # ours: the layer's own table (a leaf that requires grad)
     state = torch.zeros(table.shape[0])
+    host_table = [(table.shape[0], DIM, EmbeddingLocation.HOST, ComputeDevice.CPU)]
     fb = SplitTableBatchedEmbeddingBagsCodegen(
-        [(table.shape[0], DIM, EmbeddingLocation.HOST, ComputeDevice.CPU)],
-        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
-        learning_rate=lr,
-        eps=eps,
-        pooling_mode=PoolingMode.SUM,
+        host_table, optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=lr, eps=eps, pooling_mode=PoolingMode.SUM
     )
     with torch.no_grad():
         fb.weights_host.copy_(table.reshape(-1))
@@ -515,9 +512,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--alloc", choices=["pkm", "default", *ALLOC_ENV], default="pkm", help=ALLOC_HELP)
     ap.add_argument(
-        "--before",
-        metavar="COMMIT",
-        help="also time our layer as of COMMIT (git) side by side, e.g. e079137 (before the speed work)",
+        "--before", metavar="COMMIT", help="also time our layer as of git COMMIT side by side (e.g. e079137)"
     )
     ap.add_argument("--skip-step", action="store_true", help="layer figures only")
     ap.add_argument("--layer-reps", type=int, default=None)

@@ -163,21 +163,9 @@ def pretrain(
     what: str,
     save_interval: int = 0,
 ):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(world),
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "pkm",
-        "pretrain",
-        "--config",
-        str(ROOT / "configs" / "tiny_gpt.yaml"),
-        *overrides(size, run_dir, cache, world, steps, resume, save_interval),
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}"]
+    cmd += ["-m", "pkm", "pretrain", "--config", str(ROOT / "configs" / "tiny_gpt.yaml")]
+    cmd += overrides(size, run_dir, cache, world, steps, resume, save_interval)
     secs, peaks, _ = run(cmd, what)
     # The ranks are torchrun's children; the largest of them (torchrun itself is small).
     return secs, max(peaks.values())

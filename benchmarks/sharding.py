@@ -84,22 +84,9 @@ def run_world(world: int, work: Path, warmup: int, steps: int, dense: bool, thre
         f"run_dir={work / f'run_w{world}'}",
         f"data.cache_dir={work / 'cache'}",
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(world),
-        "--master_port",
-        str(free_port()),
-        str(WORKER),
-        str(out),
-        str(warmup),
-        str(steps),
-        "1" if dense else "0",
-        str(ROOT / "configs" / "tiny_gpt.yaml"),
-        *overrides,
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}"]
+    config = str(ROOT / "configs" / "tiny_gpt.yaml")
+    cmd += [str(WORKER), str(out), str(warmup), str(steps), "1" if dense else "0", config, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
     log(
         f"world {world}: {world} rank(s) x {threads} thread(s), {warmup} warm-up + {steps} timed step(s)"

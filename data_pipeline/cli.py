@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="<tokenizer command>")
     t = tsub.add_parser("train", help="train a sentencepiece model (GPT or BERT recipe)")
     t.add_argument(
-        "--input", nargs="+", required=True, metavar="FILE", help="corpus files or globs (same formats as preprocess)"
+        "--input", nargs="+", required=True, metavar="FILE", help="corpus files or globs (as for preprocess)"
     )
     t.add_argument(
         "--output", required=True, metavar="PREFIX", type=file_prefix, help="writes PREFIX.model and PREFIX.vocab"
@@ -40,24 +40,14 @@ def register(subparsers) -> None:
     )
     t.add_argument("--vocab-size", type=positive_int, default=32000)
     t.add_argument("--model-type", choices=("bpe", "unigram"), default=None, help="override the recipe's model type")
-    t.add_argument(
-        "--input-sentence-size",
-        type=positive_int,
-        default=2_000_000,
-        help="lines sampled from a large corpus for training",
-    )
+    t.add_argument("--input-sentence-size", type=positive_int, default=2_000_000, help="lines sampled for training")
     t.add_argument("--json-key", default="text")
     t.add_argument("--text-mode", choices=("file", "blank-line"), default="file")
     t.add_argument("--threads", type=positive_int, default=None)
     t.set_defaults(func=cmd_tokenizer_train)
 
     i = tsub.add_parser("info", help="print a tokenizer's identity and special ids")
-    i.add_argument(
-        "tokenizer",
-        nargs="?",
-        default=None,
-        help="sentencepiece .model, HF directory, gpt or bert (default: bundled gpt)",
-    )
+    i.add_argument("tokenizer", nargs="?", default=None, help=".model file, HF dir, gpt or bert (default: gpt)")
     i.add_argument("--encode", default=None, metavar="TEXT", help="also show how TEXT is tokenized")
     i.set_defaults(func=cmd_tokenizer_info)
 
@@ -77,11 +67,7 @@ def register(subparsers) -> None:
         type=file_prefix,
         help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json",
     )
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="sentencepiece .model or HF tokenizer directory (default: bundled demo GPT tokenizer)",
-    )
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model or HF dir (default: bundled GPT)")
     p.add_argument(
         "--workers",
         type=non_negative_int,
@@ -90,26 +76,16 @@ def register(subparsers) -> None:
         "tasks run at a time (slurm default: no limit)",
     )
     p.add_argument(
-        "--on-error",
-        choices=("skip", "fail"),
-        default="fail",
-        help="bad records: stop at the first one (fail), or skip them and list them in the manifest",
+        "--on-error", choices=("skip", "fail"), default="fail", help="bad records: fail, or skip + list them"
     )
-    p.add_argument(
-        "--json-key", default="text", help="field holding the document text in jsonl/parquet/datasets inputs"
-    )
+    p.add_argument("--json-key", default="text", help="document text field of jsonl/parquet/datasets inputs")
     p.add_argument(
         "--text-mode",
         choices=("file", "blank-line"),
         default="file",
         help="plain text: one document per file, or one per blank-line-separated block",
     )
-    p.add_argument(
-        "--family",
-        choices=("gpt", "bert"),
-        default="gpt",
-        help="gpt appends an EOD token per document; bert stores one sequence per sentence",
-    )
+    p.add_argument("--family", choices=("gpt", "bert"), default="gpt", help="gpt: EOD after documents; bert: sentences")
     p.add_argument("--max-sentence-tokens", type=positive_int, default=256, help="bert: longer sentences are cut")
     p.add_argument("--no-progress", action="store_true")
     x = p.add_argument_group(
@@ -122,9 +98,7 @@ def register(subparsers) -> None:
         help="run as datatrove tasks (one or more input files each) on this machine or as a SLURM "
         "job array, then merge; a rerun redoes only unfinished tasks (default: one process + workers)",
     )
-    x.add_argument(
-        "--tasks", type=positive_int, default=None, help="datatrove tasks (input files are shared out over them)"
-    )
+    x.add_argument("--tasks", type=positive_int, default=None, help="datatrove tasks (input files are shared out)")
     x.add_argument("--slurm-partition", default=None)
     x.add_argument("--slurm-time", default=None, help="time limit per array task, as sbatch --time")
     x.add_argument("--slurm-account", default=None)
@@ -199,15 +173,8 @@ def cmd_tokenizer_info(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
-    info = dict(
-        tok.identity,
-        eod_id=tok.eod_id,
-        pad_id=tok.pad_id,
-        cls_id=tok.cls_id,
-        sep_id=tok.sep_id,
-        mask_id=tok.mask_id,
-        unk_id=tok.unk_id,
-    )
+    specials = ("eod", "pad", "cls", "sep", "mask", "unk")
+    info = dict(tok.identity, **{f"{name}_id": getattr(tok, f"{name}_id") for name in specials})
     if args.encode is not None:
         ids = tok.encode(args.encode)
         info["encode"] = {"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}
@@ -215,7 +182,16 @@ def cmd_tokenizer_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_SLURM_FLAGS = ("slurm_partition", "slurm_time", "slurm_account", "slurm_cpus_per_task", "slurm_sbatch")
+# --slurm-* option (argparse dest) -> SlurmJob field
+_SLURM_FLAGS = {
+    "slurm_partition": "partition",
+    "slurm_time": "time",
+    "slurm_account": "account",
+    "slurm_cpus_per_task": "cpus_per_task",
+    "slurm_sbatch": "sbatch_lines",
+}
+# options handed to the preprocessing functions as they are
+_PREPROCESS_OPTIONS = ("on_error", "json_key", "text_mode", "family", "max_sentence_tokens")
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -235,24 +211,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     default_workers = -1 if args.executor == "slurm" else max(1, (os.cpu_count() or 2) - 1)
     workers = default_workers if args.workers is None else args.workers
     tok = load_tokenizer(args.tokenizer)
-    common = dict(
-        on_error=args.on_error,
-        json_key=args.json_key,
-        text_mode=args.text_mode,
-        family=args.family,
-        max_sentence_tokens=args.max_sentence_tokens,
-    )
+    common = {name: getattr(args, name) for name in _PREPROCESS_OPTIONS}
     if args.executor is not None:
         from data_pipeline.distributed_preprocess import preprocess_distributed
         from data_pipeline.slurm_job import SlurmJob
 
-        job = SlurmJob(
-            time=args.slurm_time,
-            partition=args.slurm_partition,
-            account=args.slurm_account,
-            cpus_per_task=args.slurm_cpus_per_task,
-            sbatch_lines=args.slurm_sbatch,
-        )
+        job = SlurmJob(**{field: getattr(args, flag) for flag, field in _SLURM_FLAGS.items()})
         m = preprocess_distributed(
             args.input, args.output, tok, executor=args.executor, tasks=args.tasks, workers=workers, job=job, **common
         )

@@ -38,28 +38,28 @@ _COMMON = dict(
     minloglevel=2,  # errors only: its warnings (e.g. "No valid symbol found") say nothing to a user
 )
 
+
+def _specials(**pieces: str | None) -> dict:
+    """sentencepiece's unk/bos/eos/pad options: ids 0, 1, ... in the order given; None: no such token (id -1)."""
+    out: dict = {}
+    next_id = 0
+    for name, piece in pieces.items():
+        if piece is None:
+            out[f"{name}_id"] = -1
+        else:
+            out.update({f"{name}_id": next_id, f"{name}_piece": piece})
+            next_id += 1
+    return out
+
+
 RECIPES = {
     "gpt": dict(
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        unk_piece="<unk>",
-        bos_piece="<s>",
-        eos_piece="</s>",
-        pad_piece="<pad>",
-        control_symbols=["<eod>"],
+        model_type="bpe", control_symbols=["<eod>"], **_specials(unk="<unk>", bos="<s>", eos="</s>", pad="<pad>")
     ),
     "bert": dict(
         model_type="unigram",
-        pad_id=0,
-        unk_id=1,
-        bos_id=-1,
-        eos_id=-1,
-        pad_piece="[PAD]",
-        unk_piece="[UNK]",
         control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+        **_specials(pad="[PAD]", unk="[UNK]", bos=None, eos=None),
     ),
 }
 

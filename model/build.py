@@ -75,37 +75,25 @@ def build_model(
     pkm_args = PKMLayerArgs(pkm=cfg.pkm, parallel=parallel, seed=seed, stats_group=stats_group, padding=padding)
     spec = block_spec(cfg, pkm_args)
     max_pos = cfg.max_position_embeddings or cfg.seq_length
+    common = dict(
+        config=tc,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max_pos,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type=cfg.position_embedding,
+    )
     if cfg.family == "gpt":
         from megatron.core.models.gpt.gpt_model import GPTModel
 
-        model = GPTModel(
-            config=tc,
-            transformer_layer_spec=spec,
-            vocab_size=vocab_size,
-            max_sequence_length=max_pos,
-            pre_process=True,
-            post_process=True,
-            parallel_output=True,
-            share_embeddings_and_output_weights=cfg.tie_embeddings,
-            position_embedding_type=cfg.position_embedding,
-            rotary_base=cfg.rotary_base,
-        )
+        model = GPTModel(**common, rotary_base=cfg.rotary_base)
     else:
         from megatron.core.models.bert.bert_model import BertModel
 
-        model = BertModel(
-            config=tc,
-            num_tokentypes=2,
-            transformer_layer_spec=spec,
-            vocab_size=vocab_size,
-            max_sequence_length=max_pos,
-            pre_process=True,
-            post_process=True,
-            parallel_output=True,
-            share_embeddings_and_output_weights=cfg.tie_embeddings,
-            position_embedding_type=cfg.position_embedding,
-            add_binary_head=cfg.binary_head,
-        )
+        model = BertModel(**common, num_tokentypes=2, add_binary_head=cfg.binary_head)
         if cfg.norm_position == "post":
             from model.post_norm import add_embedding_norm
 

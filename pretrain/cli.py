@@ -141,16 +141,17 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from pretrain.finetune import FinetuneOptions, compare
 
-    opts = FinetuneOptions(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        value_lr=args.value_lr,
-        max_length=args.max_length,
-        train_size=args.train_size,
-        eval_size=args.eval_size,
-        seed=args.seed,
-    )
+    given = (
+        "steps",
+        "batch_size",
+        "lr",
+        "value_lr",
+        "max_length",
+        "train_size",
+        "eval_size",
+        "seed",
+    )  # the rest: defaults
+    opts = FinetuneOptions(**{name: getattr(args, name) for name in given})
     reports = compare(args.models, opts, args.out)
     width = max(len(r["model"]) for r in reports)
     print(

@@ -95,6 +95,22 @@ class Adapter:
     derived: Callable[[dict, set], dict] | None = None  # fields derived from config + weight names
 
 
+def _exactly(**values) -> tuple[Requirement, ...]:
+    """Requirements that each config.json key hold exactly its value (also assumed when the key is absent)."""
+    return tuple(Requirement(key, (value,), value) for key, value in values.items())
+
+
+# What BERT and GPT-2 share with the original Transformer: LayerNorm, learned positions, biases everywhere.
+_CLASSIC = {
+    "normalization": "LayerNorm",
+    "position_embedding": "learned_absolute",
+    "add_bias_linear": True,
+    "qkv_bias": None,
+}
+# HF's GELU names: exact erf GELU, and the tanh approximation under its two names.
+_GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
 def _bert_derived(hf_cfg: dict, names: set) -> dict:
     # Keep the pretrained pooler (dense + tanh on [CLS]): classification heads start from it.
     return {"binary_head": "pooler.dense.weight" in names}
@@ -104,26 +120,17 @@ BERT = Adapter(
     name="bert",
     model_types=("bert",),
     base_prefixes=("bert.",),
-    fixed={
-        "family": "bert",
-        "normalization": "LayerNorm",
-        "norm_position": "post",
-        "position_embedding": "learned_absolute",
-        "add_bias_linear": True,
-        "qkv_bias": None,
-    },
+    fixed={"family": "bert", "norm_position": "post", **_CLASSIC},
     fields=(
         *_standard_fields(tie_default=True),
         F("ffn_hidden_size", "intermediate_size"),
         F("layernorm_epsilon", "layer_norm_eps", default=1e-12, required=False),
     ),
-    requirements=(
-        Requirement("type_vocab_size", (2,), 2),  # megatron's BertModel has 2 token types
-        Requirement("position_embedding_type", ("absolute",), "absolute"),
-        Requirement("is_decoder", (False,), False),
-        Requirement("add_cross_attention", (False,), False),
+    # type_vocab_size: megatron's BertModel has 2 token types
+    requirements=_exactly(
+        type_vocab_size=2, position_embedding_type="absolute", is_decoder=False, add_cross_attention=False
     ),
-    activations={"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"},
+    activations=_GELUS,
     activation_key="hidden_act",
     rules=(
         R("embedding.word_embeddings.weight", "embeddings.word_embeddings.weight", vocab=True),
@@ -176,14 +183,7 @@ GPT2 = Adapter(
     name="gpt2",
     model_types=("gpt2",),
     base_prefixes=("transformer.",),
-    fixed={
-        "family": "gpt",
-        "normalization": "LayerNorm",
-        "norm_position": "pre",
-        "position_embedding": "learned_absolute",
-        "add_bias_linear": True,
-        "qkv_bias": None,
-    },
+    fixed={"family": "gpt", "norm_position": "pre", **_CLASSIC},
     fields=(
         *_standard_fields(
             tie_default=True,
@@ -195,12 +195,8 @@ GPT2 = Adapter(
         F("ffn_hidden_size", "n_inner", default=None, required=False),
         F("layernorm_epsilon", "layer_norm_epsilon", default=1e-5, required=False),
     ),
-    requirements=(
-        Requirement("scale_attn_weights", (True,), True),
-        Requirement("scale_attn_by_inverse_layer_idx", (False,), False),
-        Requirement("add_cross_attention", (False,), False),
-    ),
-    activations={"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"},
+    requirements=_exactly(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False),
+    activations=_GELUS,
     activation_key="activation_function",
     rules=(
         R("embedding.word_embeddings.weight", "wte.weight", vocab=True),

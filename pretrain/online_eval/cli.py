@@ -18,12 +18,8 @@ def register(subparsers) -> None:
     ev = subparsers.add_parser("eval", help="evaluation: online (dynamic) evaluation, lm-eval task data")
     sub = ev.add_subparsers(dest="eval_command", required=True, metavar="<eval command>")
 
-    p = sub.add_parser(
-        "online",
-        help="static vs dynamic evaluation (score each chunk, then learn from it)",
-        description="One run per combination of --modes x --strategies (x --adapt x --optimizer "
-        "x --lr for dynamic runs), all over the same documents, compared in one table.",
-    )
+    p = sub.add_parser("online", help="static vs dynamic evaluation (score each chunk, then learn from it)")
+    p.description = cmd_online.__doc__
     p.add_argument(
         "--model",
         required=True,
@@ -37,9 +33,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--json-key", default="text", help="text field of .jsonl records")
     p.add_argument("--max-docs", type=positive_int, default=None)
-    p.add_argument(
-        "--max-tokens", type=positive_int, default=None, help="read at most this many tokens of each document"
-    )
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="at most this many tokens of each document")
     p.add_argument("--modes", nargs="+", choices=MODES, default=["static", "dynamic"])
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["txl"])
     p.add_argument("--adapt", nargs="+", choices=ADAPTS, default=["all"], help="what dynamic runs adapt")
@@ -141,6 +135,8 @@ def job_from_args(args: argparse.Namespace) -> OnlineEvalJob:
 
 
 def cmd_online(args: argparse.Namespace) -> int:
+    """One run per combination of --modes x --strategies (x --adapt x --optimizer x --lr for dynamic runs), all over
+    the same documents, compared in one table."""
     from pathlib import Path
 
     from pretrain.log import setup_logging
