@@ -163,3 +163,36 @@ def megatron_single_process():
     yield
     if created:
         parallel_state.destroy_model_parallel()
+
+
+def torchrun_train(
+    worker: Path, config: str, run_dir: Path, *overrides: str, nproc: int
+) -> subprocess.CompletedProcess:
+    """`torchrun` of a training worker script on configs/`config`, writing `run_dir`, its dataset cache
+    beside it (shared by the runs of one test)."""
+    cache = f"data.cache_dir={run_dir.parent / 'cache'}"
+    return torchrun(worker, ROOT / "configs" / config, f"run_dir={run_dir}", cache, *overrides, nproc=nproc)
+
+
+def tiny_hf_models(root: Path, layers: int, bert_class, gpt2: dict, llama: dict) -> dict:
+    """{"gpt2", "llama", "bert": transformers model}: 64 wide, 4 heads, 8192 words, `layers` layers; Llama
+    with 2 key/value heads and an untied output layer. Each scrambled (seeds 0, 1, 2 in that order; GPT-2's
+    and BERT's output tied to the input embedding again after) and saved in root/<name>. `gpt2` and `llama`
+    override their configs; `bert_class` is BertForPreTraining or BertForMaskedLM."""
+    from transformers import BertConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    sizes = dict(vocab_size=8192, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4)
+    gpt2_config = GPT2Config(
+        **{"vocab_size": 8192, "n_positions": 64, "n_embd": 64, "n_layer": layers, "n_head": 4, **gpt2}
+    )
+    models = {
+        "gpt2": GPT2LMHeadModel(gpt2_config),
+        "llama": LlamaForCausalLM(LlamaConfig(**sizes, num_key_value_heads=2, tie_word_embeddings=False, **llama)),
+        "bert": bert_class(BertConfig(**sizes, intermediate_size=128, max_position_embeddings=64)),
+    }
+    for seed, (name, model) in enumerate(models.items()):
+        scramble(model, seed)
+        if name != "llama":
+            model.tie_weights()
+        model.save_pretrained(root / name)
+    return models

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, torchrun
+from tests.conftest import ROOT, torchrun_train
 
 WORKER = ROOT / "tests" / "workers" / "guarded_train.py"
 COMMON = [
@@ -59,15 +59,7 @@ def test_device_guard_tracks_placement(megatron_single_process):
 
 
 def _run(nproc: int, run_dir: Path, config: str, *overrides: str) -> str:
-    r = torchrun(
-        WORKER,
-        ROOT / "configs" / config,
-        f"run_dir={run_dir}",
-        f"data.cache_dir={run_dir.parent / 'cache'}",
-        *COMMON,
-        *overrides,
-        nproc=nproc,
-    )
+    r = torchrun_train(WORKER, config, run_dir, *COMMON, *overrides, nproc=nproc)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert out.count("device guard checked") == nproc, out[-2000:]

@@ -35,56 +35,22 @@ def _pkm(layers, placement="add"):
     return PKMConfig(layers=layers, placement=placement, n_keys=16, heads=2, knn=4, k_dim=16)
 
 
+def _case(family: str, pkm: PKMConfig, **layout) -> tuple[ModelConfig, str]:
+    """(a two-layer, 64 wide model, its bundled tokenizer)."""
+    cfg = ModelConfig(
+        family=family, num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=SEQ, pkm=pkm, **layout
+    )
+    return cfg, f"austen_{family}.model"
+
+
+# Llama's layout: grouped queries, a SwiGLU FFN, RMSNorm, rotary positions, no biases, an untied output layer
+LLAMA = dict(num_query_groups=2, ffn_hidden_size=96, normalization="RMSNorm", activation="swiglu")
+LLAMA.update(position_embedding="rope", rotary_base=5000, add_bias_linear=False, tie_embeddings=False)
 CASES = {
-    "gpt2like": (
-        ModelConfig(
-            family="gpt",
-            num_layers=2,
-            hidden_size=64,
-            num_attention_heads=4,
-            seq_length=SEQ,
-            activation="gelu_tanh",
-            pkm=_pkm([1]),
-        ),
-        "austen_gpt.model",
-    ),
-    "llamalike": (
-        ModelConfig(
-            family="gpt",
-            num_layers=2,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_query_groups=2,
-            ffn_hidden_size=96,
-            seq_length=SEQ,
-            normalization="RMSNorm",
-            activation="swiglu",
-            position_embedding="rope",
-            rotary_base=5000,
-            add_bias_linear=False,
-            tie_embeddings=False,
-            pkm=_pkm([0], "replace"),
-        ),
-        "austen_gpt.model",
-    ),
-    "bert_pre": (
-        ModelConfig(family="bert", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=SEQ, pkm=_pkm([1])),
-        "austen_bert.model",
-    ),
-    "bert_post": (
-        ModelConfig(
-            family="bert",
-            num_layers=2,
-            hidden_size=64,
-            num_attention_heads=4,
-            seq_length=SEQ,
-            norm_position="post",
-            binary_head=True,
-            layernorm_epsilon=1e-12,
-            pkm=_pkm([0]),
-        ),
-        "austen_bert.model",
-    ),
+    "gpt2like": _case("gpt", _pkm([1]), activation="gelu_tanh"),
+    "llamalike": _case("gpt", _pkm([0], "replace"), **LLAMA),
+    "bert_pre": _case("bert", _pkm([1])),
+    "bert_post": _case("bert", _pkm([0]), norm_position="post", binary_head=True, layernorm_epsilon=1e-12),
 }
 
 

@@ -21,11 +21,11 @@ from model.build import build_model
 from model.config import ModelConfig, PKMConfig
 from model.errors import ModelError
 from model.hf.init_from import load_pretrained_into, model_config_from_hf
-from tests.conftest import ROOT, scramble
+from tests.conftest import ROOT, tiny_hf_models
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
-VOCAB, SEQ = 8192, 48
+VOCAB, SEQ = 8192, 48  # tiny_hf_models' vocabulary
 TOL = 1e-4
 
 
@@ -39,47 +39,13 @@ def austen_ids(n: int, length: int = SEQ) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    from transformers import BertConfig, BertForPreTraining, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import BertForPreTraining
 
     root = tmp_path_factory.mktemp("hf")
-    models = {
-        "gpt2": GPT2LMHeadModel(
-            GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=3, n_head=4, bos_token_id=1, eos_token_id=2)
-        ),
-        "llama": LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=64,
-                intermediate_size=160,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=128,
-                rope_theta=5000.0,
-                rms_norm_eps=1e-6,
-                tie_word_embeddings=False,
-            )
-        ),
-        # BertForPreTraining: encoder, pooler, MLM head and next-sentence head: every BERT rule is used.
-        "bert": BertForPreTraining(
-            BertConfig(
-                vocab_size=VOCAB,
-                hidden_size=64,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                intermediate_size=128,
-                max_position_embeddings=64,
-            )
-        ),
-    }
-    out = {}
-    for seed, (name, model) in enumerate(models.items()):
-        scramble(model, seed)
-        if name != "llama":  # tied output embedding
-            model.tie_weights()
-        model.save_pretrained(root / name)
-        out[name] = (str(root / name), model)
-    return out
+    llama = dict(intermediate_size=160, max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-6)
+    # BertForPreTraining: encoder, pooler, MLM head and next-sentence head: every BERT rule is used.
+    models = tiny_hf_models(root, 3, BertForPreTraining, gpt2=dict(bos_token_id=1, eos_token_id=2), llama=llama)
+    return {name: (str(root / name), model) for name, model in models.items()}
 
 
 def _build(hf_dir: str, pkm: PKMConfig = PKMConfig(), vocab: int = None, **overrides):

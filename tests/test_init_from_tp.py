@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import ROOT, scramble, torchrun
+from tests.conftest import ROOT, tiny_hf_models, torchrun
 
 SEQ = 40
 
@@ -59,7 +59,7 @@ dist.destroy_process_group()
 
 @pytest.mark.dist
 def test_init_from_at_tensor_parallel_2(tmp_path):
-    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import BertForMaskedLM
 
     from data_pipeline.tokenizer import load_tokenizer
 
@@ -68,40 +68,11 @@ def test_init_from_at_tensor_parallel_2(tmp_path):
     mask = torch.ones_like(ids)
     mask[1, 27:] = 0
     torch.save((ids, mask), tmp_path / "ids.pt")
-    models = {
-        # 8193 entries: padded to 8194 for TP=2, so the last vocabulary shard ends in a zero row
-        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=8193, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
-        "llama": LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=8192,
-                hidden_size=64,
-                intermediate_size=96,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-                tie_word_embeddings=False,
-            )
-        ),
-        "bert": BertForMaskedLM(
-            BertConfig(
-                vocab_size=8192,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                max_position_embeddings=64,
-            )
-        ),
-    }
-    refs = {}
-    for seed, (name, model) in enumerate(models.items()):
-        scramble(model, seed)
-        if name != "llama":
-            model.tie_weights()
-        model.save_pretrained(tmp_path / name)
-        with torch.no_grad():
-            refs[name] = model(input_ids=ids, attention_mask=mask).logits
+    # GPT-2 with 8193 entries: padded to 8194 for TP=2, so the last vocabulary shard ends in a zero row
+    llama = dict(intermediate_size=96, max_position_embeddings=64)
+    models = tiny_hf_models(tmp_path, 2, BertForMaskedLM, gpt2=dict(vocab_size=8193), llama=llama)
+    with torch.no_grad():
+        refs = {name: model(input_ids=ids, attention_mask=mask).logits for name, model in models.items()}
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     r = torchrun(script, tmp_path, timeout=600)

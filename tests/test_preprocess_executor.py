@@ -24,6 +24,7 @@ from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 
 NOVELS = os.path.join(AUSTEN_DIR, "*.txt")
 MODE = ["--text-mode", "blank-line"]  # one document per paragraph, as the demo corpus
+PREPROCESS = ["data", "preprocess", "--input"]
 
 
 def same_dataset(a: str, b: str) -> None:
@@ -61,21 +62,7 @@ def single_node(tmp_path_factory) -> str:
 
 def test_executor_local_matches_single_node(single_node, tmp_path):
     prefix = tmp_path / "austen"
-    r = run_pkm(
-        "data",
-        "preprocess",
-        "--input",
-        NOVELS,
-        "--output",
-        prefix,
-        *MODE,
-        "--executor",
-        "local",
-        "--tasks",
-        "4",
-        "--workers",
-        "2",
-    )
+    r = run_pkm(*PREPROCESS, NOVELS, "--output", prefix, *MODE, "--executor", "local", "--tasks", "4", "--workers", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "over 4 tasks" in r.stdout
     same_dataset(single_node, str(prefix))
@@ -90,24 +77,8 @@ def test_executor_local_matches_single_node(single_node, tmp_path):
 
 def test_executor_local_rerun_after_a_killed_task_redoes_only_unfinished(single_node, tmp_path):
     prefix = tmp_path / "austen"
-    argv = [
-        sys.executable,
-        "-m",
-        "pkm",
-        "data",
-        "preprocess",
-        "--input",
-        NOVELS,
-        "--output",
-        str(prefix),
-        *MODE,
-        "--executor",
-        "local",
-        "--tasks",
-        "6",
-        "--workers",
-        "1",
-    ]
+    local = ["--executor", "local", "--tasks", "6", "--workers", "1"]
+    argv = [sys.executable, "-m", "pkm", *PREPROCESS, NOVELS, "--output", str(prefix), *MODE, *local]
     done = prefix.parent / "austen.parts" / "logs" / "completions"
     proc = subprocess.Popen(
         argv,
@@ -159,40 +130,13 @@ def test_executor_bad_record_in_third_task(tmp_path):
     inputs = [str(tmp_path / "shard*.jsonl")]
     out = tmp_path / "out" / "ds"
 
-    r = run_pkm(
-        "data",
-        "preprocess",
-        "--input",
-        *inputs,
-        "--output",
-        out,
-        "--executor",
-        "local",
-        "--tasks",
-        "4",
-        "--workers",
-        "2",
-    )
+    argv = [*PREPROCESS, *inputs, "--output", out, "--executor", "local", "--tasks", "4", "--workers", "2"]
+    r = run_pkm(*argv)
     line = assert_user_error(r, f"{files[2]}:5")
     assert "malformed JSON" in line and "--on-error skip" in line
     assert not is_complete(str(out)) and not (out.parent / "ds.bin").exists()
 
-    r = run_pkm(
-        "data",
-        "preprocess",
-        "--input",
-        *inputs,
-        "--output",
-        out,
-        "--executor",
-        "local",
-        "--tasks",
-        "4",
-        "--workers",
-        "2",
-        "--on-error",
-        "skip",
-    )
+    r = run_pkm(*argv, "--on-error", "skip")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"skipped {files[2]}:5: malformed JSON" in r.stdout
     m = read_manifest(str(out))
@@ -217,30 +161,20 @@ def test_executor_bad_record_in_third_task(tmp_path):
 )
 def test_executor_bad_options_are_one_line_errors(tmp_path, args, names):
     out = tmp_path / "ds"
-    r = run_pkm("data", "preprocess", "--input", NOVELS, "--output", out, *args)
+    r = run_pkm(*PREPROCESS, NOVELS, "--output", out, *args)
     assert_user_error(r, *names)
     assert leftovers(out) == []
 
 
 def test_executor_missing_input_and_unwritable_output(tmp_path):
-    r = run_pkm(
-        "data",
-        "preprocess",
-        "--input",
-        str(tmp_path / "nope*.jsonl"),
-        "--output",
-        tmp_path / "ds",
-        "--executor",
-        "local",
-        "--tasks",
-        "2",
-    )
+    local = ["--executor", "local", "--tasks", "2"]
+    r = run_pkm(*PREPROCESS, str(tmp_path / "nope*.jsonl"), "--output", tmp_path / "ds", *local)
     assert_user_error(r, str(tmp_path / "nope*.jsonl"))
     assert leftovers(tmp_path / "ds") == []
     blocker = tmp_path / "file"  # a regular file where the output directory should be (root ignores modes)
     blocker.write_text("x")
-    for extra in (["--executor", "local", "--tasks", "2"], []):
-        r = run_pkm("data", "preprocess", "--input", NOVELS, "--output", blocker / "ds", *extra)
+    for extra in (local, []):
+        r = run_pkm(*PREPROCESS, NOVELS, "--output", blocker / "ds", *extra)
         assert_user_error(r, str(blocker / "ds"), "cannot be created")
 
 
@@ -286,30 +220,10 @@ def test_executor_and_launch_describe_a_slurm_job_alike(tmp_path):
 def test_executor_slurm_job_array_on_two_nodes(slurm_cluster, single_node, tmp_path):
     prefix = tmp_path / "austen"
     env = {**slurm_cluster.env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = run_pkm(
-        "data",
-        "preprocess",
-        "--input",
-        NOVELS,
-        "--output",
-        prefix,
-        *MODE,
-        "--executor",
-        "slurm",
-        "--tasks",
-        "4",
-        "--slurm-partition",
-        "debug",
-        "--slurm-time",
-        "00:20:00",
-        "--slurm-account",
-        "pkmtest",
-        "--slurm-cpus-per-task",
-        "1",
-        "--slurm-sbatch=--comment=pkm-preprocess-test",
-        env=env,
-        timeout=120,
-    )
+    slurm = ["--executor", "slurm", "--tasks", "4", "--slurm-partition", "debug", "--slurm-time", "00:20:00"]
+    slurm += ["--slurm-account", "pkmtest", "--slurm-cpus-per-task", "1"]
+    slurm += ["--slurm-sbatch=--comment=pkm-preprocess-test"]
+    r = run_pkm(*PREPROCESS, NOVELS, "--output", prefix, *MODE, *slurm, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     m = re.search(r"Submitted SLURM job array (\d+) \(4 of 4 tasks\) and merge job (\d+)", r.stdout)
     assert m, r.stdout

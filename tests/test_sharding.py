@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, losses, torchrun
+from tests.conftest import ROOT, losses, torchrun_train
 
 WORKER = ROOT / "tests" / "workers" / "sharded_train.py"
 COMMON = [
@@ -25,15 +25,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def run(config: str, nproc: int, run_dir: Path, *overrides: str) -> Path:
-    r = torchrun(
-        WORKER,
-        ROOT / "configs" / config,
-        f"run_dir={run_dir}",
-        f"data.cache_dir={run_dir.parent / 'cache'}",
-        *COMMON,
-        *overrides,
-        nproc=nproc,
-    )
+    r = torchrun_train(WORKER, config, run_dir, *COMMON, *overrides, nproc=nproc)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert r.stdout.count("largest dense table-shaped tensor") == nproc
     return run_dir
@@ -68,6 +60,22 @@ def reference(tmp_path_factory):
     return {fam: run(f"tiny_{fam}.yaml", 1, base / fam, "train.micro_batch_size=8") for fam in ("gpt", "bert")}
 
 
+def assert_matches(ref: Path, family: str, nproc: int, tp: int, mp: str, zero: int, run_dir: Path, *overrides: str):
+    """A run in the given layout has the losses and final value table of the single-process run `ref`."""
+    dp = nproc // tp
+    layout = [f"parallel.tensor_parallel={tp}", f"parallel.memory_parallel={mp}", f"train.zero_stage={zero}"]
+    out = run(f"tiny_{family}.yaml", nproc, run_dir, *layout, f"train.micro_batch_size={8 // dp}", *overrides)
+    ref_losses, got = loss_curve(ref), loss_curve(out)
+    assert len(got) == len(ref_losses) == 5
+    for step, (a, b) in enumerate(zip(ref_losses, got), 1):
+        assert abs(a - b) <= TOL * abs(a), f"step {step}: single {a} vs {nproc} ranks {b}"
+    ref_table, table = value_table(ref), value_table(out)
+    assert table.shape == ref_table.shape
+    diff = (table - ref_table).abs().max().item()
+    assert diff <= TOL, f"gathered value table differs by {diff}"
+    assert not torch.equal(ref_table, value_table_at_init(ref)), "the table never moved"
+
+
 LAYOUTS = [
     # (family, processes, tensor_parallel, memory_parallel, zero stage)
     ("gpt", 2, 2, "tp", 1),
@@ -83,25 +91,7 @@ LAYOUTS = [
     "family,nproc,tp,mp,zero", LAYOUTS, ids=[f"{f}-np{n}-tp{t}-mp_{m}-zero{z}" for f, n, t, m, z in LAYOUTS]
 )
 def test_sharded_matches_single_process(reference, tmp_path, family, nproc, tp, mp, zero):
-    dp = nproc // tp
-    out = run(
-        f"tiny_{family}.yaml",
-        nproc,
-        tmp_path / "run",
-        f"parallel.tensor_parallel={tp}",
-        f"parallel.memory_parallel={mp}",
-        f"train.zero_stage={zero}",
-        f"train.micro_batch_size={8 // dp}",
-    )
-    ref_losses, got = loss_curve(reference[family]), loss_curve(out)
-    assert len(got) == len(ref_losses) == 5
-    for step, (a, b) in enumerate(zip(ref_losses, got), 1):
-        assert abs(a - b) <= TOL * abs(a), f"step {step}: single {a} vs {nproc} ranks {b}"
-    ref_table, table = value_table(reference[family]), value_table(out)
-    assert table.shape == ref_table.shape
-    diff = (table - ref_table).abs().max().item()
-    assert diff <= TOL, f"gathered value table differs by {diff}"
-    assert not torch.equal(ref_table, value_table_at_init(reference[family])), "the table never moved"
+    assert_matches(reference[family], family, nproc, tp, mp, zero, tmp_path / "run")
 
 
 def value_table_at_init(run_dir: Path) -> torch.Tensor:
@@ -138,22 +128,6 @@ def test_rowwise_value_optimizers_match_single_process(rowwise_reference, tmp_pa
     on the layout: with the table split by columns the shards' sums are all-reduced before the update.
     Same tolerances as above (1e-5). Without the all-reduce each shard divides its own columns' sum by
     the full width and the tables differ after the first step."""
-    dp = nproc // tp
-    out = run(
-        f"tiny_{family}.yaml",
-        nproc,
-        tmp_path / "run",
-        f"parallel.tensor_parallel={tp}",
-        f"parallel.memory_parallel={mp}",
-        f"train.zero_stage={zero}",
-        f"train.micro_batch_size={8 // dp}",
-        f"model.pkm.value_optimizer={kind}",
+    assert_matches(
+        rowwise_reference[kind], family, nproc, tp, mp, zero, tmp_path / "run", f"model.pkm.value_optimizer={kind}"
     )
-    ref_losses, got = loss_curve(rowwise_reference[kind]), loss_curve(out)
-    assert len(got) == len(ref_losses) == 5
-    for step, (a, b) in enumerate(zip(ref_losses, got), 1):
-        assert abs(a - b) <= TOL * abs(a), f"step {step}: single {a} vs {nproc} ranks {b}"
-    ref_table, table = value_table(rowwise_reference[kind]), value_table(out)
-    diff = (table - ref_table).abs().max().item()
-    assert diff <= TOL, f"gathered value table differs by {diff}"
-    assert not torch.equal(ref_table, value_table_at_init(rowwise_reference[kind])), "the table never moved"
