@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY_GPT, losses, run_pkm
+from tests.conftest import ROOT, TINY_GPT, child_env, losses, run_pkm
 
 WORKER = ROOT / "tests" / "workers" / "precision_train.py"
 
@@ -82,7 +81,7 @@ def _train(precision: str, run_dir: Path, *overrides: str) -> dict:
         "logging.tensorboard=false",
         *overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    env = {**child_env(), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
