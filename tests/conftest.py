@@ -33,7 +33,7 @@ def run_pkm(
     *args: str, env: dict | None = None, cwd: Path | str = ROOT, timeout: int = 900, stdin: str | None = None
 ) -> subprocess.CompletedProcess:
     """The real `pkm` entry point in a subprocess (the interpreter of this venv, this checkout's code)."""
-    env = child_env(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", **(env or {}))
+    env = {**child_env(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2"), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pkm", *map(str, args)],
         cwd=cwd,
