@@ -15,7 +15,7 @@ import json, resource, sys, torch
 from pretrain.cpu_alloc import keep_freed_memory
 took = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
-for _ in range(12):
+for _ in range(16):
     f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     grad = torch.ones(16 << 20)       # 64 MB, e.g. a value-table gradient
     small = torch.ones(1000)          # something allocated after it, so the big block is not the heap top
@@ -36,5 +36,9 @@ def test_keep_freed_memory_stops_page_faults():
     pages = (16 << 20) * 4 // 4096  # pages of the 64 MB block
     default, keep = _faults("default"), _faults("keep")
     assert keep["took"] is True
-    assert min(default["faults"][6:]) > pages // 2, default  # glibc unmaps and re-maps it every time
-    assert sum(keep["faults"][6:]) < pages // 10, keep  # steady state: served from the kept heap
+    steady_default, steady_keep = default["faults"][6:], keep["faults"][6:]
+    assert min(steady_default) > pages // 2, default  # glibc unmaps and re-maps it every time
+    # Served from the kept heap: almost no faults. Not zero: the kernel may still fault a kept page now and
+    # then (NUMA balancing's hinting faults; CI once saw one 16 MB block re-faulted in six iterations).
+    assert sum(steady_keep) < sum(steady_default) / 10, (default, keep)
+    assert sorted(steady_keep)[len(steady_keep) // 2] == 0, keep  # most iterations fault nothing
