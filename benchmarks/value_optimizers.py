@@ -154,10 +154,13 @@ def train_family(quick: bool, family: str, steps: int, variants: list[str]) -> d
                 f"train.warmup_steps={max(2, steps // 10)}",
             ],
         )
-    work = Path(tempfile.mkdtemp(prefix="pkm-value-opt-"))
     log(f"training {config} with {', '.join(variants)}, {VARIANTS_AT_ONCE} at a time ...")
-    with concurrent.futures.ThreadPoolExecutor(VARIANTS_AT_ONCE) as pool:
-        runs = dict(zip(variants, pool.map(lambda name: train(config, common + VARIANTS[name], work / name), variants)))
+    with tempfile.TemporaryDirectory(prefix="pkm-value-opt-") as tmp:  # the runs are read, then removed
+        work = Path(tmp)
+        with concurrent.futures.ThreadPoolExecutor(VARIANTS_AT_ONCE) as pool:
+            runs = dict(
+                zip(variants, pool.map(lambda name: train(config, common + VARIANTS[name], work / name), variants))
+            )
     for name, r in runs.items():
         log(f"{name}: {r}")
     return {"config": config, "steps": QUICK_STEPS if quick else steps, **runs}
