@@ -160,6 +160,9 @@ def finetune(model_dir: str, opts: FinetuneOptions, out_dir: str, data=None) -> 
         tok = AutoTokenizer.from_pretrained(model_dir)
         torch.manual_seed(opts.seed)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2, trust_remote_code=True)
+        # fp32 throughout: an export's bf16 value table (model.pkm.value_dtype) too, or Adam's small updates
+        # of its rows would round away
+        model.float()
     except (OSError, ValueError) as e:  # transformers' errors for directories it cannot load
         raise PretrainError(f"{model_dir}: cannot load it as a classifier ({str(e).strip().splitlines()[0]})") from None
 

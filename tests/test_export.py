@@ -289,6 +289,41 @@ def test_files_config_and_card(exported):
     }
 
 
+def test_bf16_value_table_exports_and_loads_in_bf16(tmp_path):
+    """A bf16 value table (model.pkm.value_dtype) is written as BF16 (half the bytes of an fp32 export), loads as
+    a bf16 table with the same bits, and is read as in training (bf16 weights): logits within TOL of native.
+    Online evaluation loads it in its dtype (fp32)."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from safetensors import safe_open
+
+    cfg, tok = _case("gpt", PKMConfig(layers=[1], n_keys=16, heads=2, knn=4, k_dim=16, value_dtype="bf16"))
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    model = build_model(cfg, 8192).eval()
+    table = memory_layers(model)[0][1].values.weight
+    assert table.dtype == torch.bfloat16
+    path = export_hf(model.state_dict(), cfg, os.path.join(TOK_DIR, tok), str(tmp_path / "bf16"))
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    values = [k for k in dtypes if k.endswith("values.weight")]
+    assert len(values) == 1 and dtypes[values[0]] == "BF16"
+    assert {d for k, d in dtypes.items() if k not in values} == {"F32"}
+    hf = _auto("gpt").from_pretrained(path, trust_remote_code=True).eval()
+    (mem,) = [m for m in hf.modules() if type(m).__name__ == "ProductKeyMemory"]
+    assert mem.values.weight.dtype == torch.bfloat16 and torch.equal(mem.values.weight, table.detach())
+    ids = austen_ids(tok, 2)
+    ref = native(model, "gpt", ids)
+    with torch.no_grad():
+        got = hf(input_ids=ids).logits
+    assert ref.std() > 0.1 and (got - ref).abs().max().item() < TOL
+    # online evaluation adapts the values in its own dtype (fp32 here), as for an fp32 table
+    from pretrain.online_eval.models import load_causal_lm
+
+    adapted, _ = load_causal_lm(path)
+    (mem,) = [m for m in adapted.modules() if type(m).__name__ == "ProductKeyMemory"]
+    assert mem.values.weight.dtype == torch.float32 and torch.equal(mem.values.weight, table.detach().float())
+
+
 def test_sharded_safetensors(exported, tmp_path):
     from transformers import AutoModelForCausalLM
 

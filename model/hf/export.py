@@ -139,6 +139,7 @@ def hf_config(model_cfg: ModelConfig, vocab_size: int, tokenizer=None):
             "input_dropout": p.input_dropout,
             "query_dropout": p.query_dropout,
             "value_dropout": p.value_dropout,
+            "value_dtype": p.value_dtype,
         },
         **special,
     )
@@ -164,6 +165,10 @@ def _skeleton(weights: dict, model_cfg: ModelConfig, config, dtype: torch.dtype)
     _, modeling_pkm = modeling()
     with torch.device("meta"):
         model = getattr(modeling_pkm, MAIN_CLASS[model_cfg.family])(config).to(dtype)
+        if model_cfg.pkm.value_dtype == "bf16":  # a bf16 table is written (and loads) in bf16: half the bytes
+            for m in model.modules():
+                if isinstance(m, modeling_pkm.ProductKeyMemory):
+                    m.values.to(torch.bfloat16)
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]

@@ -66,6 +66,9 @@ def load_causal_lm(
             tok = AutoTokenizer.from_pretrained(tokenizer or path.parent, **({} if tokenizer else kw))
         elif path.is_dir() and (path / "config.json").is_file():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            for m in model.modules():  # an export's bf16 value table (model.pkm.value_dtype) is adapted in torch_dtype
+                if type(m).__name__ == "ProductKeyMemory":
+                    m.values.to(torch_dtype)
             tok = AutoTokenizer.from_pretrained(tokenizer or path, trust_remote_code=trust_remote_code)
         else:
             raise PretrainError(

@@ -16,6 +16,7 @@ PKM_DEFAULTS = {
     "input_dropout": 0.0,
     "query_dropout": 0.0,
     "value_dropout": 0.0,
+    "value_dtype": "fp32",  # bf16: the value table is stored (and read) in bf16, as it was trained
 }
 
 

@@ -6,9 +6,9 @@
 # `linear_fc1` = [gate; up], pre- or post-LayerNorm blocks, learned or rotary positions.
 #
 # Each memory is a `ProductKeyMemory`: a query network, product keys [heads, 2, n_keys, k_dim/2], and a value
-# table `self.values = nn.EmbeddingBag(n_keys**2, dim, mode="sum")` read with `per_sample_weights` (the
-# softmax over the knn best keys of each head). After each forward, `self.last_indices` holds the slots read:
-# LongTensor [tokens, heads * knn], tokens in (batch, position) order.
+# table `self.values = nn.EmbeddingBag(n_keys**2, dim, mode="sum")` (bf16 when config.pkm["value_dtype"] is "bf16")
+# read with `per_sample_weights` (the softmax over the knn best keys of each head). After each forward,
+# `self.last_indices` holds the slots read: LongTensor [tokens, heads * knn], tokens in (batch, position) order.
 import math
 
 import torch
@@ -99,7 +99,8 @@ class ProductKeyMemory(nn.Module):
         self.query_layernorm = nn.LayerNorm(self.k_dim) if pkm["query_layernorm"] else None
         bound = 1.0 / math.sqrt(self.k_dim // 2)
         self.keys = nn.Parameter(torch.empty(self.heads, 2, self.n_keys, self.k_dim // 2).uniform_(-bound, bound))
-        self.values = nn.EmbeddingBag(self.n_keys**2, dim, mode="sum")
+        table_dtype = torch.bfloat16 if pkm.get("value_dtype") == "bf16" else None  # None: the model's dtype
+        self.values = nn.EmbeddingBag(self.n_keys**2, dim, mode="sum", dtype=table_dtype)
         nn.init.normal_(self.values.weight, 0.0, dim**-0.5)
         self.last_indices: torch.Tensor | None = None
 
@@ -121,7 +122,10 @@ class ProductKeyMemory(nn.Module):
         weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(x.dtype)
         indices, weights = indices.reshape(n, -1), weights.reshape(n, -1)
         self.last_indices = indices.detach()
-        out = self.values(indices, per_sample_weights=weights)
+        if weights.dtype != self.values.weight.dtype:  # a bf16 table is read with bf16 weights, as in training
+            out = self.values(indices, per_sample_weights=weights.to(self.values.weight.dtype)).to(x.dtype)
+        else:
+            out = self.values(indices, per_sample_weights=weights)
         out = F.dropout(out, self.value_dropout, self.training)
         return out.view(shape)
 
