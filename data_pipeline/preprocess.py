@@ -14,6 +14,8 @@ sizes, so an interrupted run never looks complete; re-running removes the leftov
 from __future__ import annotations
 
 import array
+import contextlib
+import fcntl
 import gc
 import glob
 import itertools
@@ -21,6 +23,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -234,8 +237,23 @@ def is_complete(prefix: str) -> bool:
 
 
 def remove_leftovers(prefix: str) -> None:
+    """Remove PREFIX.tmp<pid>.* files of this process and of processes that are gone (a crash, a kill),
+    never those of a live one: another run may be writing the same output (a shared cache_dir)."""
     for path in glob.glob(glob.escape(prefix) + ".tmp*"):
-        os.remove(path)
+        pid = re.match(r"\d+", path[len(prefix) + len(".tmp") :])
+        if pid is None or int(pid.group()) == os.getpid() or not _alive(int(pid.group())):
+            with contextlib.suppress(FileNotFoundError):  # its owner may just have renamed it
+                os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def check_options(on_error: str, family: str, workers: int) -> None:
@@ -464,13 +482,21 @@ def ensure_demo_corpus(out_dir: str, family: str = "gpt", tokenizer: Tokenizer |
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer or family)
     prefix = os.path.join(out_dir, f"austen-{family}-{tok.identity['sha256'][:12]}")
     files = demo_files()
-    if is_complete(prefix):
-        m = read_manifest(prefix)
-        same_books = [(s["path"], s["bytes"]) for s in m["sources"]] == [(f, os.path.getsize(f)) for f in files]
-        if m["tokenizer"]["sha256"] == tok.identity["sha256"] and m["family"] == family and same_books:
-            return prefix
-    log.info("building the demo corpus %s (6 Austen novels, %s tokenizer)", prefix, tok.identity["name"])
-    preprocess(files, prefix, tok, workers=0, text_mode="blank-line", family=family, progress=False)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(prefix + ".lock", "a")
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot write the demo corpus there ({e.strerror or e})") from None
+    # runs sharing a cache_dir build it once: the others wait for the lock, then reuse the output
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(prefix):
+            m = read_manifest(prefix)
+            same_books = [(s["path"], s["bytes"]) for s in m["sources"]] == [(f, os.path.getsize(f)) for f in files]
+            if m["tokenizer"]["sha256"] == tok.identity["sha256"] and m["family"] == family and same_books:
+                return prefix
+        log.info("building the demo corpus %s (6 Austen novels, %s tokenizer)", prefix, tok.identity["name"])
+        preprocess(files, prefix, tok, workers=0, text_mode="blank-line", family=family, progress=False)
     return prefix
 
 

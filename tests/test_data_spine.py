@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,11 +19,14 @@ from data_pipeline.preprocess import (
     check_tokenizer_matches,
     demo_files,
     ensure_demo_corpus,
+    is_complete,
     preprocess,
     read_manifest,
+    remove_leftovers,
 )
 from data_pipeline.samplers import GlobalBatchSampler, build_datasets, collate
 from data_pipeline.tokenizer import load_tokenizer
+from tests.conftest import ROOT
 
 BOOK = os.path.join(AUSTEN_DIR, "persuasion.txt")
 
@@ -99,6 +104,46 @@ def test_demo_corpus_cached(cache, gpt_tok):
     assert m["documents"] == sum(len(paragraphs(f)) for f in demo_files())
     mtime = os.path.getmtime(prefix + ".bin")
     assert ensure_demo_corpus(cache, "gpt") == prefix and os.path.getmtime(prefix + ".bin") == mtime
+
+
+BUILD_DEMO = """
+import logging, sys
+from data_pipeline.preprocess import ensure_demo_corpus
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+print(ensure_demo_corpus(sys.argv[1], "gpt"))
+"""
+
+
+def test_two_runs_sharing_a_cache_build_the_demo_corpus_once(tmp_path):
+    """Two runs started together on one data.cache_dir: one builds, the other waits and reuses it (without
+    the lock both built, and the second's start-up cleanup deleted the first's temporary files)."""
+    cmd = [sys.executable, "-c", BUILD_DEMO, str(tmp_path)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    prefixes = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(prefixes) == 1 and is_complete(prefixes.pop())
+    assert sum(err.count("building the demo corpus") for _, err in outs) == 1, outs
+
+
+def test_leftovers_of_live_processes_are_kept(tmp_path):
+    """Start-up cleanup removes the temporary files of this process and of dead ones, not a live run's."""
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        prefix = str(tmp_path / "corpus")
+        files = {
+            who: f"{prefix}.tmp{pid}.bin"
+            for who, pid in (("live", live.pid), ("gone", finished.pid), ("own", os.getpid()))
+        }
+        for f in files.values():
+            open(f, "wb").close()
+        remove_leftovers(prefix)
+        assert {who: os.path.exists(f) for who, f in files.items()} == {"live": True, "gone": False, "own": False}
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_tokenizer_mismatch_refused(cache, bert_tok):
