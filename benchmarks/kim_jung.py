@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,7 +171,8 @@ def corpus(out: Path, tokenizer: str, books: list[Path]) -> Path:
     return prefix
 
 
-def pretrain(arm: Arm, s: dict, out: Path, data: Path, tokenizer: str) -> Path:
+def pretrain(arm: Arm, s: dict, out: Path, data: Path, tokenizer: str, extra: Sequence[str] = ()) -> Path:
+    """`pkm pretrain` of one arm; `extra` overrides (`key=value`) come last, so they win."""
     run = out / arm.name
     steps = 2 * s["steps"] if arm.name == "control" else s["steps"]
     args = [
@@ -202,6 +204,7 @@ def pretrain(arm: Arm, s: dict, out: Path, data: Path, tokenizer: str) -> Path:
     elif arm.init == "own":
         base = out / "control" / "checkpoints" / f"step_{s['steps']:07d}"
         args += [f"checkpoint.init_from={base}"]
+    args += list(extra)
     pkm(*args, log_file=out / "logs" / f"{arm.name}.pretrain.log")
     return run
 
