@@ -113,15 +113,10 @@ def minilm_dir() -> str:
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def pkm(*args, log_file: Path) -> str:
     """Run the real `pkm` entry point (one torch thread: the arms run side by side); its stderr and
     stdout go to log_file; returns stdout; exits naming the log on failure."""
-    # independent single-process runs: never a caller's rank variables (RANK, MASTER_PORT, ...)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     args = [str(a) for a in args]
     log_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -9,6 +9,7 @@ Skips where the history is not there (a shallow clone, or an export without .git
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_GPT, child_env, losses, run_pkm
+from tests.conftest import ROOT, TINY_GPT, losses, run_pkm
 
 FORMAT_BASE = "90c76eb"  # "data_pipeline: ... read_versioned_json": checkpoints as the code wrote them then
 
@@ -39,7 +40,7 @@ def old_code(tmp_path_factory) -> Path:
 def test_checkpoint_of_previous_code_resumes_exactly(old_code, tmp_path):
     common = ["--config", str(TINY_GPT), "train.train_steps=4", "checkpoint.save_interval=0"]
     resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
-    env = {**child_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(old_code)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(old_code)}
     cmd = [sys.executable, "-m", "pretrain.cli", "pretrain", *common, "train.train_steps=2", f"run_dir={resumed}"]
     old = subprocess.run(cmd, cwd=old_code, env=env, capture_output=True, text=True, timeout=900)
     assert old.returncode == 0, old.stderr[-3000:]

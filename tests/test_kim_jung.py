@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, child_env
+from tests.conftest import ROOT
 
 KEYS = ("mlm_loss", "usage_updated_pct", "slots_read_pct", "kl_uniform", "finetune_acc")
 
@@ -38,7 +38,6 @@ def test_quick_driver_reports_the_runs_own_figures(tmp_path):
             str(tmp_path / "res" / "kim_jung.json"),
         ],
         cwd=ROOT,
-        env=child_env(),
         capture_output=True,
         text=True,
         timeout=1800,
