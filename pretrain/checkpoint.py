@@ -600,7 +600,7 @@ class CheckpointReader:
     """A checkpoint read outside training, in one process, whatever TP/DP layout saved it: the TP=1
     model without its value tables (`dense`), and each value table as a StreamedTensor that reads it
     block by block of rows (`tables`), so no whole table is ever in memory. Initialises a gloo world of
-    one if needed."""
+    one if needed, which close() (the end of a `with` block) ends again."""
 
     def __init__(self, ckpt_dir: str | Path):
         from model.build import build_model
@@ -613,24 +613,28 @@ class CheckpointReader:
         self.path, self.cfg = ckpt, load_config(ckpt / "config.yaml")
         state = torch.load(ckpt / "common.pt", weights_only=False)["trainer"]
         env = init_distributed(ParallelConfig(tensor_parallel=1, memory_parallel="none"))
-        if env.world_size != 1:
-            raise CheckpointError("a checkpoint is read for export in a single process, not under torchrun")
-        with shape_only_tables():
-            model = build_model(self.cfg.model, state["vocab_size"], env.memory_parallel, seed=self.cfg.train.seed)
-        load_model_weights(model, ckpt)
-        sd = model.state_dict()
-        sd = {k: v for k, v in sd.items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
-        self.dense = {k: v.detach() for k, v in sd.items() if not v.is_meta}
-        sharded = model.sharded_state_dict(prefix="model.")
-        self.tables = {k: self._streamed(sharded[f"model.{k}"][0].key, v) for k, v in sd.items() if v.is_meta}
-        self.info = {
-            **{k: v for k, v in manifest.items() if k != "files"},
-            "vocab_size": state["vocab_size"],
-            "final_loss": state.get("last_loss"),
-            "final_eval_loss": state.get("last_eval_loss"),
-            "tokens_seen": state.get("tokens_seen"),
-            "usage": state.get("usage"),
-        }
+        try:
+            if env.world_size != 1:
+                raise CheckpointError("a checkpoint is read for export in a single process, not under torchrun")
+            with shape_only_tables():
+                model = build_model(self.cfg.model, state["vocab_size"], env.memory_parallel, seed=self.cfg.train.seed)
+            load_model_weights(model, ckpt)
+            sd = model.state_dict()
+            sd = {k: v for k, v in sd.items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
+            self.dense = {k: v.detach() for k, v in sd.items() if not v.is_meta}
+            sharded = model.sharded_state_dict(prefix="model.")
+            self.tables = {k: self._streamed(sharded[f"model.{k}"][0].key, v) for k, v in sd.items() if v.is_meta}
+            self.info = {
+                **{k: v for k, v in manifest.items() if k != "files"},
+                "vocab_size": state["vocab_size"],
+                "final_loss": state.get("last_loss"),
+                "final_eval_loss": state.get("last_eval_loss"),
+                "tokens_seen": state.get("tokens_seen"),
+                "usage": state.get("usage"),
+            }
+        except BaseException:  # the caller's `with` never starts: end the world of one here
+            self.close()
+            raise
 
     def _streamed(self, key: str, table: torch.Tensor):
         from model.hf.safetensors_stream import StreamedTensor
@@ -660,10 +664,21 @@ class CheckpointReader:
         """Dense tensors and streamed value tables, as `model.hf.export.export_hf` takes them."""
         return {**self.dense, **self.tables}
 
+    def close(self) -> None:
+        from pretrain.distributed import shutdown
+
+        shutdown()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def load_consolidated(ckpt_dir: str | Path):
     """(full TP=1 state dict, RunConfig, info) of a checkpoint saved under any TP/DP layout, the value
     tables whole: for small models and tests (the export streams them: CheckpointReader)."""
-    r = CheckpointReader(ckpt_dir)
-    tables = {k: torch.cat(list(t.blocks())) for k, t in r.tables.items()}
-    return {**r.dense, **tables}, r.cfg, r.info
+    with CheckpointReader(ckpt_dir) as r:
+        tables = {k: torch.cat(list(t.blocks())) for k, t in r.tables.items()}
+        return {**r.dense, **tables}, r.cfg, r.info

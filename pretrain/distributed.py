@@ -11,8 +11,9 @@ import datetime
 import logging
 import os
 import socket
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -138,35 +139,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class _Started:
+    """What one init_distributed call started (it was not running) and its shutdown() ends, so a
+    caller's own process group (a test fixture's world of one) outlives a run."""
+
+    process_group: bool = False
+    model_parallel: bool = False
+    environ: list[str] = field(default_factory=list)  # variables added to os.environ
+
+
+_started: list[_Started] = []  # one per init_distributed not yet shut down; shutdown() ends the last
+
+
 def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> DistEnv:
     """Start the process group (gloo on CPU, NCCL on GPU), megatron's parallel state and the
-    memory-parallel groups. Works in one process too (megatron needs its state anyway)."""
+    memory-parallel groups. Works in one process too (megatron needs its state anyway).
+
+    The rendezvous is given explicitly (`tcp://`, rank, world size from `rank_env()`), not through
+    os.environ: a process that trains in-process (tests, benchmarks/kim_jung.py) must not hand its
+    MASTER_PORT to the commands it starts next. Only LOCAL_RANK, which DeepSpeed reads from os.environ
+    and nowhere else, is set when missing; shutdown() takes it back."""
     cpu_shim.apply()
-    for k, v in rank_env().items():
-        os.environ.setdefault(k, v)
-    world = int(os.environ["WORLD_SIZE"])
+    started = _Started()
+    _started.append(started)  # before anything can fail: the caller's shutdown() ends what did start
+    ranks = rank_env()
+    rank, world = int(ranks["RANK"]), int(ranks["WORLD_SIZE"])
+    local_rank = int(ranks.get("LOCAL_RANK", "0"))
     tp = parallel.tensor_parallel
     if tp < 1 or world % tp:
         raise PretrainError(
             f"parallel.tensor_parallel={tp} does not divide the world size {world} "
             f"(TP x DP must equal the number of processes)"
         )
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+        started.environ.append("LOCAL_RANK")
     cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        addr = ranks["MASTER_ADDR"]
+        host = f"[{addr}]" if ":" in addr else addr  # an IPv6 address
         dist.init_process_group(
             "nccl" if cuda else "gloo",
-            init_method="env://",
-            rank=int(os.environ["RANK"]),
+            init_method=f"tcp://{host}:{ranks['MASTER_PORT']}",
+            rank=rank,
             world_size=world,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+        started.process_group = True
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+        started.model_parallel = True
     tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     tp_group, dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
@@ -200,12 +227,23 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Dis
 
 
 def shutdown() -> None:
+    """End what the last init_distributed started: megatron's parallel state, the process group (through
+    DeepSpeed when it holds it, so its cached groups go too), the variables it added to os.environ."""
+    if not _started:
+        return
+    started = _started.pop()
     from megatron.core import parallel_state as ps
 
-    if ps.model_parallel_is_initialized():
+    if started.model_parallel and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if started.process_group and dist.is_initialized():
+        ds_comm = sys.modules.get("deepspeed.comm.comm")
+        if ds_comm is not None and ds_comm.cdb is not None:
+            ds_comm.destroy_process_group()  # also drops deepspeed.utils.groups' references to its groups
+        else:
+            dist.destroy_process_group()
+    for name in started.environ:
+        os.environ.pop(name, None)
 
 
 class MegatronMPU:

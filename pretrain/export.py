@@ -28,16 +28,16 @@ def export_hf(
 
     ckpt = resolve_checkpoint(checkpoint)
     check_writable(str(out_dir))  # before the checkpoint is read
-    reader = CheckpointReader(ckpt)
-    out = export_state_dict(
-        reader.state_dict(),
-        reader.cfg.model,
-        tokenizer or checkpoint_tokenizer(reader.path),
-        str(out_dir),
-        card_info(reader.cfg, reader.info),
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-    )
+    with CheckpointReader(ckpt) as reader:
+        out = export_state_dict(
+            reader.state_dict(),
+            reader.cfg.model,
+            tokenizer or checkpoint_tokenizer(reader.path),
+            str(out_dir),
+            card_info(reader.cfg, reader.info),
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+        )
     return Path(out)
 
 

@@ -45,6 +45,17 @@ def setup_logging(
     return root
 
 
+def close_logging() -> None:
+    """Undo setup_logging (its handlers closed, the run's log file with them): a process that runs
+    several commands in turn (tests, benchmarks/kim_jung.py --quick) must not write one run's log with
+    the next one's lines."""
+    root = logging.getLogger("pkm")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    root.propagate = True
+
+
 def quiet_third_party() -> None:
     """Drop the import-time warnings of megatron-core/DeepSpeed/torch that say nothing to a user
     (optional fused kernels absent, deprecations): a CLI error must be the one line on stderr."""

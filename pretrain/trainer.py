@@ -33,7 +33,7 @@ from pretrain.checkpoint import Checkpointer, DenseOptimizer, TrainingState, loa
 from pretrain.config import RunConfig, to_dict
 from pretrain.distributed import MegatronMPU, init_distributed, shutdown
 from pretrain.errors import PretrainError
-from pretrain.log import quiet_third_party, setup_logging
+from pretrain.log import close_logging, quiet_third_party, setup_logging
 from pretrain.metrics import MetricsWriter, PKMUsage, step_line, step_scalars
 from pretrain.optim import SparseValueOptimizer, dense_param_groups, lr_lambda, value_optimizer_bytes
 from pretrain.resolve import ResolvedRun, resolve_run
@@ -212,8 +212,9 @@ class Trainer:
     def _build_engine(self) -> None:
         t = self.cfg.train
         groups = dense_param_groups(self.model, t.weight_decay)
-        # fused: one kernel for all tensors, on CPU too (7x faster there than the default per-tensor loop)
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=True)
+        # foreach: one kernel per group, not per tensor (torch picks it only for CUDA); on CPU ~2.7x less time
+        # per step for a 22M-weight BERT, and the same result bit for bit
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, foreach=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
         ds_config = {
             "train_batch_size": t.global_batch_size,
@@ -358,13 +359,15 @@ class Trainer:
         total, tokens = self._global_sum(total, tokens)
         return total / max(tokens, 1.0)
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict:
+        """Preemption handlers for the training loop; returns the ones they replace (train() puts them
+        back: a process that trains in-process goes on without a handler pointing at a finished run)."""
+
         def handler(signum, frame):
             log.warning("received %s: will save a checkpoint and exit after this step", signal.Signals(signum).name)
             self._preempt = True
 
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
 
     def _preempt_requested(self) -> bool:
         (flag,) = self.env.all_reduce_max([1.0 if self._preempt else 0.0])
@@ -373,11 +376,18 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run to `train.train_steps`, then save. A run already at (or past) its last step is a no-op
         that says so: what a requeued or restarted job does after finishing."""
-        cfg, t, lg = self.cfg, self.cfg.train, self.cfg.logging
-        if self.step >= t.train_steps:
+        if self.step >= self.cfg.train.train_steps:
             return self._already_finished()
+        previous = self._install_signal_handlers()
+        try:
+            return self._train()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _train(self) -> TrainResult:
+        cfg, t, lg = self.cfg, self.cfg.train, self.cfg.logging
         writer = MetricsWriter(self.run_dir, self.env.is_main, lg.tensorboard)
-        self._install_signal_handlers()
         self.engine.train()
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
         bar = None
@@ -461,12 +471,12 @@ class Trainer:
 
 def pretrain(cfg: RunConfig | ResolvedRun) -> TrainResult:
     """`pkm pretrain` as a function: resolve the run, build it, train to `train.train_steps`, shut the
-    process group down."""
-    trainer = Trainer(cfg)
+    process group down (what this run started of it) and close the run's log."""
     try:
-        return trainer.train()
+        return Trainer(cfg).train()
     finally:
         shutdown()
+        close_logging()  # a process that runs more (tests, benchmarks) logs nothing more into this run's log
 
 
 def _float(x) -> float | None:

@@ -18,22 +18,11 @@ TINY_BERT = ROOT / "configs" / "tiny_bert.yaml"
 PY = os.path.abspath(sys.executable)  # this venv's interpreter, as `pkm launch` writes it into commands
 
 
-# What a launcher sets for a rank. A test process that built a trainer in-process has them in its own
-# environment (init_distributed sets them for a single process), and a child that inherited them would
-# try to join that process's rendezvous port.
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def child_env(**extra: str) -> dict:
-    """os.environ for a subprocess the tests start: without this process's launcher variables."""
-    return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}, **extra}
-
-
 def run_pkm(
     *args: str, env: dict | None = None, cwd: Path | str = ROOT, timeout: int = 900, stdin: str | None = None
 ) -> subprocess.CompletedProcess:
     """The real `pkm` entry point in a subprocess (the interpreter of this venv, this checkout's code)."""
-    env = {**child_env(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2"), **(env or {})}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pkm", *map(str, args)],
         cwd=cwd,
@@ -96,7 +85,7 @@ def torchrun(script: Path | str, *args, nproc: int = 2, timeout: int = 900) -> s
     """`python -m torch.distributed.run` of `script` with `nproc` local ranks on a free port, from this
     checkout with its code importable (one OpenMP thread a rank: the CPU is shared)."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = child_env(PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable,
         "-m",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import child_env, free_port
+from tests.conftest import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 NODES = ["node1", "node2"]
@@ -45,7 +45,7 @@ def install_reason() -> str | None:
         return "slurmctld is not installed and installing it needs root (apt-get install " + " ".join(PACKAGES) + ")"
     if _which("apt-get") is None:
         return "slurmctld is not installed and there is no apt-get to install it"
-    env = {**child_env(), "DEBIAN_FRONTEND": "noninteractive"}
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=600", *PACKAGES]
     proc = subprocess.run(install, env=env, capture_output=True, text=True)
     if proc.returncode != 0:  # a fresh machine may have no package lists yet
@@ -191,7 +191,7 @@ def start_cluster(root: Path) -> SlurmCluster:
     (root / "slurm.conf").write_text(
         SLURM_CONF.format(root=root, ctld_port=ctld_port, nodes=nodes, node_list=",".join(NODES))
     )
-    env = {**child_env(), "SLURM_CONF": str(root / "slurm.conf")}
+    env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
     env["PATH"] = os.pathsep.join([env.get("PATH", ""), *SBIN])
     cluster = SlurmCluster(root, env)
 
@@ -280,7 +280,7 @@ def slurm_cluster(tmp_path_factory):
         cluster = start_cluster(root)
     except (subprocess.SubprocessError, TimeoutError, OSError) as e:
         logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted((root / "log").glob("*.log")))
-        partial = SlurmCluster(root, {**child_env(), "SLURM_CONF": str(root / "slurm.conf")})
+        partial = SlurmCluster(root, {**os.environ, "SLURM_CONF": str(root / "slurm.conf")})
         stop_cluster(partial)
         pytest.fail(f"SLURM is installed but the local cluster did not start: {e}\n{logs}")
     yield cluster

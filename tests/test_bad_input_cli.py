@@ -5,6 +5,7 @@ None of these builds a model; each takes seconds."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_GPT, assert_user_error, child_env, small_tmpfs
+from tests.conftest import ROOT, TINY_GPT, assert_user_error, small_tmpfs
 from tests.conftest import run_pkm as _run_pkm
 
 AUSTEN = ROOT / "data_pipeline" / "assets" / "austen"
@@ -90,7 +91,7 @@ def test_bad_input_tokenizer_train_output_under_a_file(bad_files):
 
 def test_bad_input_tokenizer_train_sigterm_leaves_nothing(tmp_path):
     out = tmp_path / "tok"
-    env = {**child_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
     cmd = [sys.executable, "-m", "pkm", *TOKENIZER_TRAIN, "--input", str(AUSTEN / "*.txt"), "--output", str(out / "my")]
     proc = subprocess.Popen(
         [*cmd, "--vocab-size", "4000"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

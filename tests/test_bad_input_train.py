@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, TINY_GPT, assert_user_error, child_env, descendants, run_pkm, small_tmpfs, survivors
+from tests.conftest import ROOT, TINY_GPT, assert_user_error, descendants, run_pkm, small_tmpfs, survivors
 
 AUSTEN = ROOT / "data_pipeline" / "assets" / "austen"
 
@@ -196,7 +196,7 @@ def test_kill_during_checkpoint_save_leaves_no_process(tmp_path: Path):
     run = tmp_path / "run"
     overrides = ["train.train_steps=400", "checkpoint.save_interval=2", f"data.cache_dir={tmp_path}"]
     cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(TINY_GPT), f"run_dir={run}", *overrides]
-    env = {**child_env(), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen: set[int] = set()
     saves = run / "checkpoints"

@@ -11,6 +11,7 @@ widened for GPU non-determinism (atomic adds in sparse gradients and index_add_)
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, child_env, free_port, losses, run_pkm
+from tests.conftest import ROOT, free_port, losses, run_pkm
 
 pytestmark = [
     pytest.mark.gpu,
@@ -47,7 +48,7 @@ def _torchrun(config: Path, run_dir: Path, *overrides: str) -> str:
         "logging.tensorboard=false",
         *overrides,
     ]
-    env = {**child_env(), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]

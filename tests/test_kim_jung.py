@@ -1,5 +1,6 @@
 """The Kim & Jung driver (benchmarks/kim_jung.py) end to end on its --quick sizes, one arm (MiniLM + an
-added PKM) through the real `pkm data preprocess`, `pkm pretrain`, `pkm export hf` and `pkm finetune`:
+added PKM) through the real `pkm data preprocess`, `pkm pretrain`, `pkm export hf` and `pkm finetune` (in the
+driver's one process, as --quick runs them):
 its JSON has every figure the issue asks for, in range, and read from the run's own metrics.jsonl
 (not recomputed). The full grid's figures are in benchmarks/RESULTS.md."""
 
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, child_env
+from tests.conftest import ROOT
 
 KEYS = ("mlm_loss", "usage_updated_pct", "slots_read_pct", "kl_uniform", "finetune_acc")
 
@@ -38,7 +39,6 @@ def test_quick_driver_reports_the_runs_own_figures(tmp_path):
             str(tmp_path / "res" / "kim_jung.json"),
         ],
         cwd=ROOT,
-        env=child_env(),
         capture_output=True,
         text=True,
         timeout=1800,
@@ -63,3 +63,10 @@ def test_quick_driver_reports_the_runs_own_figures(tmp_path):
     assert arm["usage_updated_pct"] == last["pkm/layer4/slots updated in last 2 steps %"]
     assert arm["kl_uniform"] == last["pkm/layer4/kl to uniform"]
     assert (tmp_path / "res" / "kim_jung_usage.png").stat().st_size > 0
+    # each command's output in its own log, though they ran in one process
+    logs = out / "logs"
+    assert "pretraining finished: 2 steps" in (logs / "minilm_add.pretrain.log").read_text()
+    assert "exported to" in (logs / "minilm_add.export.log").read_text()
+    assert "pretraining finished" not in (logs / "minilm_add.export.log").read_text()
+    train_log = (out / "minilm_add" / "logs" / "train.log").read_text()
+    assert "step 2/2" in train_log and "finetuned" not in train_log  # the run's log: its lines only

@@ -6,6 +6,7 @@ test_launch_dist.py.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ from launch.errors import LaunchError
 from launch.slurm import SlurmOptions, render_sbatch, shell_word
 from launch.torchrun import TorchrunOptions, torchrun_argv
 from launch.training import PREEMPTED_EXIT_CODE, Entry, plan_training
-from tests.conftest import PY, ROOT, TINY_GPT, assert_user_error, child_env, run_pkm
+from tests.conftest import PY, ROOT, TINY_GPT, assert_user_error, run_pkm
 
 # `pkm launch torchrun` as node 0 of two; the tests add the endpoint and the config.
 TORCHRUN_TWO_NODES = ["launch", "torchrun", "--nnodes", "2", "--node-rank", "0"]
@@ -183,7 +184,7 @@ def test_cli_slurm_dry_run_prints_the_script_and_writes_nothing(tmp_path):
 
 
 def test_cli_errors_are_one_line_before_submitting(tmp_path):
-    env = {**child_env(), "PATH": str(Path(PY).parent)}  # no sbatch here
+    env = {**os.environ, "PATH": str(Path(PY).parent)}  # no sbatch here
     proc = pkm("launch", "slurm", "--nodes", "2", "--config", str(TINY_GPT), f"run_dir={tmp_path / 'r'}", env=env)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("pkm: error: 'sbatch' was not found on PATH")

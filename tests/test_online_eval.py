@@ -719,11 +719,10 @@ def test_native_checkpoint_is_exported_then_evaluated(tmp_path, capsys):
     loader exports it with `pretrain.export.export_hf` (what `pkm export hf` runs) to a temporary
     directory and adapts its PKM values."""
     from pkm.cli import main
-    from tests.conftest import child_env
 
     repo = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
-    env = {**child_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     overrides = [f"run_dir={run}", "train.train_steps=4", f"data.cache_dir={tmp_path / 'cache'}"]
     cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(repo / "configs" / "tiny_gpt.yaml"), *overrides]
     r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)

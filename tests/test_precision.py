@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY_GPT, child_env, losses, run_pkm
+from tests.conftest import ROOT, TINY_GPT, losses, run_pkm
 
 WORKER = ROOT / "tests" / "workers" / "precision_train.py"
 
@@ -81,7 +82,7 @@ def _train(precision: str, run_dir: Path, *overrides: str) -> dict:
         "logging.tensorboard=false",
         *overrides,
     ]
-    env = {**child_env(), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

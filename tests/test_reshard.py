@@ -156,7 +156,6 @@ def test_reshard_restores_sparse_moments(uninterrupted: Path, tmp_path: Path):
     lazy-Adam moments and step count into the value optimizer, bit for bit."""
     d = resumed_copy(uninterrupted, tmp_path / "resumed")
     out = tmp_path / "state.pt"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     r = subprocess.run(
         [
             sys.executable,
@@ -174,7 +173,7 @@ def test_reshard_restores_sparse_moments(uninterrupted: Path, tmp_path: Path):
             "checkpoint.resume=auto",
         ],
         cwd=ROOT,
-        env={**env, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=600,

@@ -106,14 +106,14 @@ def test_export_streams_tables_in_blocks_of_rows(megatron_single_process, tmp_pa
     assert count == 8
     ckpt = d / "checkpoints" / (d / "checkpoints" / "latest").read_text().strip()
     with _NoTableRows(n_slots):
-        reader = CheckpointReader(ckpt)
-        out = export_hf(
-            reader.state_dict(),
-            reader.cfg.model,
-            checkpoint_tokenizer(reader.path),
-            str(tmp_path / "hf"),
-            max_shard_size="100KB",
-        )
+        with CheckpointReader(ckpt) as reader:
+            out = export_hf(
+                reader.state_dict(),
+                reader.cfg.model,
+                checkpoint_tokenizer(reader.path),
+                str(tmp_path / "hf"),
+                max_shard_size="100KB",
+            )
     files = os.listdir(out)
     index = json.loads((Path(out) / "model.safetensors.index.json").read_text())
     name = next(k for k in index["weight_map"] if k.endswith("memory.values.weight"))

@@ -30,11 +30,7 @@ PKM_PRETRAIN = ["-m", "pkm", "pretrain", "--config", str(TINY_GPT)]
 
 
 def _env() -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # `python` alone, not an srun task
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
