@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, child_env
+from tests.conftest import ROOT
 
 
 @pytest.mark.slow
@@ -36,7 +36,6 @@ def test_recipe_mode_trains_each_variant_with_its_value_optimizer(tmp_path):
             str(out),
         ],
         cwd=ROOT,
-        env=child_env(),
         capture_output=True,
         text=True,
         timeout=1200,
