@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -460,7 +460,10 @@ class Checkpointer:
 
         st = self.states
         dense, model = st.dense_optimizer, st.model
-        st.value_optimizer.check_checkpoint(dist_checkpointing.load_common_state_dict(str(path)), path)
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        if self.run_config is not None:
+            check_same_model(common.get("trainer", {}).get("config", {}).get("model"), self.run_config.model, path)
+        st.value_optimizer.check_checkpoint(common, path)
         template = sharded_state(st, for_load=True)
         loaded = dist_checkpointing.load(template, str(path))
         weights = _model_tensors(loaded["model"], model)
@@ -482,6 +485,46 @@ class Checkpointer:
         if rng.is_file() and manifest.get("world_size") == self.env.world_size:
             _set_rng_state(torch.load(rng, weights_only=False))
         log.info("resumed from %s at step %d", path, step)
+
+
+# The model settings a checkpoint's tensors are laid out by. Resumed with another value, the load fails
+# deep in megatron, or worse succeeds while dropping weights (placement add -> replace loses the FFN).
+# The others (knn, dropouts, rotary_base, value_dtype, ...) may change on resume: they are logged.
+STRUCTURE_KEYS = (
+    "family num_layers hidden_size num_attention_heads num_query_groups ffn_hidden_size vocab_size normalization "
+    "activation position_embedding add_bias_linear qkv_bias tie_embeddings norm_position binary_head positions "
+    "pkm.layers pkm.placement pkm.n_keys pkm.heads pkm.k_dim pkm.query_batchnorm pkm.query_layernorm"
+).split()
+
+
+def check_same_model(saved: dict | None, model_cfg, path) -> None:
+    """One-line error naming each structural `model.*` setting that differs from the checkpoint's at
+    `path` (checkpoints without their config are not checked); a warning for the other changes.
+    value_optimizer is the value optimizer's own check."""
+    if not saved:
+        return
+    was, now = _model_settings(saved), _model_settings(asdict(model_cfg))
+    changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k) and k != "pkm.value_optimizer")
+    wrong = [k for k in changed if k in STRUCTURE_KEYS]
+    if wrong:
+        diffs = ", ".join(f"model.{k}={now.get(k)} (checkpoint: {was.get(k)})" for k in wrong)
+        raise CheckpointError(
+            f"{path}: cannot resume a different model: {diffs}; resume with the checkpoint's settings, or start "
+            "a new run_dir with checkpoint.init_from to initialise from it"
+        )
+    for k in changed:
+        log.warning("resuming with model.%s=%s (the checkpoint was trained with %s)", k, now.get(k), was.get(k))
+
+
+def _model_settings(model: dict) -> dict:
+    """A model config as flat keys ("pkm.n_keys"), with "positions": the learned position table's size."""
+    flat = {k: v for k, v in model.items() if k != "pkm"}
+    flat.update({f"pkm.{k}": v for k, v in (model.get("pkm") or {}).items()})
+    if flat.get("position_embedding", "learned_absolute") == "learned_absolute":
+        flat["positions"] = flat.get("max_position_embeddings") or flat.get("seq_length")
+    for k in ("max_position_embeddings", "seq_length"):  # their effect on the tensors is "positions"
+        flat.pop(k, None)
+    return flat
 
 
 def _model_tensors(loaded: dict, model: torch.nn.Module) -> dict:

@@ -161,6 +161,29 @@ def test_resume_of_a_finished_run_is_a_noop(tmp_path: Path):
     assert (run / "metrics.jsonl").read_text() == metrics
 
 
+def test_resume_with_another_model_is_a_user_error(tmp_path: Path):
+    """The model section edited between a run and its resume: a change of the tensors' layout is named
+    before anything loads (it was a megatron traceback, or for placement add -> replace a silent resume
+    without the FFN's weights) and no checkpoint is written; a knn change resumes, logged."""
+    run = tmp_path / "run"
+    common = ("pretrain", "--config", TINY_GPT, f"run_dir={run}", f"data.cache_dir={tmp_path}")
+    r = run_pkm(*common, "train.train_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    resume = ("train.train_steps=3", "checkpoint.resume=auto")
+    for override, key in (
+        ("model.pkm.placement=replace", "model.pkm.placement"),
+        ("model.hidden_size=32", "hidden_size"),
+    ):
+        assert "(checkpoint: " in assert_user_error(run_pkm(*common, *resume, override), key)
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+    r = run_pkm(*common, *resume, "model.pkm.knn=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (
+        "resuming with model.pkm.knn=4 (the checkpoint was trained with 8)" in (run / "logs" / "train.log").read_text()
+    )
+
+
 def test_train_steps_zero_saves_the_initial_weights(tmp_path: Path):
     run = tmp_path / "run"
     r = run_pkm("pretrain", "--config", TINY_GPT, f"run_dir={run}", "train.train_steps=0", f"data.cache_dir={tmp_path}")
