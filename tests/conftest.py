@@ -34,6 +34,14 @@ def run_pkm(
     )
 
 
+def run_benchmark(script: str, *args, timeout: int = 1800) -> dict:
+    """`python benchmarks/SCRIPT ARGS --json` (this checkout); asserts it succeeded; its last line, parsed."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *map(str, args), "--json"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def descendants(pid: int) -> set[int]:
     """The pids of every live process below `pid`."""
     import psutil

