@@ -60,6 +60,8 @@ def test_build_datasets_under_torchrun(tmp_path):
         for k, (sa, sb) in enumerate(zip(a["steps"], b["steps"])):
             assert not set(sa) & set(sb) and sorted(sa + sb) == list(range(16 * k, 16 * (k + 1)))
         assert a["consumed"] == b["consumed"] == {"consumed_samples": 16 * len(a["steps"])}
-    # the demo corpus was built once (by rank 0), nothing half-written is left
+    # the demo corpus was built once (by rank 0), nothing half-written is left (the .lock files stay: a lock
+    # file removed while another run waits on it would let a third run build beside it)
     demo = sorted(os.listdir(cache / "demo_corpus"))
-    assert len(demo) == 6 and not [f for f in demo if ".tmp" in f]
+    assert len(demo) == 8 and not [f for f in demo if ".tmp" in f], demo
+    assert sorted(f.rsplit(".", 1)[-1] for f in demo) == sorted(["bin", "idx", "json", "lock"] * 2), demo
