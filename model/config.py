@@ -8,6 +8,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# ModelConfig fields that describe the architecture: a model built with other values cannot take the weights
+# (of an HF checkpoint: model/hf/init_from.py; of a checkpoint resumed: pretrain/checkpoint.py).
+ARCH_FIELDS = (
+    "family",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "normalization",
+    "activation",
+    "position_embedding",
+    "rotary_base",
+    "add_bias_linear",
+    "qkv_bias",
+    "tie_embeddings",
+    "layernorm_epsilon",
+    "norm_position",
+    "binary_head",
+    "max_position_embeddings",
+)
+# PKMConfig fields the memory's tensors are laid out by (which layers have one, beside or instead of the FFN)
+PKM_ARCH_FIELDS = ("layers", "placement", "n_keys", "heads", "k_dim", "query_batchnorm", "query_layernorm")
+
 
 @dataclass
 class PKMConfig:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
+from model.config import ARCH_FIELDS, PKM_ARCH_FIELDS
 from pretrain.errors import PretrainError
 
 log = logging.getLogger("pkm.checkpoint")
@@ -487,14 +488,16 @@ class Checkpointer:
         log.info("resumed from %s at step %d", path, step)
 
 
-# The model settings a checkpoint's tensors are laid out by. Resumed with another value, the load fails
-# deep in megatron, or worse succeeds while dropping weights (placement add -> replace loses the FFN).
-# The others (knn, dropouts, rotary_base, value_dtype, ...) may change on resume: they are logged.
+# The model settings a checkpoint's tensors are laid out by: the architecture (model/config.py), the
+# vocabulary, and "positions" for max_position_embeddings (_model_settings). Resumed with another value,
+# the load fails deep in megatron, or worse succeeds while dropping weights (placement add -> replace loses
+# the FFN). The others (knn, dropouts, value_dtype, ...) may change on resume: they are logged.
 STRUCTURE_KEYS = (
-    "family num_layers hidden_size num_attention_heads num_query_groups ffn_hidden_size vocab_size normalization "
-    "activation position_embedding add_bias_linear qkv_bias tie_embeddings norm_position binary_head positions "
-    "pkm.layers pkm.placement pkm.n_keys pkm.heads pkm.k_dim pkm.query_batchnorm pkm.query_layernorm"
-).split()
+    *(f for f in ARCH_FIELDS if f != "max_position_embeddings"),
+    "vocab_size",
+    "positions",
+    *(f"pkm.{f}" for f in PKM_ARCH_FIELDS),
+)
 
 
 def check_same_model(saved: dict | None, model_cfg, path) -> None:

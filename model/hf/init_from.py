@@ -19,33 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.config import ModelConfig, PKMConfig
+from model.config import ARCH_FIELDS, ModelConfig, PKMConfig
 from model.errors import ModelError
 from model.hf.adapters import ADAPTERS, Adapter, Rule
 from model.hf.weights import HFWeights, read_config
 
 log = logging.getLogger("pkm.model.hf")
-
-# ModelConfig fields that describe the architecture: a model built with other values cannot take the weights.
-ARCH_FIELDS = (
-    "family",
-    "hidden_size",
-    "num_layers",
-    "num_attention_heads",
-    "num_query_groups",
-    "ffn_hidden_size",
-    "normalization",
-    "activation",
-    "position_embedding",
-    "rotary_base",
-    "add_bias_linear",
-    "qkv_bias",
-    "tie_embeddings",
-    "layernorm_epsilon",
-    "norm_position",
-    "binary_head",
-    "max_position_embeddings",
-)
 
 
 # ---------------------------------------------------------------------------------------------
