@@ -61,8 +61,7 @@ def train(config: str, overrides: list[str], run_dir: Path) -> dict:
         "--config",
         str(ROOT / "configs" / config),
         f"run_dir={run_dir}",
-        # its own cache: variants side by side building one demo corpus would remove each other's temporaries
-        f"data.cache_dir={run_dir / 'cache'}",
+        f"data.cache_dir={run_dir.parent / 'cache'}",  # one demo corpus: the first variant builds it, the others wait
         "logging.tensorboard=false",
         "checkpoint.save_interval=0",
         *overrides,
