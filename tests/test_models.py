@@ -137,6 +137,53 @@ def test_bert_padding_reaches_memory_and_stays_out_of_its_statistics():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("binary_head", [False, True])
+def test_bert_head_on_masked_positions_only_matches_the_whole_head(binary_head):
+    """lm_forward hands BERT's LM head only the positions the loss reads: the per-token loss there and
+    every gradient match megatron's head over all positions (tolerance 1e-5: GEMMs over fewer rows may
+    round differently), also with the pooler and binary head that a MiniLM init brings; a batch with
+    nothing masked runs."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    cfg = ModelConfig(
+        family="bert",
+        num_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        seq_length=SEQ,
+        binary_head=binary_head,
+        pkm=PKMConfig(layers=[1], placement="add", n_keys=8, heads=2, knn=4, k_dim=16),
+    )
+    model = build_model(cfg, VOCAB)
+    model.eval()  # no dropout: both forwards see the same network
+    batch = _batch("bert")
+    mask = torch.zeros(BATCH, SEQ)
+    mask[0, [1, 4, 9]] = 1
+    mask[1, [0, 10]] = 1
+    mask[2, 3] = 1
+    batch["loss_mask"] = mask
+
+    def run(b):
+        model.zero_grad()
+        per_token = lm_forward(model, "bert", b)
+        masked_mean(per_token, mask).backward()
+        return per_token.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    sparse, sparse_grads = run(batch)
+    full, full_grads = run({k: v for k, v in batch.items() if k != "loss_mask"})
+    where = mask > 0
+    torch.testing.assert_close(sparse[where], full[where], rtol=1e-5, atol=1e-5)
+    assert torch.equal(sparse[~where], torch.zeros_like(sparse[~where]))
+    assert sparse_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    nothing = lm_forward(model, "bert", dict(batch, loss_mask=torch.zeros(BATCH, SEQ)))
+    assert nothing.shape == (BATCH, SEQ) and masked_mean(nothing, torch.zeros(BATCH, SEQ)) == 0
+    assert model.loss_positions.mask is None, "the positions hold for one forward only"
+
+
 def _key(model, module, buffer: str) -> str:
     for name, m in model.named_modules():
         for child_name, child in m.named_children():
