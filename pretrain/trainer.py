@@ -7,6 +7,7 @@ The Trainer is Stateful: `state_dict()` is what a checkpoint holds besides the t
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import random
@@ -227,6 +228,7 @@ class Trainer:
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
+        _skip_shm_inference_op()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model,
             optimizer=optimizer,
@@ -487,3 +489,14 @@ def _float(x) -> float | None:
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def _skip_shm_inference_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when it starts (ninja: ~50 s of two
+    cores, again in every new environment) that only DeepSpeed inference's `inference_all_reduce` uses,
+    and that falls back to torch.distributed's all-reduce without it. Training never calls it: no build.
+    With CUDA, DeepSpeed has no such op to build."""
+    if not torch.cuda.is_available():
+        # not `import deepspeed.comm.torch as ...`: that name is the torch module deepspeed.comm imports
+        ds_backend = importlib.import_module("deepspeed.comm.torch")
+        ds_backend.build_shm_op = lambda: None

@@ -128,6 +128,24 @@ def test_bert_trains(tmp_path: Path):
     assert by_step[max(by_step)] < by_step[1] - 0.3, by_step
 
 
+def test_first_run_compiles_no_deepspeed_op(tmp_path: Path):
+    """DeepSpeed's CPU backend used to JIT-compile its shared-memory inference all-reduce at start-up
+    (~50 s of ninja on two cores, in every new environment): a run in an empty extensions directory
+    builds nothing there."""
+    extensions = tmp_path / "torch_extensions"
+    extensions.mkdir()
+    r = run_pkm(
+        "pretrain",
+        "--config",
+        str(TINY_BERT),
+        f"run_dir={tmp_path / 'run'}",
+        "train.train_steps=1",
+        env={"TORCH_EXTENSIONS_DIR": str(extensions)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(extensions.iterdir()) == [], "a native op was compiled"
+
+
 def test_value_updates_are_row_sparse(megatron_single_process, tmp_path: Path):
     """One real training step: only the value rows that were read change, the lazy-Adam moments of
     every other row stay as they were, no dense table gradient exists, and the DeepSpeed optimizer
