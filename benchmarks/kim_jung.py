@@ -78,7 +78,7 @@ ARMS = [
 # N steps of batch x seq tokens per arm; the rest of the recipe is in the YAML. The usage window and the
 # logging interval are 3 steps (6,144 tokens: ~48 reads per slot if the reads were uniform).
 FULL = {
-    "steps": 400,
+    "steps": 360,
     "batch": 32,
     "seq": 64,
     "eval_interval": 100,
