@@ -168,14 +168,7 @@ def finetune(model_dir: str, opts: FinetuneOptions, out_dir: str, data=None) -> 
     except (OSError, ValueError) as e:  # transformers' errors for directories it cannot load
         raise PretrainError(f"{model_dir}: cannot load it as a classifier ({str(e).strip().splitlines()[0]})") from None
 
-    def encode(pairs):
-        enc = tok([t for t, _ in pairs], truncation=True, max_length=opts.max_length)
-        return [
-            {"input_ids": i, "attention_mask": a, "labels": y}
-            for i, a, (_, y) in zip(enc["input_ids"], enc["attention_mask"], pairs)
-        ]
-
-    train_ds, eval_ds = encode(train), encode(held_out)
+    train_ds, eval_ds = Encoded(train, tok, opts.max_length), Encoded(held_out, tok, opts.max_length)
     args = TrainingArguments(
         output_dir=out_dir,
         max_steps=opts.steps,
@@ -230,6 +223,25 @@ def finetune(model_dir: str, opts: FinetuneOptions, out_dir: str, data=None) -> 
         train_s,
     )
     return report
+
+
+class Encoded:
+    """(text, label) pairs as the Trainer's examples, each tokenized when it is first read: a short finetune
+    reads a few hundred of the ~20,000 training tweets, and tokenizing them all took longer than its steps."""
+
+    def __init__(self, pairs: list, tok, max_length: int):
+        self.pairs, self.tok, self.max_length = pairs, tok, max_length
+        self.cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        if i not in self.cache:
+            text, label = self.pairs[i]
+            enc = self.tok(text, truncation=True, max_length=self.max_length)
+            self.cache[i] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": label}
+        return self.cache[i]
 
 
 def compare(model_dirs: list[str], opts: FinetuneOptions, out_dir: str) -> list[dict]:

