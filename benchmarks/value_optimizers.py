@@ -14,9 +14,10 @@ load_average (1, 5, 15 min at the end).
 `--recipe kim_jung`: the Kim & Jung recipe's recommended arm instead (benchmarks/kim_jung.py: `minilm_add`,
 all-MiniLM-L6-v2 with a PKM added to the FFN of layer 4, masked LM on the recipe's corpus, its FULL sizes;
 `--quick`: its QUICK sizes), trained by kim_jung's own pretrain() once per variant, no finetune, VARIANTS_AT_ONCE
-runs at a time. Per variant (read from the run's metrics.jsonl by kim_jung.summarise and its last checkpoint's
-manifest): mlm_loss, usage_updated_pct, slots_read_pct, top1_read_pct, kl_uniform, tokens_per_second,
-bytes_per_value_param (value table + value-optimizer state over the table's values), gap_vs_adam, seconds.
+runs at a time (--quick: in this process, one after the other). Per variant (read from the run's
+metrics.jsonl by kim_jung.summarise and its last checkpoint's manifest): mlm_loss, usage_updated_pct,
+slots_read_pct, top1_read_pct, kl_uniform, tokens_per_second, bytes_per_value_param (value table +
+value-optimizer state over the table's values), gap_vs_adam, seconds.
 
     python benchmarks/value_optimizers.py [--quick] [--json] [--family gpt|bert] [--steps N]
     python benchmarks/value_optimizers.py --recipe kim_jung [--quick] [--json] [--out DIR] [--results FILE.json]
@@ -103,11 +104,13 @@ def recipe_kim_jung(quick: bool, variants: list[str], out: Path | None) -> dict:
     arm = next(a for a in kim_jung.ARMS if a.name == "minilm_add")
     work = (out or ROOT / "runs" / ("value_optimizers_kim_jung" + ("_quick" if quick else ""))).resolve()
     tokenizer = kim_jung.minilm_dir()
-    data = kim_jung.corpus(work, tokenizer, kim_jung.QUICK_BOOKS if quick else kim_jung.BOOKS)
+    # --quick: in this process, one after the other (the imports are paid once, as kim_jung --quick does)
+    runner = kim_jung.Runner(in_process=quick)
+    data = kim_jung.corpus(work, tokenizer, kim_jung.QUICK_BOOKS if quick else kim_jung.BOOKS, runner)
 
     def one(name: str) -> dict:
         t0 = time.perf_counter()
-        run = kim_jung.pretrain(arm, sizes, work / name, data, tokenizer, VARIANTS[name])
+        run = kim_jung.pretrain(arm, sizes, work / name, data, tokenizer, VARIANTS[name], runner)
         r = kim_jung.summarise(run, sizes["window"])
         # bytes in the trainer's memory report, saved in every checkpoint's manifest
         latest = (run / "checkpoints" / "latest").read_text().strip()
@@ -120,8 +123,11 @@ def recipe_kim_jung(quick: bool, variants: list[str], out: Path | None) -> dict:
         log(f"{name}: held-out MLM loss {r['mlm_loss']}, {r['bytes_per_value_param']} bytes per value")
         return r
 
-    with concurrent.futures.ThreadPoolExecutor(VARIANTS_AT_ONCE) as pool:
-        runs = dict(zip(variants, pool.map(one, variants)))
+    if runner.in_process:
+        runs = {name: one(name) for name in variants}
+    else:
+        with concurrent.futures.ThreadPoolExecutor(VARIANTS_AT_ONCE) as pool:
+            runs = dict(zip(variants, pool.map(one, variants)))
     return {
         "recipe": "kim_jung",
         "arm": arm.name,
