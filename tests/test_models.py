@@ -12,6 +12,7 @@ from model.build import build_model, lm_forward, masked_mean
 from model.config import ModelConfig, PKMConfig
 from model.pkm.memory import ProductKeyMemory
 from model.specs import MemoryMLP, MLPWithMemory, memory_layers
+from tests.conftest import run_benchmark
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -182,6 +183,13 @@ def test_bert_head_on_masked_positions_only_matches_the_whole_head(binary_head):
     nothing = lm_forward(model, "bert", dict(batch, loss_mask=torch.zeros(BATCH, SEQ)))
     assert nothing.shape == (BATCH, SEQ) and masked_mean(nothing, torch.zeros(BATCH, SEQ)) == 0
     assert model.loss_positions.mask is None, "the positions hold for one forward only"
+
+
+def test_bert_head_benchmark_times_both_heads_on_the_same_loss():
+    """benchmarks/bert_head.py --quick: the recipe's model, head on masked positions vs on all, one loss."""
+    r = run_benchmark("bert_head.py", "--quick", "--threads", "1")
+    assert r["masked_positions"] > 0 and r["loss_difference"] < 1e-5, r
+    assert r["ms_masked_positions"] > 0 and r["ms_all_positions"] > 0 and r["speedup"] > 0 and r["cpu_speedup"] > 0
 
 
 def _key(model, module, buffer: str) -> str:
