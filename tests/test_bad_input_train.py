@@ -214,8 +214,11 @@ def test_bad_input_disk_full_during_checkpoint(tmp_path: Path):
 
 
 def test_kill_during_checkpoint_save_leaves_no_process(tmp_path: Path):
-    """megatron's checkpoint writer starts processes (forked bucket writers; before, also a spawned
-    Manager server and a resource tracker that outlived a kill -9 holding memory and the run's files)."""
+    """No process the trainer started outlives a kill -9 in the middle of a checkpoint save. megatron's
+    default writer forked bucket writers and spawned a Manager server and a resource tracker, which
+    outlived the kill holding memory and the run's files; the trainer's writer now writes in-process
+    (torch's FileSystemWriter, pretrain/checkpoint.py), so there may be no child at all to watch (this
+    test used to require one, and was seeing DeepSpeed's start-up compiler probes, now gone)."""
     run = tmp_path / "run"
     overrides = ["train.train_steps=400", "checkpoint.save_interval=2", f"data.cache_dir={tmp_path}"]
     cmd = [sys.executable, "-m", "pkm", "pretrain", "--config", str(TINY_GPT), f"run_dir={run}", *overrides]
@@ -236,7 +239,6 @@ def test_kill_during_checkpoint_save_leaves_no_process(tmp_path: Path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         alive = survivors(seen)
-        assert len(seen) > 0, "saw no child process: the test no longer watches the checkpoint writer"
         assert not alive, f"processes outlived the killed trainer: {alive}"
     finally:
         if proc.poll() is None:
