@@ -28,7 +28,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from benchmarks.common import emit, log  # noqa: E402
 from benchmarks.pkm_layer import init_megatron, interleaved, median  # noqa: E402
@@ -43,11 +42,9 @@ def recipe_model():
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from model.build import build_model
-    from model.config import ModelConfig, PKMConfig
+    from pretrain.config import load_config
 
-    m = yaml.safe_load(RECIPE.read_text())["model"]
-    pkm = PKMConfig(**m.pop("pkm"))
-    cfg = ModelConfig(**{**m, "hidden_dropout": 0.0, "attention_dropout": 0.0}, pkm=pkm)
+    cfg = load_config(RECIPE, ["model.hidden_dropout=0.0", "model.attention_dropout=0.0"]).model
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
     return build_model(cfg, VOCAB), cfg
