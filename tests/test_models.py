@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("megatron_single_process")
 VOCAB, SEQ, BATCH = 97, 16, 3
 
 
-def _model(family: str, placement: str, layers=(1,), num_layers=3, seed=0):
+def _model(family: str, placement: str, layers=(1,), num_layers=3, seed=0, **model):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     torch.manual_seed(seed)
@@ -31,6 +31,7 @@ def _model(family: str, placement: str, layers=(1,), num_layers=3, seed=0):
         num_attention_heads=4,
         seq_length=SEQ,
         pkm=PKMConfig(layers=list(layers), placement=placement, n_keys=8, heads=2, knn=4, k_dim=16),
+        **model,
     )
     return build_model(cfg, VOCAB), cfg
 
@@ -144,20 +145,7 @@ def test_bert_head_on_masked_positions_only_matches_the_whole_head(binary_head):
     every gradient match megatron's head over all positions (tolerance 1e-5: GEMMs over fewer rows may
     round differently), also with the pooler and binary head that a MiniLM init brings; a batch with
     nothing masked runs."""
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    cfg = ModelConfig(
-        family="bert",
-        num_layers=3,
-        hidden_size=32,
-        num_attention_heads=4,
-        seq_length=SEQ,
-        binary_head=binary_head,
-        pkm=PKMConfig(layers=[1], placement="add", n_keys=8, heads=2, knn=4, k_dim=16),
-    )
-    model = build_model(cfg, VOCAB)
+    model, _ = _model("bert", "add", layers=(1,), binary_head=binary_head)
     model.eval()  # no dropout: both forwards see the same network
     batch = _batch("bert")
     mask = torch.zeros(BATCH, SEQ)
